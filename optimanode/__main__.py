@@ -1,0 +1,5 @@
+import sys
+
+from optimanode.cli import main
+
+sys.exit(main())

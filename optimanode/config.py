@@ -1,0 +1,265 @@
+"""Settings: one typed, frozen object, built from layers.
+
+Precedence, lowest first: built-in defaults < TOML file < environment (``OPTIMANODE_*``) < command line
+(``--set section.key=value`` and a few named flags). Each layer is validated as it is merged, so an
+error names the layer that brought the bad value: the file (with the key and what was expected),
+the variable, or the flag. docs/configuration.md lists every key; keep it in step with this module.
+
+Environment names are the dotted key in upper case with dots as underscores and an ``OPTIMANODE_``
+prefix: ``restart.crash_budget`` → ``OPTIMANODE_RESTART_CRASH_BUDGET``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from optimanode.errors import ConfigError
+
+ENV_PREFIX = "OPTIMANODE_"
+
+
+class Listen(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    host: str = "0.0.0.0"
+    port: int = 8022
+    # The node access key (a shared secret with the Gateway); "" means <state_dir>/access.key.
+    key_file: str = ""
+    # TLS certificate and private key; "" means generated on first start under <state_dir>/tls/.
+    cert_file: str = ""
+    cert_key_file: str = ""
+
+
+class Scan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Seconds between rescans of models_dir (a rescan can also be asked for at any time).
+    interval_s: float = 30.0
+    # Newly discovered models start enabled (true) or wait for an operator (false).
+    enable_new: bool = False
+    # Compute each model's SHA-256 content identity in the background (cached by path, size, mtime).
+    hash_models: bool = True
+
+
+class Restart(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # First delay after a crash; doubles with each crash in the window, up to backoff_cap_s.
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 60.0
+    # Each delay is stretched by a random fraction up to this, so crashed models do not restart in lockstep.
+    jitter: float = 0.2
+    # crash_budget crashes within crash_window_s move the executor to `failed` until an operator acts:
+    # a model that cannot stay up should not burn the CPU re-loading itself forever.
+    crash_budget: int = 5
+    crash_window_s: float = 300.0
+    # A worker that answers no heartbeat for heartbeat_timeout_s is killed and counts as a crash.
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 10.0
+    # How long a loading worker may take before it counts as crashed.
+    load_timeout_s: float = 300.0
+    # Stop: SIGTERM, then SIGKILL after this many seconds.
+    stop_grace_s: float = 5.0
+
+
+class ModelDefaults(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Context window in tokens; 0 means the model's own training context.
+    n_ctx: int = 2048
+    # CPU threads for decoding; 0 means every core the node may use.
+    n_threads: int = 0
+    # Layers offloaded to the GPU (0: CPU only, -1: all).
+    n_gpu_layers: int = 0
+    n_batch: int = 512
+    # Requests waiting per model beyond those being served; a full queue answers `overloaded`.
+    queue_size: int = 16
+    # Requests a worker serves at once (continuous batching is a separate issue; 1 for now).
+    parallel: int = 1
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    models_dir: str = "./models"
+    # Holds the journal (journal.sqlite3), the access key and the generated certificate.
+    state_dir: str = "./state"
+    log_level: str = "info"
+    # Memory kept free for the rest of the machine when deciding whether a model fits.
+    memory_reserve_mb: int = 512
+    listen: Listen = msgspec.field(default_factory=Listen)
+    scan: Scan = msgspec.field(default_factory=Scan)
+    restart: Restart = msgspec.field(default_factory=Restart)
+    model_defaults: ModelDefaults = msgspec.field(default_factory=ModelDefaults)
+
+    @property
+    def models_path(self) -> Path:
+        return Path(self.models_dir).expanduser()
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir).expanduser()
+
+    @property
+    def journal_path(self) -> Path:
+        return self.state_path / "journal.sqlite3"
+
+    @property
+    def key_path(self) -> Path:
+        return Path(self.listen.key_file) if self.listen.key_file else self.state_path / "access.key"
+
+
+_RULES: dict[str, tuple[str, Any]] = {
+    # key: (expectation, predicate) checked after types are right
+    "listen.port": ("an integer from 1 to 65535", lambda v: 1 <= v <= 65535),
+    "scan.interval_s": ("a number of seconds > 0", lambda v: v > 0),
+    "restart.backoff_base_s": ("a number of seconds > 0", lambda v: v > 0),
+    "restart.backoff_cap_s": ("a number of seconds > 0", lambda v: v > 0),
+    "restart.jitter": ("a fraction from 0 to 1", lambda v: 0 <= v <= 1),
+    "restart.crash_budget": ("an integer >= 1", lambda v: v >= 1),
+    "restart.crash_window_s": ("a number of seconds > 0", lambda v: v > 0),
+    "restart.heartbeat_interval_s": ("a number of seconds > 0", lambda v: v > 0),
+    "restart.heartbeat_timeout_s": ("a number of seconds > 0", lambda v: v > 0),
+    "restart.load_timeout_s": ("a number of seconds > 0", lambda v: v > 0),
+    "restart.stop_grace_s": ("a number of seconds >= 0", lambda v: v >= 0),
+    "model_defaults.n_ctx": ("an integer >= 0", lambda v: v >= 0),
+    "model_defaults.n_threads": ("an integer >= 0", lambda v: v >= 0),
+    "model_defaults.n_gpu_layers": ("an integer >= -1", lambda v: v >= -1),
+    "model_defaults.n_batch": ("an integer >= 1", lambda v: v >= 1),
+    "model_defaults.queue_size": ("an integer >= 0", lambda v: v >= 0),
+    "model_defaults.parallel": ("an integer >= 1", lambda v: v >= 1),
+    "memory_reserve_mb": ("an integer >= 0", lambda v: v >= 0),
+    "log_level": ("one of debug, info, warning, error", lambda v: v in {"debug", "info", "warning", "error"}),
+}
+
+_MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
+
+
+def _known_keys() -> dict[str, Any]:
+    """Dotted key → the field's Python type, walked from the Structs themselves."""
+    out: dict[str, Any] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in msgspec.structs.fields(cls):
+            if isinstance(f.type, type) and issubclass(f.type, msgspec.Struct):
+                walk(f.type, f"{prefix}{f.name}.")
+            else:
+                out[prefix + f.name] = f.type
+
+    walk(Settings, "")
+    return out
+
+
+KNOWN_KEYS = _known_keys()
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _coerce(source: str, key: str, raw: str) -> Any:
+    """Turn a string from the environment or the command line into the key's type."""
+    if key not in KNOWN_KEYS:
+        raise ConfigError(source, key, "a known key (see docs/configuration.md)")
+    typ = KNOWN_KEYS[key]
+    try:
+        if typ is bool:
+            low = raw.strip().lower()
+            if low in {"1", "true", "yes", "on"}:
+                return True
+            if low in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError
+        if typ is int:
+            return int(raw)
+        if typ is float:
+            return float(raw)
+    except ValueError:
+        raise ConfigError(source, key, typ.__name__, raw) from None
+    return raw
+
+
+def _validate(tree: dict[str, Any], source: str) -> Settings:
+    try:
+        settings = msgspec.convert(tree, Settings)
+    except msgspec.ValidationError as exc:
+        m = _MSGSPEC_PATH.match(str(exc))
+        msg, path = (m.group("msg"), m.group("path") or "") if m else (str(exc), "")
+        key = path.lstrip(".") or "(top level)"
+        if msg.startswith("Object contains unknown field"):
+            unknown = msg.split("`")[1]
+            key = f"{key}.{unknown}" if path else unknown
+            msg = "a known key (see docs/configuration.md)"
+        raise ConfigError(source, key, msg.replace("Expected ", "")) from None
+    for key, (expectation, ok) in _RULES.items():
+        value: Any = settings
+        for part in key.split("."):
+            value = getattr(value, part)
+        if not ok(value):
+            raise ConfigError(source, key, expectation, value)
+    return settings
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings from every layer; raise ConfigError naming the layer, key and expectation."""
+    tree: dict[str, Any] = {}
+    _validate(tree, "defaults")
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(str(path), "(file)", "an existing TOML file") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(str(path), "(syntax)", f"valid TOML ({exc})") from None
+        tree = _merge(tree, data)
+        _validate(tree, str(path))
+    env = os.environ if environ is None else environ
+    env_layer: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        key = _env_to_key(name)
+        if key is None:
+            raise ConfigError(f"environment {name}", name, "a known setting (see docs/configuration.md)")
+        _set_dotted(env_layer, key, _coerce(f"environment {name}", key, raw))
+    if env_layer:
+        tree = _merge(tree, env_layer)
+        _validate(tree, "environment")
+    cli_layer: dict[str, Any] = {}
+    for key, raw in (overrides or {}).items():
+        _set_dotted(cli_layer, key, _coerce("command line", key, raw))
+    tree = _merge(tree, cli_layer)
+    return _validate(tree, "command line")
+
+
+def _env_to_key(name: str) -> str | None:
+    want = name[len(ENV_PREFIX):].lower()
+    for key in KNOWN_KEYS:
+        if key.replace(".", "_") == want:
+            return key
+    return None
+
+
+def default_config_file(environ: Mapping[str, str] | None = None) -> str | None:
+    """The file named by OPTIMANODE_CONFIG, else /etc/optimanode/optimanode.toml if it exists."""
+    env = os.environ if environ is None else environ
+    if env.get(ENV_PREFIX + "CONFIG"):
+        return env[ENV_PREFIX + "CONFIG"]
+    system = Path("/etc/optimanode/optimanode.toml")
+    return str(system) if system.exists() else None

@@ -1,0 +1,326 @@
+"""The supervisor: one worker process per running model, and the requests routed to it.
+
+How it works:
+
+* ``WorkerProcess.spawn`` starts ``python -m optimanode.worker`` with pipes on stdin, stdout and
+  stderr and sends ``WorkerSettings`` as the first frame. A reader task decodes frames from
+  stdout and routes them by request id to per-request queues; a heartbeat task pings and kills a
+  worker that stops answering (a stopped or wedged process counts as a crash); a stderr task keeps
+  the last lines for the crash event.
+* When the process ends, for whatever reason, every request still in flight on it gets a
+  ``WorkerCrashed`` error at once (exit code or signal in its details): nothing waits on a dead
+  worker. Then ``on_exit`` tells the node, which journals the crash or the stop.
+* Admission is per model: ``parallel`` requests run on the worker at once, ``queue_size`` more
+  may wait; past that a request is refused with ``overloaded`` before it costs anything.
+* Stop is Shutdown → grace → SIGTERM → SIGKILL, shielded from cancellation so a stop that began
+  always ends with the process reaped.
+
+Nothing here decides *whether* to start or stop: that is the reconciler's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from optimanode.errors import NodeFault, Overloaded, RequestError, WorkerCrashed
+from optimanode.protocol import (
+    FRAME_HEADER,
+    MAX_FRAME,
+    Cancel,
+    Chunk,
+    Done,
+    Failed,
+    Generate,
+    InferenceRequest,
+    Ping,
+    Pong,
+    Ready,
+    Shutdown,
+    WorkerSettings,
+    decode_from_worker,
+    frame,
+)
+
+log = logging.getLogger(__name__)
+
+STDERR_TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    pid: int
+    exit_code: int | None
+    signal: int | None
+    uptime_s: float
+    stderr_tail: list[str]
+    # Why the supervisor ended it, if it did ("heartbeat timeout", "stop", "load timeout").
+    killed_for: str = ""
+    # The worker had said Ready before it ended.
+    was_ready: bool = False
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = f"signal {self.signal}"
+            what = f"killed by {name}"
+        else:
+            what = f"exited with code {self.exit_code}"
+        return f"worker {self.pid} {what}" + (f" ({self.killed_for})" if self.killed_for else "")
+
+
+class WorkerProcess:
+    """One running worker. Create with ``await WorkerProcess.spawn(...)``."""
+
+    def __init__(self, executor_id: str, settings: WorkerSettings, proc: asyncio.subprocess.Process,
+                 on_exit: Callable[[WorkerProcess, ExitInfo], Awaitable[None]],
+                 heartbeat_interval_s: float, heartbeat_timeout_s: float) -> None:
+        self.executor_id = executor_id
+        self.settings = settings
+        self.proc = proc
+        self.pid = proc.pid
+        self.started_at = time.monotonic()
+        self.ready: asyncio.Future[Ready] = asyncio.get_running_loop().create_future()
+        self.exit: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._streams: dict[str, asyncio.Queue[Chunk | Done | Failed | RequestError]] = {}
+        self._on_exit = on_exit
+        self._hb_interval, self._hb_timeout = heartbeat_interval_s, heartbeat_timeout_s
+        self._last_pong = time.monotonic()
+        self._killed_for = ""
+        self._tasks: list[asyncio.Task[None]] = []
+        self._waiter: asyncio.Task[None]
+        self.tokens_out = 0
+
+    @classmethod
+    async def spawn(cls, executor_id: str, settings: WorkerSettings,
+                    on_exit: Callable[[WorkerProcess, ExitInfo], Awaitable[None]], *,
+                    heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float = 10.0,
+                    python: str = sys.executable) -> WorkerProcess:
+        env = dict(os.environ)
+        # The worker must import this very package, wherever the node was started from.
+        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        proc = await asyncio.create_subprocess_exec(
+            python, "-m", "optimanode.worker",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=env, start_new_session=False,
+            # Frames can be large (a long prompt); the default 64 KiB reader limit is not about frames.
+            limit=MAX_FRAME + FRAME_HEADER.size,
+        )
+        worker = cls(executor_id, settings, proc, on_exit, heartbeat_interval_s, heartbeat_timeout_s)
+        worker._send(settings)
+        loop = asyncio.get_running_loop()
+        worker._tasks = [
+            loop.create_task(worker._read_frames(), name=f"worker-{executor_id}-reader"),
+            loop.create_task(worker._read_stderr(), name=f"worker-{executor_id}-stderr"),
+            loop.create_task(worker._heartbeat(), name=f"worker-{executor_id}-heartbeat"),
+        ]
+        worker._waiter = loop.create_task(worker._wait_exit(), name=f"worker-{executor_id}-wait")
+        return worker
+
+    # -- pipes -------------------------------------------------------------------------------
+
+    def _send(self, msg: object) -> None:
+        stdin = self.proc.stdin
+        if stdin is None or stdin.is_closing():
+            raise WorkerCrashed(f"worker {self.pid} is gone", executor=self.executor_id)
+        stdin.write(frame(msg))
+
+    async def _read_frames(self) -> None:
+        stdout = self.proc.stdout
+        assert stdout is not None
+        try:
+            while True:
+                header = await stdout.readexactly(FRAME_HEADER.size)
+                (n,) = FRAME_HEADER.unpack(header)
+                if n > MAX_FRAME:
+                    raise ValueError(f"frame of {n} bytes exceeds the limit")
+                msg = decode_from_worker(await stdout.readexactly(n))
+                self._last_pong = time.monotonic()  # any frame proves the worker is alive
+                if isinstance(msg, Chunk | Done | Failed):
+                    q = self._streams.get(msg.id)
+                    if q is not None:
+                        q.put_nowait(msg)
+                elif isinstance(msg, Ready):
+                    if not self.ready.done():
+                        self.ready.set_result(msg)
+                elif isinstance(msg, Pong):
+                    pass
+        except asyncio.IncompleteReadError:
+            return  # the worker closed stdout: it is exiting; _wait_exit reports it
+        except Exception as exc:  # a worker that speaks garbage is broken: end it
+            self.stderr_tail.append(f"[supervisor] bad frame from worker: {exc}")
+            self._kill("protocol error")
+
+    async def _read_stderr(self) -> None:
+        stderr = self.proc.stderr
+        assert stderr is not None
+        while True:
+            try:
+                line = await stderr.readline()
+            except ValueError:  # a line longer than the limit: keep what fits
+                line = b"[line too long]\n"
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").rstrip()
+            if text:
+                self.stderr_tail.append(text)
+
+    async def _heartbeat(self) -> None:
+        seq = 0
+        while True:
+            await asyncio.sleep(self._hb_interval)
+            if not self.ready.done():
+                continue  # loading; the load timeout covers this phase
+            seq += 1
+            try:
+                self._send(Ping(seq=seq))
+            except RequestError:
+                return
+            if time.monotonic() - self._last_pong > self._hb_timeout:
+                self._kill(f"no heartbeat for {self._hb_timeout:g} s")
+                return
+
+    async def _wait_exit(self) -> None:
+        rc = await self.proc.wait()
+        # Let the reader drain what the worker wrote before it died (a final Done, say).
+        reader = self._tasks[0]
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(reader), timeout=0.2)
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(self._tasks[1]), timeout=0.2)
+        for t in self._tasks:
+            t.cancel()
+        info = ExitInfo(
+            pid=self.pid, exit_code=rc if rc >= 0 else None, signal=-rc if rc < 0 else None,
+            uptime_s=round(time.monotonic() - self.started_at, 3), stderr_tail=list(self.stderr_tail),
+            killed_for=self._killed_for, was_ready=self.ready.done() and not self.ready.cancelled(),
+        )
+        err = WorkerCrashed(info.describe(), executor=self.executor_id, exit_code=info.exit_code,
+                            signal=info.signal)
+        for q in self._streams.values():
+            q.put_nowait(err)
+        if not self.ready.done():
+            self.ready.set_exception(err)
+            self.ready.exception()  # mark retrieved: nobody may be waiting
+        self.exit.set_result(info)
+        try:
+            await self._on_exit(self, info)
+        except Exception:
+            log.exception("on_exit handler failed for %s", self.executor_id)
+
+    def _kill(self, why: str) -> None:
+        if self.proc.returncode is None:
+            self._killed_for = self._killed_for or why
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+    # -- requests ----------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    async def generate(self, request_id: str, request: InferenceRequest) -> AsyncIterator[Chunk | Done]:
+        """Stream the worker's answer; raises WorkerCrashed, or RequestError for the worker's Failed."""
+        if request_id in self._streams:
+            raise NodeFault(f"request id {request_id!r} is already in flight", code="bad_request")
+        q: asyncio.Queue[Chunk | Done | Failed | RequestError] = asyncio.Queue()
+        self._streams[request_id] = q
+        finished = False
+        try:
+            if self.exit.done():
+                raise WorkerCrashed(self.exit.result().describe(), executor=self.executor_id)
+            self._send(Generate(id=request_id, request=request))
+            while True:
+                msg = await q.get()
+                if isinstance(msg, RequestError):
+                    finished = True
+                    raise msg
+                if isinstance(msg, Failed):
+                    finished = True
+                    raise RequestError(msg.message, code=msg.code)
+                if isinstance(msg, Chunk):
+                    self.tokens_out += msg.tokens
+                yield msg
+                if isinstance(msg, Done):
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished and not self.exit.done():
+                # The caller went away (cancelled, disconnected): stop decoding for it.
+                with contextlib.suppress(RequestError):
+                    self._send(Cancel(id=request_id))
+
+    def cancel(self, request_id: str) -> None:
+        if request_id in self._streams and not self.exit.done():
+            with contextlib.suppress(RequestError):
+                self._send(Cancel(id=request_id))
+
+    # -- stopping ----------------------------------------------------------------------------
+
+    async def stop(self, grace_s: float) -> ExitInfo:
+        """Shutdown → grace → SIGTERM → SIGKILL; always returns with the process reaped."""
+        return await asyncio.shield(self._stop(grace_s))
+
+    async def _stop(self, grace_s: float) -> ExitInfo:
+        if not self.exit.done():
+            self._killed_for = self._killed_for or "stop"
+            with contextlib.suppress(RequestError, ConnectionError):
+                self._send(Shutdown())
+            for sig, wait in ((None, grace_s / 2), (signal.SIGTERM, grace_s / 2), (signal.SIGKILL, None)):
+                if sig is not None and self.proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        self.proc.send_signal(sig)
+                try:
+                    await asyncio.wait_for(asyncio.shield(self.exit), timeout=wait)
+                    break
+                except asyncio.TimeoutError:
+                    continue
+        info = await self.exit
+        # Also wait for on_exit, so that whoever stopped the worker sees its stop journaled.
+        await self._waiter
+        return info
+
+    def kill_now(self, why: str) -> None:
+        self._kill(why)
+
+
+class Admission:
+    """Per-model bounded admission: ``parallel`` run at once, ``queue_size`` more wait."""
+
+    def __init__(self, parallel: int, queue_size: int) -> None:
+        self.parallel, self.queue_size = parallel, queue_size
+        self._slots = asyncio.Semaphore(parallel)
+        self.waiting = 0
+        self.running = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, executor_id: str) -> AsyncIterator[None]:
+        if self.waiting + self.running >= self.parallel + self.queue_size:
+            raise Overloaded(f"model {executor_id} has {self.running} running and {self.waiting} queued "
+                             f"requests (limit {self.parallel} + {self.queue_size})",
+                             executor=executor_id, queue_depth=self.waiting)
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self._slots.release()

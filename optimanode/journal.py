@@ -1,0 +1,382 @@
+"""The event journal: an append-only SQLite table that is the node's truth.
+
+How it works:
+
+* One SQLite file in WAL mode, opened through aiosqlite, ``synchronous=FULL``: a commit is on disk
+  before ``append`` returns, so nothing is acknowledged to anyone before it is durable.
+* Schema from numbered ``migrations/NNNN_name.sql`` files, each applied once inside a transaction
+  and recorded in ``schema_migrations``.
+* Appends go through one writer task that commits whatever is waiting as one transaction
+  (group commit): one fsync serves many concurrent appends, and the order of ``seq`` is the order
+  of the queue.
+* Each event belongs to a stream (an executor id, or ``node``) with a per-stream version; the
+  UNIQUE (stream, version) constraint makes a second writer's conflicting append fail loudly.
+* The ``executors`` table is a projection updated in the same transaction by ``project`` (a pure
+  fold); ``replay`` recomputes it from the events alone, and the two must agree.
+
+Every sqlite3 error is re-raised as JournalError; a failed batch rolls back whole and its callers
+see the error (a full disk loses nothing that was acknowledged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import msgspec
+
+from optimanode.errors import JournalError
+from optimanode.protocol import (
+    DesiredChanged,
+    EventBody,
+    Hashed,
+    ModelInfo,
+    ModelSettings,
+    Registered,
+    Transition,
+    decode_event,
+    encode_event,
+)
+
+NODE_STREAM = "node"
+DEFAULT_MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    seq: int
+    ts: float
+    stream: str
+    version: int
+    body: EventBody
+
+    @property
+    def type(self) -> str:
+        return type(self.body).__struct_config__.tag  # type: ignore[return-value]
+
+
+class ExecutorView(msgspec.Struct, frozen=True, kw_only=True):
+    """What the journal says about one executor: the fold of its events."""
+
+    id: str
+    path: str
+    state: str
+    enabled: bool
+    settings: ModelSettings
+    info: ModelInfo
+    last_seq: int
+
+
+def project(view: ExecutorView | None, stream: str, seq: int, body: EventBody) -> ExecutorView | None:
+    """Fold one event into an executor's view (pure; used by both append and replay)."""
+    if isinstance(body, Registered):
+        if view is None:
+            return ExecutorView(id=stream, path=body.info.path, state="discovered", enabled=False,
+                                settings=ModelSettings(), info=body.info, last_seq=seq)
+        return msgspec.structs.replace(view, path=body.info.path, info=body.info, last_seq=seq)
+    if view is None:
+        return None
+    if isinstance(body, Transition):
+        return msgspec.structs.replace(view, state=body.dst, last_seq=seq)
+    if isinstance(body, DesiredChanged):
+        return msgspec.structs.replace(view, enabled=body.enabled, settings=body.settings, last_seq=seq)
+    if isinstance(body, Hashed):
+        if (body.size_bytes, body.mtime_ns) == (view.info.size_bytes, view.info.mtime_ns):
+            info = msgspec.structs.replace(view.info, sha256=body.sha256)
+            return msgspec.structs.replace(view, info=info, last_seq=seq)
+        return view
+    return view
+
+
+def _sqlite_error(action: str, exc: BaseException) -> JournalError:
+    return JournalError(f"journal {action} failed: {exc.__class__.__name__}: {exc}")
+
+
+def _row_event(row: Sequence[Any]) -> Event:
+    seq, ts, stream, version, _type, data = row
+    return Event(seq=seq, ts=ts, stream=stream, version=version, body=decode_event(data))
+
+
+class Journal:
+    """Open with ``await Journal.open(path)``; close with ``await journal.close()``."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+        self._versions: dict[str, int] = {}
+        self._views: dict[str, ExecutorView] = {}
+        self._queue: asyncio.Queue[tuple[list[tuple[str, EventBody]], asyncio.Future[list[Event]]]] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str], migrations: Path = DEFAULT_MIGRATIONS) -> Journal:
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = await aiosqlite.connect(str(path), isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise _sqlite_error(f"open of {path}", exc) from exc
+        journal = cls(db, path)
+        try:
+            await journal._prepare(migrations)
+        except BaseException as exc:
+            await db.close()
+            if isinstance(exc, JournalError):
+                raise
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                raise _sqlite_error(f"open of {path}", exc) from exc
+            raise
+        journal._writer = asyncio.get_running_loop().create_task(journal._write_loop(), name="journal-writer")
+        return journal
+
+    async def _prepare(self, migrations: Path) -> None:
+        db = self._db
+        mode = await (await db.execute("PRAGMA journal_mode=WAL")).fetchone()
+        if mode is None or mode[0].lower() != "wal":
+            raise JournalError(f"journal {self.path}: could not switch to WAL mode (got {mode})")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.execute("PRAGMA busy_timeout=5000")
+        check = await (await db.execute("PRAGMA quick_check")).fetchall()
+        if check != [("ok",)]:
+            raise JournalError(f"journal {self.path} is corrupt: {check[:3]}")
+        await apply_migrations(db, migrations)
+        for stream, version in await (await db.execute(
+                "SELECT stream, MAX(version) FROM events GROUP BY stream")).fetchall():
+            self._versions[stream] = version
+        self._views = await self._load_projection()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def append(self, stream: str, body: EventBody) -> Event:
+        """Append one event; returns once it is committed to disk."""
+        return (await self.append_many([(stream, body)]))[0]
+
+    async def append_many(self, items: Iterable[tuple[str, EventBody]]) -> list[Event]:
+        """Append events atomically (all or none); returns once they are committed to disk."""
+        if self._closed:
+            raise JournalError("journal is closed")
+        batch = list(items)
+        fut: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
+        await self._queue.put((batch, fut))
+        return await fut
+
+    async def _write_loop(self) -> None:
+        while True:
+            pending = [await self._queue.get()]
+            while not self._queue.empty():
+                pending.append(self._queue.get_nowait())
+            try:
+                results = await self._commit([b for b, _ in pending])
+            except JournalError as exc:
+                # The whole group failed; retry each caller alone so one bad batch
+                # does not fail its neighbours.
+                if len(pending) == 1:
+                    if not pending[0][1].done():
+                        pending[0][1].set_exception(exc)
+                    continue
+                for batch, fut in pending:
+                    try:
+                        res = await self._commit([batch])
+                    except JournalError as one_exc:
+                        if not fut.done():
+                            fut.set_exception(one_exc)
+                    else:
+                        if not fut.done():
+                            fut.set_result(res[0])
+                continue
+            for (_, fut), res in zip(pending, results):
+                if not fut.done():
+                    fut.set_result(res)
+
+    async def _commit(self, batches: list[list[tuple[str, EventBody]]]) -> list[list[Event]]:
+        versions = dict(self._versions)
+        views = dict(self._views)
+        now = time.time()
+        rows: list[tuple[float, str, int, str, bytes]] = []
+        for batch in batches:
+            for stream, body in batch:
+                versions[stream] = versions.get(stream, 0) + 1
+                rows.append((now, stream, versions[stream], body.__struct_config__.tag, encode_event(body)))  # type: ignore[attr-defined]
+        db = self._db
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = await db.execute("SELECT COALESCE(MAX(seq), 0) FROM events")
+                (last,) = await cur.fetchone()  # type: ignore[misc]
+                await db.executemany(
+                    "INSERT INTO events (ts, stream, version, type, data) VALUES (?, ?, ?, ?, ?)",
+                    [(ts, s, v, t, d.decode()) for ts, s, v, t, d in rows])
+                events: list[list[Event]] = []
+                seq = last
+                touched: set[str] = set()
+                i = 0
+                for batch in batches:
+                    out = []
+                    for stream, body in batch:
+                        seq += 1
+                        ts, _, version, _, _ = rows[i]
+                        i += 1
+                        out.append(Event(seq=seq, ts=ts, stream=stream, version=version, body=body))
+                        if stream != NODE_STREAM:
+                            new = project(views.get(stream), stream, seq, body)
+                            if new is not None and new is not views.get(stream):
+                                views[stream] = new
+                                touched.add(stream)
+                    events.append(out)
+                if touched:
+                    await db.executemany(
+                        "INSERT OR REPLACE INTO executors (id, path, state, enabled, settings, info, last_seq)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [_view_row(views[s]) for s in touched])
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise _sqlite_error("append", exc) from exc
+        self._versions, self._views = versions, views
+        return events
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def views(self) -> dict[str, ExecutorView]:
+        """The projection as of the last commit (in memory; no I/O)."""
+        return dict(self._views)
+
+    async def _load_projection(self) -> dict[str, ExecutorView]:
+        rows = await (await self._db.execute(
+            "SELECT id, path, state, enabled, settings, info, last_seq FROM executors")).fetchall()
+        return {r[0]: ExecutorView(id=r[0], path=r[1], state=r[2], enabled=bool(r[3]),
+                                   settings=msgspec.json.decode(r[4], type=ModelSettings),
+                                   info=msgspec.json.decode(r[5], type=ModelInfo), last_seq=r[6])
+                for r in rows}
+
+    async def replay(self) -> dict[str, ExecutorView]:
+        """Recompute every executor's view from the events alone."""
+        views: dict[str, ExecutorView] = {}
+        try:
+            async with self._db.execute(
+                    "SELECT seq, stream, data FROM events WHERE stream != ? AND type IN"
+                    " ('registered', 'transition', 'desired', 'hashed') ORDER BY seq", (NODE_STREAM,)) as cur:
+                async for seq, stream, data in cur:
+                    new = project(views.get(stream), stream, seq, decode_event(data))
+                    if new is not None:
+                        views[stream] = new
+        except sqlite3.Error as exc:
+            raise _sqlite_error("replay", exc) from exc
+        return views
+
+    async def read(self, *, stream: str | None = None, types: Sequence[str] | None = None,
+                   since_seq: int = 0, since_ts: float | None = None, until_ts: float | None = None,
+                   limit: int | None = None, newest_first: bool = False) -> list[Event]:
+        sql, args = select_events(stream=stream, types=types, since_seq=since_seq, since_ts=since_ts,
+                                  until_ts=until_ts, limit=limit, newest_first=newest_first)
+        try:
+            rows = await (await self._db.execute(sql, args)).fetchall()
+        except sqlite3.Error as exc:
+            raise _sqlite_error("read", exc) from exc
+        return [_row_event(r) for r in rows]
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            # Let what is queued commit first: close never drops an append it accepted.
+            while not self._queue.empty():
+                await asyncio.sleep(0.005)
+            self._writer.cancel()
+            try:
+                await self._writer
+            except asyncio.CancelledError:
+                pass
+        await self._db.close()
+
+
+def _view_row(v: ExecutorView) -> tuple[Any, ...]:
+    return (v.id, v.path, v.state, int(v.enabled), msgspec.json.encode(v.settings).decode(),
+            msgspec.json.encode(v.info).decode(), v.last_seq)
+
+
+def select_events(*, stream: str | None = None, types: Sequence[str] | None = None, since_seq: int = 0,
+                  since_ts: float | None = None, until_ts: float | None = None, limit: int | None = None,
+                  newest_first: bool = False) -> tuple[str, list[Any]]:
+    """The SQL for a filtered read of ``events`` (shared with tools/inspect-journal)."""
+    where, args = ["seq > ?"], [since_seq]
+    if stream is not None:
+        where.append("stream = ?")
+        args.append(stream)
+    if types:
+        where.append(f"type IN ({', '.join('?' * len(types))})")
+        args.extend(types)
+    if since_ts is not None:
+        where.append("ts >= ?")
+        args.append(since_ts)
+    if until_ts is not None:
+        where.append("ts <= ?")
+        args.append(until_ts)
+    sql = ("SELECT seq, ts, stream, version, type, data FROM events WHERE " + " AND ".join(where)
+           + f" ORDER BY seq {'DESC' if newest_first else 'ASC'}")
+    if limit is not None:
+        sql += " LIMIT ?"
+        args.append(limit)
+    return sql, args
+
+
+async def apply_migrations(db: aiosqlite.Connection, migrations: Path) -> list[int]:
+    """Apply each numbered SQL file not yet recorded, in order, each in its own transaction."""
+    await db.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                     "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
+    done = {r[0] for r in await (await db.execute("SELECT version FROM schema_migrations")).fetchall()}
+    files = sorted(migrations.glob("[0-9][0-9][0-9][0-9]_*.sql"))
+    if not files:
+        raise JournalError(f"no migrations found in {migrations}")
+    applied = []
+    for f in files:
+        version = int(f.name[:4])
+        if version in done:
+            continue
+        sql = f.read_text(encoding="utf-8")
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            # executescript would COMMIT on its own; run statement by statement inside our transaction.
+            for stmt in _split_sql(sql):
+                await db.execute(stmt)
+            await db.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                             (version, f.name, time.time()))
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        applied.append(version)
+    return applied
+
+
+def _split_sql(sql: str) -> list[str]:
+    out, buf = [], ""
+    for line in sql.splitlines(keepends=True):
+        stripped = line.split("--", 1)[0]
+        buf += stripped
+        if stripped.rstrip().endswith(";") and sqlite3.complete_statement(buf):
+            if buf.strip():
+                out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
+    return out
+
+
+def event_to_json(ev: Event) -> dict[str, Any]:
+    """A plain dict for JSON output (tools and the Gateway link)."""
+    return {"seq": ev.seq, "ts": ev.ts, "stream": ev.stream, "version": ev.version, "type": ev.type,
+            "data": json.loads(encode_event(ev.body))}
