@@ -111,7 +111,8 @@ class Journal:
         self.path = path
         self._versions: dict[str, int] = {}
         self._views: dict[str, ExecutorView] = {}
-        self._queue: asyncio.Queue[tuple[list[tuple[str, EventBody]], asyncio.Future[list[Event]]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[list[tuple[str, EventBody]], asyncio.Future[list[Event]]] | None] = (
+            asyncio.Queue())
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -171,10 +172,19 @@ class Journal:
         return await fut
 
     async def _write_loop(self) -> None:
-        while True:
-            pending = [await self._queue.get()]
-            while not self._queue.empty():
-                pending.append(self._queue.get_nowait())
+        closing = False
+        while not closing:
+            pending = []
+            item = await self._queue.get()
+            while item is not None:
+                pending.append(item)
+                if self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+            # None is close()'s sentinel: commit what came before it, then end.
+            closing = item is None
+            if not pending:
+                continue
             try:
                 results = await self._commit([b for b, _ in pending])
             except JournalError as exc:
@@ -240,7 +250,9 @@ class Journal:
                         [_view_row(views[s]) for s in touched])
                 await db.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                # SQLite rolls back by itself on some errors (SQLITE_FULL); only roll back what is open.
+                if db.in_transaction:
+                    await db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             raise _sqlite_error("append", exc) from exc
@@ -292,14 +304,9 @@ class Journal:
             return
         self._closed = True
         if self._writer is not None:
-            # Let what is queued commit first: close never drops an append it accepted.
-            while not self._queue.empty():
-                await asyncio.sleep(0.005)
-            self._writer.cancel()
-            try:
-                await self._writer
-            except asyncio.CancelledError:
-                pass
+            # The sentinel queues behind every accepted append: close never drops one.
+            await self._queue.put(None)
+            await asyncio.shield(self._writer)
         await self._db.close()
 
 
@@ -312,7 +319,8 @@ def select_events(*, stream: str | None = None, types: Sequence[str] | None = No
                   since_ts: float | None = None, until_ts: float | None = None, limit: int | None = None,
                   newest_first: bool = False) -> tuple[str, list[Any]]:
     """The SQL for a filtered read of ``events`` (shared with tools/inspect-journal)."""
-    where, args = ["seq > ?"], [since_seq]
+    where: list[str] = ["seq > ?"]
+    args: list[Any] = [since_seq]
     if stream is not None:
         where.append("stream = ?")
         args.append(stream)
@@ -356,7 +364,8 @@ async def apply_migrations(db: aiosqlite.Connection, migrations: Path) -> list[i
                              (version, f.name, time.time()))
             await db.execute("COMMIT")
         except BaseException:
-            await db.execute("ROLLBACK")
+            if db.in_transaction:
+                await db.execute("ROLLBACK")
             raise
         applied.append(version)
     return applied
@@ -365,8 +374,8 @@ async def apply_migrations(db: aiosqlite.Connection, migrations: Path) -> list[i
 def _split_sql(sql: str) -> list[str]:
     out, buf = [], ""
     for line in sql.splitlines(keepends=True):
-        stripped = line.split("--", 1)[0]
-        buf += stripped
+        stripped = line.split("--", 1)[0]  # migrations must not put "--" inside a string literal
+        buf += stripped if stripped.endswith("\n") or not line.endswith("\n") else stripped + "\n"
         if stripped.rstrip().endswith(";") and sqlite3.complete_statement(buf):
             if buf.strip():
                 out.append(buf.strip())

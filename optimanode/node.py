@@ -456,9 +456,12 @@ class Node:
             await self._fire(ex, trigger, reason=reason)
 
     async def _scan_loop(self) -> None:
+        pending = False
         while True:
-            await asyncio.sleep(self.settings.scan.interval_s)
-            await self.rescan()
+            # A file still being copied is looked at again soon, not a whole interval later.
+            interval = self.settings.scan.interval_s
+            await asyncio.sleep(min(interval, self.registry.settle_s + 0.5) if pending else interval)
+            pending = bool((await self.rescan()).pending)
 
     async def _hash_loop(self) -> None:
         """Compute each model's content identity once, in a thread; the journal caches it."""
@@ -612,4 +615,4 @@ def check_model_settings(s: ModelSettings) -> None:
 
 
 def _error_dirs(result: ScanResult) -> list[str]:
-    return [str(getattr(e, "path", e[0] if isinstance(e, tuple) else e)) for e in result.errors]
+    return list(result.errors)

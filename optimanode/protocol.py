@@ -220,6 +220,9 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     embedding_length: int = 0
     head_count: int = 0
     head_count_kv: int = 0
+    # Per-head K and V widths where the model states them (0: embedding_length / head_count).
+    key_length: int = 0
+    value_length: int = 0
     # Hex SHA-256 of the file contents (all parts in order), "" until computed.
     sha256: str = ""
 

@@ -10,6 +10,8 @@ Start-up
     frame stream. On Linux the worker asks for SIGKILL when its parent dies (PR_SET_PDEATHSIG;
     note that it fires when the *thread* that spawned the worker exits, so the node must spawn
     from a long-lived thread); stdin reaching EOF is the portable guarantee and also ends it.
+    SIGINT is ignored: a Ctrl-C at the node's terminal reaches the whole process group, and the
+    node, not the terminal, decides when its workers stop (Shutdown, EOF, or SIGTERM/SIGKILL).
     The first frame must be a ``WorkerSettings``. The reader thread starts before the model
     loads, so pings are answered and EOF is noticed while loading. The model is loaded, one
     token is evaluated and sampled as a warm-up (``Ready`` means able to generate), and then
@@ -106,8 +108,9 @@ def _log(msg: str) -> None:
 
 @llama_cpp.llama_log_callback
 def _on_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    # Level 3 is GGML_LOG_LEVEL_ERROR; the rest is the chatter that verbose=False hides.
-    if level == 3:
+    # 4 is GGML_LOG_LEVEL_ERROR in ggml.h (llama_cpp/_logger.py's table is out of date); the
+    # rest is the chatter that verbose=False hides.
+    if level == 4:
         line = text.decode("utf-8", "replace").rstrip()
         if line:
             _llama_errors.append(line)
@@ -125,7 +128,8 @@ class _StreamBroken(Exception):
 def _read_exact(fd: int, n: int) -> bytes | None:
     # os.read, not sys.stdin.buffer: a daemon thread blocked inside a BufferedReader can abort
     # interpreter shutdown ("could not acquire lock for <stdin>").
-    parts, got = [], 0
+    parts: list[bytes] = []
+    got = 0
     while got < n:
         part = os.read(fd, n - got)
         if not part:
@@ -360,25 +364,25 @@ class Model:
 
     # -----------------------------------------------------------------------------------------
 
-    def serve(self, job: _Job) -> None:
+    def serve(self, job: _Job) -> p.Done | p.Failed:
+        """Stream the request's chunks and return its final message (sent once the id is free)."""
         t0 = time.monotonic()
         try:
-            self._generate(job, t0)
+            return self._generate(job, t0)
         except _Reject as r:
-            self.writer.send(p.Failed(id=job.id, code=r.code, message=r.message))
+            return p.Failed(id=job.id, code=r.code, message=r.message)
         except Exception as exc:
             _log(f"request {job.id} failed:\n{traceback.format_exc().rstrip()}")
-            self.writer.send(p.Failed(id=job.id, code="internal", message=str(exc) or type(exc).__name__))
+            return p.Failed(id=job.id, code="internal", message=str(exc) or type(exc).__name__)
 
-    def _generate(self, job: _Job, t0: float) -> None:
+    def _generate(self, job: _Job, t0: float) -> p.Done:
         params = job.request.params
         try:
             params.check()
         except ValueError as exc:
             raise _Reject("bad_request", str(exc)) from exc
         if job.cancelled.is_set():
-            self._done(job, "cancelled", 0, 0, t0, None, None)
-            return
+            return self._done(job, "cancelled", 0, 0, t0, None, None)
         tokens = self.prompt_tokens(job.request)
         if not tokens:
             raise _Reject("bad_request", "the prompt is empty")
@@ -399,13 +403,13 @@ class Model:
                                 temp=params.temperature, repeat_penalty=params.repeat_penalty, reset=True)
         try:
             for token in gen:
-                t_last = time.monotonic()
+                now = time.monotonic()
                 if t_first is None:
-                    t_first = t_last
+                    t_first = now
                 if llama_cpp.llama_vocab_is_eog(self.vocab, token):
                     finish = "stop"
                     break
-                n_out += 1
+                n_out, t_last = n_out + 1, now
                 if stream.feed(self.piece(token)):
                     finish = "stop"
                     break
@@ -418,19 +422,19 @@ class Model:
             gen.close()
         if not stream.stopped:
             stream.finish()
-        self._done(job, finish, len(tokens), n_out, t0, t_first, t_last)
+        return self._done(job, finish, len(tokens), n_out, t0, t_first, t_last)
 
     def _done(self, job: _Job, finish: str, n_prompt: int, n_out: int, t0: float,
-              t_first: float | None, t_last: float | None) -> None:
+              t_first: float | None, t_last: float | None) -> p.Done:
         total = time.monotonic() - t0
         span = (t_last - t_first) if t_first is not None and t_last is not None else 0.0
-        self.writer.send(p.Done(
+        return p.Done(
             id=job.id, finish_reason=finish,
             usage=p.Usage(prompt_tokens=n_prompt, completion_tokens=n_out),
             timings=p.Timings(ttft_s=(t_first - t0) if t_first is not None else total,
                               tokens_per_s=(n_out - 1) / span if n_out > 1 and span > 0 else 0.0,
                               total_s=total),
-        ))
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,6 +493,7 @@ def main() -> int:
     os.dup2(2, 1)
     _err_fd = os.dup(2)
     _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     llama_cpp.llama_log_set(_on_llama_log, ctypes.c_void_p(0))
     writer = _Writer(out)
 
@@ -518,18 +523,17 @@ def main() -> int:
     try:
         model = Model(settings, writer)
     except Exception as exc:
-        reason = next((e for e in _llama_errors if "error loading model" in e), None) \
-            or (_llama_errors[0] if _llama_errors else f"{type(exc).__name__}: {exc}")
+        # llama.cpp logs the root cause first, then "failed to load model" lines around it.
+        reason = _llama_errors[0] if _llama_errors else f"{type(exc).__name__}: {exc}"
         _log(f"cannot load model {settings.model_path}: {reason}")
         return EXIT_LOAD
     writer.send(p.Ready(pid=os.getpid(), n_ctx=model.n_ctx, load_s=time.monotonic() - t0,
                         backend=_backend(), chat_template=model.chat is not None))
 
     while (job := jobs.next()) is not None:
-        try:
-            model.serve(job)
-        finally:
-            jobs.finished(job)
+        final = model.serve(job)
+        jobs.finished(job)  # first, so the id may be reused as soon as the final message is out
+        writer.send(final)
     # Shutdown: every request taken has been answered (cancelled ones with Done).
     model.llm.close()
     return EXIT_OK

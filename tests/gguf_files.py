@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import gguf
@@ -146,6 +147,13 @@ def make_many(directory: Path, n: int, per_dir: int = 100, mtime: int = 1_700_00
         os.utime(p, (mtime, mtime))
         out.append(p)
     return out
+
+
+def settle(*paths: Path, age_s: float = 3600.0) -> None:
+    """Backdate mtimes so a fresh Registry sees the files as settled (not still being written)."""
+    t = time.time() - age_s
+    for p in paths:
+        os.utime(p, (t, t))
 
 
 def copy(src: Path, dst: Path) -> Path:

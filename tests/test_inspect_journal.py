@@ -390,8 +390,9 @@ async def test_reads_a_journal_that_a_node_has_open_and_is_writing(tmp_path: Pat
         # The reader did not get in the writer's way.
         ev = await j.append(A, RequestStarted(request_id="r3", kind="completion"))
         assert ev.seq == len(STORY) + 1
-        mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
-        assert mode == "wal"
+        other = sqlite3.connect(path)
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        other.close()
     finally:
         await j.close()
 

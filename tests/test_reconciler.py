@@ -101,3 +101,10 @@ def test_the_memory_estimate_is_the_weights_plus_an_f16_kv_cache():
     kv_per_token = 2 * 30 * (576 * 3 // 9) * 2
     assert estimate_bytes(info, 2048) == (100 << 20) + 2048 * kv_per_token + (64 << 20)
     assert estimate_bytes(info, 4096) > estimate_bytes(info, 2048)
+
+
+def test_the_estimate_uses_the_stated_head_widths_when_the_model_has_them():
+    # Gemma 3 states key_length 256 where embedding_length / head_count would say 160.
+    info = ModelInfo(path="m", files=["m"], size_bytes=0, mtime_ns=0, block_count=18, embedding_length=640,
+                     head_count=4, head_count_kv=1, key_length=256, value_length=256)
+    assert estimate_bytes(info, 1000) == 1000 * 18 * 1 * (256 + 256) * 2 + (64 << 20)

@@ -32,6 +32,7 @@ FIRST_READ = 64 * 1024
 # entries): beyond them a header is corrupt, and the cap keeps a corrupt count from spinning.
 MAX_DIMS = 8
 MAX_ARRAY_WALK = 1 << 24
+MAX_NESTED = 1 << 16
 MAX_COUNT = 1 << 20
 MAX_ARRAY_DEPTH = 4
 # Longer string values are skipped, not decoded (a chat template is a few KiB).
@@ -203,8 +204,8 @@ class _Window:
                 return v
             self.skip(st.size * count)
         elif etype == _STRING or etype == _ARRAY:
-            # Each element takes at least 8 bytes; the cap bounds the loop on zero-filled garbage.
-            if count > MAX_ARRAY_WALK or count * 8 > self.size:
+            # Each element takes at least 8 bytes; the caps bound the loop on zero-filled garbage.
+            if count > (MAX_ARRAY_WALK if etype == _STRING else MAX_NESTED) or count * 8 > self.size:
                 raise ModelFileError(self.path, f"corrupt header: metadata {key!r} claims {count} elements")
             if etype == _STRING:
                 self._skip_strings(count)
@@ -242,8 +243,7 @@ def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
     spath = os.fspath(path)
     with open(spath, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        w = _Window(f, spath, size)  # type: ignore[arg-type]
-        return _parse(w, spath, size)
+        return _parse(_Window(f, spath, size), spath, size)
 
 
 def _int(v: Any) -> int:

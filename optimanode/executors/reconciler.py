@@ -117,5 +117,7 @@ def estimate_bytes(info: ModelInfo, n_ctx: int) -> int:
     ctx = n_ctx or info.context_length or 2048
     head_count = info.head_count or 1
     kv_heads = info.head_count_kv or head_count
-    per_token = 2 * info.block_count * (info.embedding_length * kv_heads // head_count) * 2  # K and V, f16
+    k = info.key_length or info.embedding_length // head_count
+    v = info.value_length or info.embedding_length // head_count
+    per_token = info.block_count * kv_heads * (k + v) * 2  # K and V rows per layer, f16
     return info.size_bytes + ctx * per_token + 64 * 1024 * 1024

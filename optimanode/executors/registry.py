@@ -15,7 +15,8 @@ How a scan works:
 * **Stability.** A file still being copied must not be reported as truncated. A file is *stable*
   when its (size, mtime_ns) equal what the previous scan by this Registry saw, or equal what
   ``known`` recorded, or its mtime is more than ``settle_s`` seconds before ``clock()``. Anything
-  else is *pending*: listed in ``pending`` and looked at again next scan.
+  else is *pending*: listed in ``pending`` and looked at again next scan. A split model waits
+  until every part is stable, and all its present parts are listed meanwhile.
 * **Cache through ``known``.** ``known`` maps executor id → the ModelInfo recorded last time. A
   model whose path, parts, total size and max mtime are unchanged is taken from ``known`` as is
   (``sha256`` included) without opening the file: that is what makes rescanning 10,000 files
@@ -49,7 +50,8 @@ from optimanode.errors import ModelFileError
 from optimanode.executors import gguf
 from optimanode.protocol import ModelInfo
 
-SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+# Exactly the names llama.cpp derives for the other parts (llama_split_path: "%s-%05d-of-%05d.gguf").
+SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 _SLUG_RE = re.compile(r"[^a-z0-9]+")
 
 
@@ -224,8 +226,9 @@ class Registry:
             first_path = os.path.join(self.models_dir, first_rel)
             if claim(eid, first_path):
                 k = known.get(eid)
-                if wait := moving(first_path, _ordered(parts), k):
-                    result.pending.extend(wait)
+                if moving(first_path, _ordered(parts), k):
+                    # The whole model waits, so every present part is listed (the first included).
+                    result.pending.extend(p.path for p in _ordered(parts))
                 else:
                     self._split(eid, first_path, count, parts, k, result)
 
@@ -236,10 +239,12 @@ class Registry:
         result.headers_read += 1
         try:
             return gguf.read_header(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, ModelFileError):
             raise
         except OSError as exc:
             raise ModelFileError(path, f"cannot read: {exc.strerror or exc}") from None
+        except Exception as exc:  # a reader bug on one odd file must not stop the scan of all the others
+            raise ModelFileError(path, f"cannot parse header ({type(exc).__name__}: {exc})") from exc
 
     def _single(self, eid: str, f: _File, k: ModelInfo | None, result: ScanResult) -> None:
         if k is not None and _unchanged(k, f.path, [f]):
@@ -326,4 +331,10 @@ def _info(base: ModelInfo, h: gguf.GGUFHeader, tensors: int, params: int) -> Mod
         file_type=h.file_type, context_length=h.context_length, chat_template=h.chat_template,
         tensor_count=tensors, block_count=h.block_count, embedding_length=h.embedding_length,
         head_count=h.head_count, head_count_kv=h.head_count_kv,
+        key_length=_int(h.metadata.get(f"{h.architecture}.attention.key_length")),
+        value_length=_int(h.metadata.get(f"{h.architecture}.attention.value_length")),
     )
+
+
+def _int(v: object) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
