@@ -209,7 +209,8 @@ class Node:
         await asyncio.gather(*stops, return_exceptions=True)
         for t in list(self._background):
             with contextlib.suppress(BaseException):
-                await asyncio.wait_for(t, timeout=2.0)
+                async with asyncio.timeout(2.0):
+                    await t
         if self.journal is not None:
             with contextlib.suppress(JournalError):
                 await self.journal.append(NODE_STREAM, NodeStopped(reason=reason))
@@ -508,8 +509,11 @@ class Node:
             self._wake.clear()
             wake_at = await self.reconcile_once()
             timeout = RECONCILE_TICK_S if wake_at is None else max(0.0, min(RECONCILE_TICK_S, wake_at - self.clock()))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+            # races with the event, and this loop would then never stop.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     async def _apply(self, action: Action) -> None:
         ex = self.executors[action.executor_id]
@@ -543,8 +547,9 @@ class Node:
 
     async def _await_ready(self, ex: Executor, worker: WorkerProcess) -> None:
         try:
-            ready = await asyncio.wait_for(asyncio.shield(worker.ready), timeout=self.settings.restart.load_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.settings.restart.load_timeout_s):
+                ready = await asyncio.shield(worker.ready)
+        except TimeoutError:
             worker.kill_now(f"not ready after {self.settings.restart.load_timeout_s:g} s")
             return
         except RequestError:

@@ -350,3 +350,69 @@ class ExecutorStatus(msgspec.Struct, frozen=True, kw_only=True):
     requests_served: int = 0
     tokens_generated: int = 0
     backend: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: one report, produced by optimanode.metrics.Sampler, pushed to subscribed Gateways.
+
+
+class CpuReport(msgspec.Struct, frozen=True, kw_only=True):
+    percent: float
+    per_core: list[float]
+    cores_logical: int
+    cores_physical: int
+    load_1m: float
+    load_5m: float
+    load_15m: float
+
+
+class MemoryReport(msgspec.Struct, frozen=True, kw_only=True):
+    total_bytes: int
+    available_bytes: int
+    used_bytes: int
+    swap_total_bytes: int
+    swap_used_bytes: int
+
+
+class GpuReport(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    name: str
+    uuid: str = ""
+    utilization_percent: float | None = None
+    memory_total_bytes: int = 0
+    memory_used_bytes: int = 0
+    temperature_c: float | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
+
+
+class ExecutorMetrics(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    state: str
+    pid: int | None = None
+    rss_bytes: int | None = None
+    cpu_percent: float | None = None
+    # VRAM this worker holds, from NVML's per-process accounting where the driver gives it.
+    vram_bytes: int | None = None
+    queue_depth: int = 0
+    in_flight: int = 0
+    # Capacity a Gateway spreads load by: requests it could take now without queueing beyond parallel.
+    parallel: int = 1
+    queue_size: int = 0
+    free_slots: int = 0
+    tokens_per_s: float = 0.0
+    requests_served: int = 0
+    restarts: int = 0
+
+
+class MetricsReport(msgspec.Struct, frozen=True, kw_only=True):
+    ts: float
+    node_id: str = ""
+    cpu: CpuReport
+    memory: MemoryReport
+    gpus: list[GpuReport] = []
+    # Why there are no GPUs, e.g. "no NVIDIA driver" (empty when NVML answered).
+    gpu_status: str = ""
+    executors: list[ExecutorMetrics] = []
+    # Seconds the sampler spent producing this report (its own cost, reported honestly).
+    sample_cost_s: float = 0.0

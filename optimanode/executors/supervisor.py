@@ -196,10 +196,13 @@ class WorkerProcess:
         rc = await self.proc.wait()
         # Let the reader drain what the worker wrote before it died (a final Done, say).
         reader = self._tasks[0]
-        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(reader), timeout=0.2)
-        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(self._tasks[1]), timeout=0.2)
+        # (asyncio.timeout rather than wait_for: 3.11's wait_for can swallow a cancel.)
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(0.2):
+                await asyncio.shield(reader)
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(0.2):
+                await asyncio.shield(self._tasks[1])
         for t in self._tasks:
             t.cancel()
         info = ExitInfo(
@@ -285,9 +288,10 @@ class WorkerProcess:
                     with contextlib.suppress(ProcessLookupError):
                         self.proc.send_signal(sig)
                 try:
-                    await asyncio.wait_for(asyncio.shield(self.exit), timeout=wait)
+                    async with asyncio.timeout(wait):
+                        await asyncio.shield(self.exit)
                     break
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
         info = await self.exit
         # Also wait for on_exit, so that whoever stopped the worker sees its stop journaled.
