@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # transitions logs every state callback at INFO; our own transition log line says it once.
+    logging.getLogger("transitions").setLevel(logging.WARNING)
     if args.command == "settings":
         import msgspec
 

@@ -84,6 +84,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_level: str = "info"
     # Memory kept free for the rest of the machine when deciding whether a model fits.
     memory_reserve_mb: int = 512
+    # On SIGTERM, running requests may finish for this long; then they are cancelled (shutting_down).
+    drain_deadline_s: float = 30.0
     listen: Listen = msgspec.field(default_factory=Listen)
     scan: Scan = msgspec.field(default_factory=Scan)
     restart: Restart = msgspec.field(default_factory=Restart)
@@ -126,6 +128,7 @@ _RULES: dict[str, tuple[str, Any]] = {
     "model_defaults.queue_size": ("an integer >= 0", lambda v: v >= 0),
     "model_defaults.parallel": ("an integer >= 1", lambda v: v >= 1),
     "memory_reserve_mb": ("an integer >= 0", lambda v: v >= 0),
+    "drain_deadline_s": ("a number of seconds >= 0", lambda v: v >= 0),
     "log_level": ("one of debug, info, warning, error", lambda v: v in {"debug", "info", "warning", "error"}),
 }
 

@@ -42,6 +42,7 @@ from optimanode.errors import (
     JournalError,
     ModelNotRunning,
     RequestError,
+    ShuttingDown,
     UnknownModel,
 )
 from optimanode.executors.lifecycle import LIVE, Lifecycle, allowed
@@ -120,6 +121,9 @@ class Node:
         self._stopping = False
         self._scan_lock = asyncio.Lock()
         self._requests: dict[str, WorkerProcess] = {}
+        self._accepting = True
+        # Requests cancelled because the drain deadline passed: they end with shutting_down.
+        self._shut_out: set[str] = set()
         self._background: set[asyncio.Task[object]] = set()
 
     # -- lifecycle of the node itself ------------------------------------------------------
@@ -342,6 +346,8 @@ class Node:
     async def infer(self, executor_id: str, request: InferenceRequest, *, request_id: str | None = None,
                     by: str = "") -> AsyncIterator[Chunk | Done]:
         """Stream a completion: Chunk..., then Done. Raises RequestError with a stable code."""
+        if not self._accepting:
+            raise ShuttingDown("the node is shutting down and takes no new requests")
         ex = self._get(executor_id)
         try:
             request.params.check()
@@ -354,6 +360,8 @@ class Node:
         if rid in self._requests:
             raise BadRequest(f"request id {rid!r} is already in flight", field="id")
         async with ex.admission.slot(ex.id):
+            if not self._accepting:
+                raise ShuttingDown("the node is shutting down; this request was still queued")
             worker = ex.worker
             if ex.state != "running" or worker is None:
                 raise ModelNotRunning(f"model {ex.id} is {ex.state}", state=ex.state, executor=ex.id)
@@ -364,6 +372,9 @@ class Node:
             try:
                 async for msg in worker.generate(rid, request):
                     if isinstance(msg, Done):
+                        if rid in self._shut_out:
+                            raise ShuttingDown(f"the node is shutting down; request cancelled after the "
+                                               f"{self.settings.drain_deadline_s:g} s drain deadline")
                         done, outcome = msg, msg.finish_reason
                     yield msg
             except RequestError as exc:
@@ -374,6 +385,7 @@ class Node:
                 raise
             finally:
                 self._requests.pop(rid, None)
+                self._shut_out.discard(rid)
                 if done is not None:
                     ex.requests_served += 1
                     ex.tokens_generated += done.usage.completion_tokens
@@ -382,6 +394,33 @@ class Node:
                     prompt_tokens=done.usage.prompt_tokens if done else 0,
                     completion_tokens=done.usage.completion_tokens if done else 0,
                     ttft_s=done.timings.ttft_s if done else None, total_s=done.timings.total_s if done else None))
+
+    def busy(self) -> int:
+        """Requests running or queued on any model."""
+        return sum((ex.admission.running + ex.admission.waiting) if ex.admission else 0
+                   for ex in self.executors.values())
+
+    async def drain(self, deadline_s: float | None = None) -> int:
+        """Refuse new requests, let running ones finish for ``deadline_s``, then cancel the rest.
+
+        Cancelled requests end with ``shutting_down``. Returns how many had to be cancelled.
+        """
+        deadline_s = self.settings.drain_deadline_s if deadline_s is None else deadline_s
+        self._accepting = False
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(deadline_s):
+                while self.busy():
+                    await asyncio.sleep(0.05)
+        cut = list(self._requests.items())
+        for rid, worker in cut:
+            self._shut_out.add(rid)
+            worker.cancel(rid)
+        # A cancel lands within one token; give them a moment to end before workers are stopped.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):
+                while self.busy():
+                    await asyncio.sleep(0.02)
+        return len(cut)
 
     def cancel(self, request_id: str) -> bool:
         """Ask the worker to stop decoding ``request_id`` (it ends with finish_reason "cancelled")."""

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from optimanode.config import load_settings
-from optimanode.errors import BadRequest, ModelNotRunning, Overloaded, UnknownModel, WorkerCrashed
+from optimanode.errors import BadRequest, ModelNotRunning, Overloaded, ShuttingDown, UnknownModel, WorkerCrashed
 from optimanode.node import Node
 from optimanode.protocol import ChatMessage, ChatRequest, Chunk, CompletionRequest, Done, ModelSettings, SamplingParams
 import gguf_files
@@ -322,7 +322,7 @@ def test_a_sigkilled_node_restarted_on_the_same_state_brings_back_its_enabled_mo
     journal = state / "journal.sqlite3"
     cmd = [sys.executable, "-m", "optimanode", "run", "--models-dir", str(models), "--state-dir", str(state),
            "--enable-new", "--set", "model_defaults.n_ctx=512", "--set", "scan.hash_models=false"]
-    first = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    first = subprocess.Popen(cmd, stderr=(tmp_path / "first.log").open("wb"), stdout=subprocess.DEVNULL)
     try:
         eid = wait_ready(journal, 1, 90)
         node = psutil.Process(first.pid)
@@ -335,7 +335,8 @@ def test_a_sigkilled_node_restarted_on_the_same_state_brings_back_its_enabled_mo
         first.kill()
         first.wait(10)
     # Restart without --enable-new: the model comes back because the journal says it was enabled.
-    second = subprocess.Popen(cmd[:-6] + cmd[-4:], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    without_enable_new = [a for a in cmd if a != "--enable-new"]
+    second = subprocess.Popen(without_enable_new, stderr=(tmp_path / "second.log").open("wb"), stdout=subprocess.DEVNULL)
     try:
         wait_ready(journal, 2, 90)
         second.send_signal(signal.SIGTERM)
@@ -350,3 +351,50 @@ def test_a_sigkilled_node_restarted_on_the_same_state_brings_back_its_enabled_mo
     triggers = [e["data"].get("trigger") for e in events if e["type"] == "transition"]
     # The whole history: the first life, the recovery after SIGKILL, the second life, the clean stop.
     assert triggers == ["enable", "start", "ready", "recover", "start", "ready", "stop", "stopped"], triggers
+
+
+async def test_each_model_gets_a_content_hash_once_and_keeps_it_across_restarts(tmp_path, models, smollm2_path):
+    import hashlib
+
+    want = hashlib.sha256(smollm2_path.read_bytes()).hexdigest()
+    settings = make_settings(tmp_path, **{"scan.hash_models": "true"})
+    async with Node(settings) as node:
+        eid = only_id(node)
+        async with asyncio.timeout(60):
+            while not node.status(eid).info.sha256:
+                await asyncio.sleep(0.1)
+        assert node.status(eid).info.sha256 == want
+    async with Node(settings) as node:
+        await node.rescan()
+        assert node.status(eid).info.sha256 == want
+        await asyncio.sleep(0.5)  # give the hasher a pass: it must find nothing to do
+        assert [e.type for e in await node.events(eid)].count("hashed") == 1
+
+
+async def test_drain_lets_running_requests_finish_within_the_deadline(tmp_path, models):
+    async with Node(make_settings(tmp_path)) as node:
+        eid = only_id(node)
+        await node.enable(eid)
+        await node.wait_for_state(eid, {"running"}, timeout=60)
+        stream = node.infer(eid, CompletionRequest(prompt="1, 2,", params=SamplingParams(temperature=0, max_tokens=20)))
+        first = await anext(stream)
+        rest = asyncio.ensure_future(collect(stream))
+        assert await node.drain(deadline_s=30) == 0
+        text, done = await rest
+        assert done.finish_reason == "length" and done.usage.completion_tokens == 20
+        with pytest.raises(ShuttingDown):
+            await anext(node.infer(eid, CompletionRequest(prompt="x", params=GREEDY)))
+
+
+async def test_drain_past_the_deadline_cancels_with_shutting_down(tmp_path, models):
+    async with Node(make_settings(tmp_path)) as node:
+        eid = only_id(node)
+        await node.enable(eid)
+        await node.wait_for_state(eid, {"running"}, timeout=60)
+        stream = node.infer(eid, CompletionRequest(prompt="1, 2,", params=SamplingParams(temperature=0, max_tokens=400)))
+        await anext(stream)
+        rest = asyncio.ensure_future(collect(stream))
+        assert await node.drain(deadline_s=0.3) == 1
+        with pytest.raises(ShuttingDown) as info:
+            await rest
+        assert info.value.code == "shutting_down" and "drain deadline" in info.value.message
