@@ -371,7 +371,10 @@ class Node:
             outcome, done = "error", None
             try:
                 async for msg in worker.generate(rid, request):
-                    if isinstance(msg, Done):
+                    if isinstance(msg, Chunk):
+                        # Counted as they stream, so the metrics' tokens/s is smooth, not a spike at the end.
+                        ex.tokens_generated += msg.tokens
+                    elif isinstance(msg, Done):
                         if rid in self._shut_out:
                             raise ShuttingDown(f"the node is shutting down; request cancelled after the "
                                                f"{self.settings.drain_deadline_s:g} s drain deadline")
@@ -388,7 +391,6 @@ class Node:
                 self._shut_out.discard(rid)
                 if done is not None:
                     ex.requests_served += 1
-                    ex.tokens_generated += done.usage.completion_tokens
                 self._journal_later(ex.id, RequestFinished(
                     request_id=rid, outcome=outcome,
                     prompt_tokens=done.usage.prompt_tokens if done else 0,

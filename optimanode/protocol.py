@@ -1,6 +1,6 @@
 """Every message and event type, as frozen msgspec Structs in tagged unions, and their codecs.
 
-Three families live here, because they are the node's contracts with what outlives one process:
+Four families live here, because they are the node's contracts with what outlives one process:
 
 * **Requests** (``CompletionRequest``, ``ChatRequest``, ``SamplingParams``): what a Gateway asks
   for; the Gateway link (docs/protocol.md) and the worker pipe both carry them unchanged.
@@ -9,6 +9,8 @@ Three families live here, because they are the node's contracts with what outliv
   carries the request id, so one worker can serve several requests at once.
 * **Journal events** (``EventBody``): the ``data`` column of the journal, JSON-encoded so that
   ``sqlite3`` and ``tools/inspect-journal`` can read it without this package.
+* **Gateway link messages** (``GatewayToNode``, ``NodeToGateway``, at the end): MessagePack, one
+  message per binary WebSocket frame; docs/protocol.md is their reference.
 
 Schema rules (journals outlive versions): Structs are frozen and keyword-only, new fields always
 get defaults, a field's type never changes, a tag is never reused.
@@ -17,7 +19,7 @@ get defaults, a field's type never changes, a tag is never reused.
 from __future__ import annotations
 
 import struct
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -416,3 +418,223 @@ class MetricsReport(msgspec.Struct, frozen=True, kw_only=True):
     executors: list[ExecutorMetrics] = []
     # Seconds the sampler spent producing this report (its own cost, reported honestly).
     sample_cost_s: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Gateway link (docs/protocol.md): MessagePack in binary WebSocket frames over TLS.
+#
+# One tagged union per direction; the tag is the ``type`` field. Every request a Gateway sends
+# carries an ``id`` of its own choosing, and every frame answering it carries the same id, so many
+# requests run at once over one connection. Unknown fields are ignored (a newer peer may add
+# optional ones; new fields always get defaults); an unknown ``type`` is refused with
+# Error(code="bad_request"). Limits that a peer can break are declared on the fields, so a frame
+# that breaks one fails to decode with the field's path in the message.
+
+# Versions of this link the node speaks, oldest first. The handshake settles on one.
+PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
+NONCE_BYTES = 32
+MAC_BYTES = 32
+
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+PeerId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Nonce = Annotated[bytes, msgspec.Meta(min_length=NONCE_BYTES, max_length=NONCE_BYTES)]
+Mac = Annotated[bytes, msgspec.Meta(min_length=MAC_BYTES, max_length=MAC_BYTES)]
+ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+# WebSocket close codes the node uses (1000-range codes are RFC 6455's; 4000-range are ours).
+CLOSE_GOING_AWAY = 1001          # the node is shutting down
+CLOSE_TOO_BIG = 1009             # a frame over the size limit (sent by the WebSocket layer itself)
+CLOSE_UNAUTHORIZED = 4001        # wrong MAC, or anything but Hello before authentication
+CLOSE_HANDSHAKE_TIMEOUT = 4002   # the whole handshake did not finish within the deadline
+CLOSE_VERSION_UNSUPPORTED = 4003  # Hello chose a version the node did not offer
+CLOSE_RATE_LIMITED = 4008        # too many failed handshakes from this address lately
+CLOSE_TOO_SLOW = 4009            # the Gateway does not read its frames; its send queue overflowed
+CLOSE_BAD_FRAME = 4400           # a handshake frame that does not decode (text, malformed, wrong fields)
+
+# Error codes, stable: a Gateway acts on them. Never rename one.
+ERROR_CODES: frozenset[str] = frozenset({
+    "unknown_model", "model_not_running", "overloaded", "bad_request", "worker_crashed",
+    "context_overflow", "unauthorized", "internal", "shutting_down", "cancelled",
+})
+
+
+# -- handshake -------------------------------------------------------------------------------
+
+
+class Challenge(msgspec.Struct, frozen=True, kw_only=True, tag="challenge"):
+    """Node → Gateway, the first frame on every connection."""
+
+    versions: list[int]
+    node_id: str
+    nonce_n: bytes
+
+
+class Hello(msgspec.Struct, frozen=True, kw_only=True, tag="hello"):
+    """Gateway → Node: the chosen version and the proof that the Gateway holds the access key."""
+
+    version: int
+    gateway_id: PeerId
+    nonce_g: Nonce
+    mac_g: Mac
+
+
+class Welcome(msgspec.Struct, frozen=True, kw_only=True, tag="welcome"):
+    """Node → Gateway: the node's own proof; after it, the session is open."""
+
+    version: int
+    node_id: str
+    mac_n: bytes
+    # The largest frame the node accepts; larger ones close the connection with 1009.
+    max_frame_bytes: int = 1 << 20
+
+
+# -- Gateway → Node requests -------------------------------------------------------------------
+
+
+class Infer(msgspec.Struct, frozen=True, kw_only=True, tag="infer"):
+    id: RequestId
+    model: ModelId
+    request: InferenceRequest
+
+
+class CancelInfer(msgspec.Struct, frozen=True, kw_only=True, tag="cancel"):
+    """Cancel the Infer with this id. No reply of its own: the stream ends (see docs/protocol.md)."""
+
+    id: RequestId
+
+
+class ListModels(msgspec.Struct, frozen=True, kw_only=True, tag="list_models"):
+    id: RequestId
+
+
+class GetModel(msgspec.Struct, frozen=True, kw_only=True, tag="get_model"):
+    id: RequestId
+    model: ModelId
+
+
+class Enable(msgspec.Struct, frozen=True, kw_only=True, tag="enable"):
+    id: RequestId
+    model: ModelId
+
+
+class Disable(msgspec.Struct, frozen=True, kw_only=True, tag="disable"):
+    id: RequestId
+    model: ModelId
+
+
+class Configure(msgspec.Struct, frozen=True, kw_only=True, tag="configure"):
+    """Replace the model's overrides with ``settings`` (absent keys go back to the defaults)."""
+
+    id: RequestId
+    model: ModelId
+    settings: ModelSettings
+
+
+class Rescan(msgspec.Struct, frozen=True, kw_only=True, tag="rescan"):
+    id: RequestId
+
+
+class ReadEvents(msgspec.Struct, frozen=True, kw_only=True, tag="read_events"):
+    """The newest ``limit`` journal events, oldest first; of one model, or of the whole node."""
+
+    id: RequestId
+    model: str | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+
+
+class Subscribe(msgspec.Struct, frozen=True, kw_only=True, tag="subscribe"):
+    """Push Metrics every ``interval_s``; replaces the session's previous subscription."""
+
+    id: RequestId
+    interval_s: Annotated[float, msgspec.Meta(ge=0.25, le=3600.0)] = 1.0
+
+
+class Unsubscribe(msgspec.Struct, frozen=True, kw_only=True, tag="unsubscribe"):
+    id: RequestId
+
+
+GatewayToNode = (
+    Hello | Infer | CancelInfer | ListModels | GetModel | Enable | Disable | Configure | Rescan
+    | ReadEvents | Subscribe | Unsubscribe
+)
+
+# -- Node → Gateway replies --------------------------------------------------------------------
+
+
+class TokenChunk(msgspec.Struct, frozen=True, kw_only=True, tag="chunk"):
+    id: str
+    text: str
+    tokens: int = 1
+
+
+class InferDone(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
+    id: str
+    # "stop", "length" or "cancelled".
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+
+
+class Error(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
+    # The id of the request that failed; "" when the frame had none (it did not decode).
+    id: str = ""
+    code: str
+    message: str = ""
+    details: dict[str, str | int] = {}
+
+
+class Models(msgspec.Struct, frozen=True, kw_only=True, tag="models"):
+    id: str
+    models: list[ExecutorStatus]
+
+
+class ModelStatus(msgspec.Struct, frozen=True, kw_only=True, tag="model_status"):
+    id: str
+    status: ExecutorStatus
+
+
+class EventRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One journal event: ``data`` is the event body's fields (docs/journal.md), ``type`` its tag."""
+
+    seq: int
+    ts: float
+    stream: str
+    version: int
+    type: str
+    data: dict[str, Any]
+
+
+class Events(msgspec.Struct, frozen=True, kw_only=True, tag="events"):
+    id: str
+    events: list[EventRecord]
+
+
+class Metrics(msgspec.Struct, frozen=True, kw_only=True, tag="metrics"):
+    # The id of the Subscribe that asked for it.
+    id: str
+    report: MetricsReport
+
+
+class Ack(msgspec.Struct, frozen=True, kw_only=True, tag="ack"):
+    id: str
+
+
+NodeToGateway = Challenge | Welcome | TokenChunk | InferDone | Error | Models | ModelStatus | Events | Metrics | Ack
+
+_link_encoder = msgspec.msgpack.Encoder()
+_from_gateway = msgspec.msgpack.Decoder(GatewayToNode)
+_from_node = msgspec.msgpack.Decoder(NodeToGateway)
+
+
+def encode_link(msg: GatewayToNode | NodeToGateway) -> bytes:
+    """One Gateway-link message as the payload of one binary WebSocket frame."""
+    return _link_encoder.encode(msg)
+
+
+def decode_from_gateway(data: bytes) -> GatewayToNode:
+    """Raises msgspec.DecodeError (not MessagePack) or msgspec.ValidationError (names the field)."""
+    return _from_gateway.decode(data)
+
+
+def decode_from_node(data: bytes) -> NodeToGateway:
+    return _from_node.decode(data)

@@ -171,7 +171,7 @@ def test_child_process_rss_and_cpu_then_none_once_it_is_gone(child):
     assert first.cpu_percent is None  # no interval yet
     time.sleep(0.3)
     second = sampler.sample().executors[0]
-    assert second.rss_bytes > 50_000_000 and second.cpu_percent is not None and second.cpu_percent > 0
+    assert second.rss_bytes > 50_000_000 and second.cpu_percent is not None and 0 < second.cpu_percent < 150
     child.kill()
     deadline = time.monotonic() + 10
     while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:  # not reaped yet: a zombie

@@ -1,0 +1,214 @@
+"""The Gateway link server: TLS WebSocket on listen.host:listen.port, authenticated sessions.
+
+How it works:
+
+* ``start`` makes sure the TLS certificate (gateway/tls.py) and the access key (gateway/keys.py)
+  exist, generating them on first start, then listens with ``websockets.asyncio.server.serve``:
+  TLS (1.2 minimum), no compression (permessage-deflate over secrets invites CRIME-style length
+  leaks, and token frames are tiny anyway), ``max_size`` 1 MiB per incoming frame (a bigger one
+  closes the connection with 1009), keepalive pings every 20 s (a Gateway that stops answering
+  for 20 s more is closed, and its requests cancelled). Plain ``ws://`` is available only with
+  ``insecure_plaintext_for_development=True``, and says so loudly in the log.
+* Each connection: an address locked out by the ``FailureLimiter`` (too many failed handshakes)
+  is closed at once with 4008. Otherwise the node sends its Challenge and the whole handshake must
+  finish within ``handshake_timeout_s`` (4002 otherwise). The first frame must be a Hello (any
+  other message: 4001; a frame that does not decode: 4400); a wrong MAC is 4001, an unoffered
+  version 4003. Every failure counts against the remote address; nothing but the handshake is
+  read before it succeeds. The keys are re-read when the key files change (rotation needs no restart).
+* After the Welcome, a ``Session`` (gateway/session.py) serves the connection. Several Gateways
+  may be connected at once; each has its own session, queue and tasks.
+* ``stop`` ends every session with ``shutting_down`` for its running requests and close code
+  1001, then closes the listener.
+* Metrics come from the ``sample`` callable (optimanode.metrics.Sampler.sample in the node). Its
+  report is reused for 0.1 s so that many subscribed Gateways do not multiply its cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import ssl
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import msgspec
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from optimanode.config import Settings
+from optimanode.errors import ConfigError
+from optimanode.gateway.handshake import FailureLimiter, HandshakeError, check_hello, new_challenge
+from optimanode.gateway.keys import KeyRing, ensure_key
+from optimanode.gateway.session import Session
+from optimanode.gateway.tls import ensure_certificate, fingerprint_file, server_context
+from optimanode.protocol import (
+    CLOSE_BAD_FRAME,
+    CLOSE_GOING_AWAY,
+    CLOSE_HANDSHAKE_TIMEOUT,
+    CLOSE_RATE_LIMITED,
+    CLOSE_UNAUTHORIZED,
+    PROTOCOL_VERSIONS,
+    Hello,
+    MetricsReport,
+    decode_from_gateway,
+    encode_link,
+)
+
+if TYPE_CHECKING:
+    from optimanode.node import Node
+
+log = logging.getLogger(__name__)
+
+MAX_FRAME_BYTES = 1 << 20
+HANDSHAKE_TIMEOUT_S = 5.0
+PING_INTERVAL_S = 20.0
+PING_TIMEOUT_S = 20.0
+SEND_QUEUE_FRAMES = 1024
+SAMPLE_REUSE_S = 0.1
+CLOSE_INTERNAL_ERROR = 1011
+
+
+def _reason(text: str) -> str:
+    """A close reason fits in 123 bytes of UTF-8 (RFC 6455 §5.5)."""
+    data = text.encode()
+    return data[:123].decode(errors="ignore") if len(data) > 123 else text
+
+
+class GatewayServer:
+    """``GatewayServer(node, settings, sample, node_id)``; ``await start()``, ``.port``, ``await stop()``."""
+
+    def __init__(self, node: Node, settings: Settings, sample: Callable[[], MetricsReport], node_id: str, *,
+                 host: str | None = None, port: int | None = None,
+                 insecure_plaintext_for_development: bool = False,
+                 handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+                 limiter: FailureLimiter | None = None,
+                 max_frame_bytes: int = MAX_FRAME_BYTES,
+                 ping_interval_s: float | None = PING_INTERVAL_S,
+                 ping_timeout_s: float | None = PING_TIMEOUT_S,
+                 send_queue_frames: int = SEND_QUEUE_FRAMES) -> None:
+        self.node, self.settings, self.node_id = node, settings, node_id
+        self._sample = sample
+        self.host = settings.listen.host if host is None else host
+        self._port = settings.listen.port if port is None else port
+        self.insecure = insecure_plaintext_for_development
+        self.handshake_timeout_s = handshake_timeout_s
+        self.limiter = limiter or FailureLimiter()
+        self.max_frame_bytes = max_frame_bytes
+        self.ping_interval_s, self.ping_timeout_s = ping_interval_s, ping_timeout_s
+        self.send_queue_frames = send_queue_frames
+        self.keyring = KeyRing(settings.key_path)
+        self.fingerprint: str | None = None
+        self.sessions: set[Session] = set()
+        self._server: Server | None = None
+        self._stopping = False
+        self._sampled: tuple[float, MetricsReport] | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when started with port 0)."""
+        if self._server is None or not self._server.sockets:
+            return self._port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        ctx: ssl.SSLContext | None = None
+        if self.insecure:
+            log.warning("THE GATEWAY LINK IS NOT ENCRYPTED (insecure_plaintext_for_development): anyone on the "
+                        "network can read prompts and completions. Never run a node like this outside development.")
+        else:
+            cert, key = ensure_certificate(self.settings, self.node_id)
+            ctx = server_context(cert, key)
+            self.fingerprint = fingerprint_file(cert)
+        ensure_key(self.settings.key_path)
+        self.keyring.keys()  # a key file with the wrong permissions stops the start, not the first Gateway
+        self._server = await serve(
+            self._handle, self.host, self._port, ssl=ctx, compression=None, max_size=self.max_frame_bytes,
+            ping_interval=self.ping_interval_s, ping_timeout=self.ping_timeout_s, open_timeout=10,
+            close_timeout=5, server_header=None, logger=logging.getLogger("optimanode.gateway.websockets"))
+        log.info("Gateway link listening on %s:%d (%s)", self.host, self.port,
+                 "PLAINTEXT" if self.insecure else f"TLS, certificate {self.fingerprint}")
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Sessions end (running requests get ``shutting_down``, close 1001); the listener closes."""
+        self._stopping = True
+        if self.sessions:
+            await asyncio.wait([asyncio.ensure_future(s.shutdown()) for s in list(self.sessions)], timeout=timeout)
+        if self._server is not None:
+            self._server.close(code=CLOSE_GOING_AWAY, reason="node shutting down")
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._server.wait_closed()
+            except TimeoutError:
+                log.warning("Gateway connections did not close within %g s", timeout)
+
+    def sample(self) -> MetricsReport:
+        now = time.monotonic()
+        if self._sampled is not None and now - self._sampled[0] < SAMPLE_REUSE_S:
+            return self._sampled[1]
+        report = self._sample()
+        self._sampled = (now, report)
+        return report
+
+    # -- one connection --------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        peer = ws.remote_address
+        addr = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        if self._stopping:
+            await ws.close(CLOSE_GOING_AWAY, "node shutting down")
+            return
+        wait = self.limiter.blocked_for(addr)
+        if wait > 0:
+            log.warning("refused a Gateway connection from %s: locked out for %.0f s more after failed handshakes",
+                        addr, wait)
+            await ws.close(CLOSE_RATE_LIMITED, f"too many failed handshakes; retry in {math.ceil(wait)} s")
+            return
+        try:
+            async with asyncio.timeout(self.handshake_timeout_s):
+                hello = await self._handshake(ws)
+        except TimeoutError:
+            self.limiter.failure(addr)
+            log.warning("Gateway handshake from %s did not finish within %g s", addr, self.handshake_timeout_s)
+            await ws.close(CLOSE_HANDSHAKE_TIMEOUT, f"handshake not finished within {self.handshake_timeout_s:g} s")
+            return
+        except HandshakeError as exc:
+            self.limiter.failure(addr)
+            log.warning("refused a Gateway from %s: %s", addr, exc.reason)
+            await ws.close(exc.close_code, _reason(exc.reason))
+            return
+        except ConnectionClosed:
+            self.limiter.failure(addr)
+            return
+        except ConfigError as exc:
+            log.error("cannot check Gateway handshakes: %s", exc)
+            await ws.close(CLOSE_INTERNAL_ERROR, "the node's access key is misconfigured")
+            return
+        self.limiter.success(addr)
+        session = Session(ws=ws, node=self.node, gateway_id=hello.gateway_id, sample=self.sample,
+                          send_queue_frames=self.send_queue_frames)
+        self.sessions.add(session)
+        log.info("Gateway %r connected from %s (session %s)", hello.gateway_id, addr, session.sid)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+            log.info("Gateway %r disconnected (session %s, close code %s)", hello.gateway_id, session.sid,
+                     ws.close_code)
+
+    async def _handshake(self, ws: ServerConnection) -> Hello:
+        challenge = new_challenge(self.node_id, PROTOCOL_VERSIONS)
+        await ws.send(encode_link(challenge))
+        data = await ws.recv()
+        if isinstance(data, str):
+            raise HandshakeError(CLOSE_BAD_FRAME, "expected a binary frame holding a MessagePack hello")
+        try:
+            msg = decode_from_gateway(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise HandshakeError(CLOSE_BAD_FRAME, f"bad hello: {exc}") from None
+        if not isinstance(msg, Hello):
+            raise HandshakeError(CLOSE_UNAUTHORIZED, "unauthorized: the first frame must be a hello")
+        welcome = check_hello(self.keyring.keys(), challenge, msg, max_frame_bytes=self.max_frame_bytes)
+        await ws.send(encode_link(welcome))
+        return msg

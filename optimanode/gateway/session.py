@@ -1,0 +1,427 @@
+"""One authenticated Gateway connection: frames in, calls on the Node, frames out.
+
+How it works:
+
+* **Reading.** ``run`` reads frames until the connection closes and handles each one without
+  waiting on the node, so a Cancel is seen while inferences stream. A frame that does not decode
+  (text, not MessagePack, unknown ``type``, a field of the wrong type or out of its range) is
+  answered with ``Error(code="bad_request")`` whose ``details.field`` names what was wrong (and
+  whose ``id`` is the frame's ``id`` when one can be read from it); the session goes on.
+* **Inference.** Each ``Infer`` runs as its own task: ``node.infer`` under a node-wide request id
+  (``<session>/<gateway id>``, so two Gateways may use the same ids), each ``Chunk`` sent as a
+  ``TokenChunk``, then exactly one terminal frame, ``InferDone`` or ``Error``.
+* **Cancel.** ``CancelInfer(id)`` asks the node to stop decoding (the worker ends the request with
+  ``finish_reason="cancelled"`` → ``InferDone``). A request not yet at the worker (still waiting
+  for admission) has its task cancelled instead and ends with ``Error(code="cancelled")``.
+  Either way there is no separate acknowledgement: the stream's terminal frame is the answer.
+* **Control.** ListModels, GetModel, Enable, Disable, Configure, Rescan and ReadEvents go through
+  one queue served in arrival order by one task (an Enable then a Disable land in that order);
+  the Node journals every change before it returns, so the reply is sent only after that.
+* **Metrics.** ``Subscribe`` starts a task that sends ``Metrics`` at once and then every
+  ``interval_s`` on a fixed schedule (no drift); a new Subscribe replaces it, ``Unsubscribe`` ends it.
+* **Sending.** Every outgoing frame is encoded and put on one bounded per-session queue drained by
+  a writer task, so nothing that produces frames ever waits on this Gateway's socket: a slow
+  Gateway cannot hold a worker slot that other Gateways need, and per-id frame order is kept.
+  Metrics are dropped (they are snapshots) once the queue is half full; if it fills up, the
+  Gateway is not reading, and the session is closed with 4009 and its requests cancelled.
+* **Ending.** When the connection closes, for whatever reason, every request of this session is
+  cancelled (the node then sends Cancel to the worker, which frees its slot within a token).
+  ``shutdown`` (node stopping) ends each running request with ``Error(code="shutting_down")`` and
+  closes with 1001.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from optimanode.errors import RequestError
+from optimanode.protocol import (
+    CLOSE_GOING_AWAY,
+    CLOSE_TOO_SLOW,
+    Ack,
+    CancelInfer,
+    Chunk,
+    Configure,
+    Disable,
+    Enable,
+    Error,
+    EventRecord,
+    Events,
+    GatewayToNode,
+    GetModel,
+    Hello,
+    Infer,
+    InferDone,
+    ListModels,
+    Metrics,
+    MetricsReport,
+    Models,
+    ModelSettings,
+    ModelStatus,
+    NodeToGateway,
+    ReadEvents,
+    Rescan,
+    Subscribe,
+    TokenChunk,
+    Unsubscribe,
+    decode_from_gateway,
+    encode_link,
+)
+
+if TYPE_CHECKING:
+    from optimanode.node import Node
+
+log = logging.getLogger(__name__)
+
+# Requests one session may have running or queued at once; past it, new ones get `overloaded`.
+MAX_IN_FLIGHT = 1024
+# Control calls waiting for the control task; past it, new ones get `overloaded`.
+MAX_CONTROL_QUEUE = 256
+_SETTINGS_FIELDS = frozenset(f.name for f in msgspec.structs.fields(ModelSettings))
+_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`")
+
+
+@dataclass(eq=False)
+class _Request:
+    id: str
+    node_rid: str
+    task: asyncio.Task[None] | None = None
+    cancel_requested: bool = False
+    shutting_down: bool = False
+
+
+@dataclass(eq=False)
+class Session:
+    ws: ServerConnection
+    node: Node
+    gateway_id: str
+    sample: Callable[[], MetricsReport]
+    send_queue_frames: int = 1024
+    sid: str = field(default_factory=lambda: secrets.token_hex(4))
+    closing: bool = False
+    shutting_down: bool = False
+    metrics_dropped: int = 0
+
+    def __post_init__(self) -> None:
+        self.by = f"gateway:{self.gateway_id}"
+        self._outbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=self.send_queue_frames)
+        self._control: asyncio.Queue[GatewayToNode] = asyncio.Queue(maxsize=MAX_CONTROL_QUEUE)
+        self._requests: dict[str, _Request] = {}
+        self._metrics_task: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    # -- the connection's life -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until it closes; then cancel everything this Gateway started."""
+        self._writer = asyncio.create_task(self._write_loop(), name=f"gateway-writer-{self.sid}")
+        control = asyncio.create_task(self._control_loop(), name=f"gateway-control-{self.sid}")
+        try:
+            while True:
+                try:
+                    data = await self.ws.recv()
+                except ConnectionClosed:
+                    break
+                self._on_frame(data)
+        finally:
+            self.closing = True
+            tasks = [r.task for r in self._requests.values() if r.task is not None]
+            tasks += [t for t in (self._metrics_task, control, self._writer) if t is not None]
+            for t in tasks:
+                t.cancel()
+            # Bounded: a cancelled request's cleanup only sends Cancel down a pipe.
+            await asyncio.wait(tasks, timeout=10)
+
+    def abort(self, code: int, reason: str) -> None:
+        """Close from our side now: requests cancelled at once, not after the closing handshake."""
+        if self.closing:
+            return
+        self.closing = True
+        for r in self._requests.values():
+            if r.task is not None:
+                r.task.cancel()
+        self._closer = asyncio.create_task(self.ws.close(code, reason))
+
+    async def shutdown(self, timeout: float = 3.0) -> None:
+        """The node is stopping: running requests end with ``shutting_down``, then close 1001."""
+        self.shutting_down = True
+        running = [r for r in self._requests.values() if r.task is not None]
+        for r in running:
+            r.shutting_down = True
+            r.task.cancel()  # type: ignore[union-attr]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if running:
+            await asyncio.wait([r.task for r in running], timeout=timeout)  # type: ignore[misc]
+        # Let the writer put the terminal frames on the wire before the close frame.
+        while not self._outbox.empty() and loop.time() < deadline and not self.closing:
+            await asyncio.sleep(0.01)
+        await self.ws.close(CLOSE_GOING_AWAY, "node shutting down")
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(self, msg: NodeToGateway, *, droppable: bool = False) -> None:
+        """Queue one frame; never waits (see the module docstring for what a full queue means)."""
+        if self.closing:
+            return
+        if droppable and self._outbox.qsize() * 2 >= self._outbox.maxsize:
+            self.metrics_dropped += 1
+            return
+        try:
+            self._outbox.put_nowait(encode_link(msg))
+        except asyncio.QueueFull:
+            log.warning("gateway %s does not read its frames (%d queued); closing its session",
+                        self.gateway_id, self._outbox.qsize())
+            self.abort(CLOSE_TOO_SLOW, "send queue overflow: the gateway does not read its frames")
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                data = await self._outbox.get()
+                await self.ws.send(data)
+        except ConnectionClosed:
+            pass
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def _on_frame(self, data: str | bytes) -> None:
+        if isinstance(data, str):
+            self.send(Error(code="bad_request", details={"field": "frame"},
+                            message="text frames are not part of the protocol: send MessagePack in binary frames"))
+            return
+        try:
+            msg = decode_from_gateway(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            where = _field_of(exc)
+            self.send(Error(id=_peek_id(data), code="bad_request", message=f"frame does not decode: {exc}",
+                            details={"field": where} if where else {}))
+            return
+        if isinstance(msg, Hello):
+            self.send(Error(code="bad_request", message="already authenticated", details={"field": "type"}))
+        elif isinstance(msg, Infer):
+            self._start_infer(msg)
+        elif isinstance(msg, CancelInfer):
+            self._cancel(msg.id)
+        elif isinstance(msg, Subscribe):
+            self._subscribe(msg)
+        elif isinstance(msg, Unsubscribe):
+            self._stop_metrics()
+            self.send(Ack(id=msg.id))
+        else:
+            if isinstance(msg, Configure):
+                unknown = _unknown_settings(data)
+                if unknown:
+                    self.send(Error(id=msg.id, code="bad_request", details={"field": f"settings.{unknown}"},
+                                    message=f"settings.{unknown}: not a model setting "
+                                            f"(known: {', '.join(sorted(_SETTINGS_FIELDS))})"))
+                    return
+            if self.shutting_down:
+                self.send(Error(id=msg.id, code="shutting_down", message="the node is shutting down"))
+                return
+            try:
+                self._control.put_nowait(msg)
+            except asyncio.QueueFull:
+                self.send(Error(id=msg.id, code="overloaded",
+                                message=f"more than {MAX_CONTROL_QUEUE} control calls are waiting"))
+
+    # -- inference -------------------------------------------------------------------------
+
+    def _start_infer(self, msg: Infer) -> None:
+        if self.shutting_down:
+            self.send(Error(id=msg.id, code="shutting_down", message="the node is shutting down"))
+            return
+        if msg.id in self._requests:
+            self.send(Error(id=msg.id, code="bad_request", details={"field": "id"},
+                            message=f"request id {msg.id!r} is already in flight on this connection"))
+            return
+        if len(self._requests) >= MAX_IN_FLIGHT:
+            self.send(Error(id=msg.id, code="overloaded",
+                            message=f"this connection already has {MAX_IN_FLIGHT} requests in flight"))
+            return
+        req = _Request(id=msg.id, node_rid=f"{self.sid}/{msg.id}")
+        self._requests[msg.id] = req
+        req.task = asyncio.create_task(self._infer(req, msg), name=f"gateway-infer-{req.node_rid}")
+
+    async def _infer(self, req: _Request, msg: Infer) -> None:
+        try:
+            stream = self.node.infer(msg.model, msg.request, request_id=req.node_rid, by=self.by)
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    if isinstance(out, Chunk):
+                        self.send(TokenChunk(id=msg.id, text=out.text, tokens=out.tokens))
+                    else:
+                        self._forget(req)
+                        self.send(InferDone(id=msg.id, finish_reason=out.finish_reason, usage=out.usage,
+                                            timings=out.timings))
+        except RequestError as exc:
+            self._forget(req)
+            self.send(error_frame(msg.id, exc))
+        except asyncio.CancelledError:
+            self._forget(req)
+            if req.shutting_down:
+                self.send(Error(id=msg.id, code="shutting_down", message="the node is shutting down"))
+                return
+            if req.cancel_requested and not self.closing:
+                # We cancelled it ourselves (it had not reached the worker): the cancel is the answer.
+                self.send(Error(id=msg.id, code="cancelled", message="cancelled before it started"))
+                return
+            raise
+        except Exception as exc:  # noqa: BLE001 - one request's bug must not end the session
+            log.exception("request %s failed", req.node_rid)
+            self._forget(req)
+            self.send(Error(id=msg.id, code="internal", message=f"{type(exc).__name__}: {exc}"))
+        finally:
+            self._forget(req)
+
+    def _forget(self, req: _Request) -> None:
+        # Before the terminal frame is queued, so the Gateway may reuse the id as soon as it sees it.
+        if self._requests.get(req.id) is req:
+            del self._requests[req.id]
+
+    def _cancel(self, request_id: str) -> None:
+        req = self._requests.get(request_id)
+        if req is None or req.cancel_requested:
+            return  # finished already (its terminal frame is on its way), or unknown: nothing to do
+        req.cancel_requested = True
+        if not self.node.cancel(req.node_rid) and req.task is not None:
+            req.task.cancel()
+
+    # -- metrics ---------------------------------------------------------------------------
+
+    def _subscribe(self, msg: Subscribe) -> None:
+        self._stop_metrics()
+        self.send(Ack(id=msg.id))
+        self._metrics_task = asyncio.create_task(self._push_metrics(msg.id, msg.interval_s),
+                                                 name=f"gateway-metrics-{self.sid}")
+
+    def _stop_metrics(self) -> None:
+        if self._metrics_task is not None:
+            self._metrics_task.cancel()
+            self._metrics_task = None
+
+    async def _push_metrics(self, sub_id: str, interval: float) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        failing = False
+        while True:
+            try:
+                report = self.sample()
+            except Exception as exc:  # noqa: BLE001 - a sampler bug must not end the subscription
+                if not failing:
+                    log.exception("metrics sampling failed")
+                failing = True
+                self.send(Error(id=sub_id, code="internal", message=f"metrics sampling failed: {exc}"),
+                          droppable=True)
+            else:
+                failing = False
+                self.send(Metrics(id=sub_id, report=report), droppable=True)
+            due += interval
+            now = loop.time()
+            if due < now:
+                due = now  # fell behind (a busy loop): carry on from now rather than burst
+            await asyncio.sleep(due - now)
+
+    # -- control ---------------------------------------------------------------------------
+
+    async def _control_loop(self) -> None:
+        while True:
+            msg = await self._control.get()
+            try:
+                reply = await self._control_call(msg)
+            except RequestError as exc:
+                reply = error_frame(msg.id, exc)  # type: ignore[union-attr]
+            except Exception as exc:  # noqa: BLE001 - answer the Gateway, keep the session
+                log.exception("control call %s failed", type(msg).__name__)
+                reply = Error(id=msg.id, code="internal", message=f"{type(exc).__name__}: {exc}")  # type: ignore[union-attr]
+            self.send(reply)
+
+    async def _control_call(self, msg: GatewayToNode) -> NodeToGateway:
+        node = self.node
+        if isinstance(msg, ListModels):
+            return Models(id=msg.id, models=node.list())
+        if isinstance(msg, GetModel):
+            return ModelStatus(id=msg.id, status=node.status(msg.model))
+        if isinstance(msg, Enable):
+            return ModelStatus(id=msg.id, status=await node.enable(msg.model, by=self.by))
+        if isinstance(msg, Disable):
+            return ModelStatus(id=msg.id, status=await node.disable(msg.model, by=self.by))
+        if isinstance(msg, Configure):
+            return ModelStatus(id=msg.id, status=await node.configure(msg.model, msg.settings, by=self.by))
+        if isinstance(msg, Rescan):
+            await node.rescan()
+            return Models(id=msg.id, models=node.list())
+        if isinstance(msg, ReadEvents):
+            events = await node.events(msg.model, limit=msg.limit)
+            return Events(id=msg.id, events=[event_record(e) for e in events])
+        raise AssertionError(f"not a control call: {type(msg).__name__}")
+
+
+def event_record(event: Any) -> EventRecord:
+    """A journal Event as the wire's EventRecord: the body's fields as a plain map."""
+    data = msgspec.to_builtins(event.body)
+    data.pop("type", None)
+    return EventRecord(seq=event.seq, ts=event.ts, stream=event.stream, version=event.version, type=event.type,
+                       data=data)
+
+
+def error_frame(request_id: str, exc: RequestError) -> Error:
+    """A RequestError as the wire's Error: details kept when they are strings or integers."""
+    details: dict[str, str | int] = {}
+    for k, v in exc.details.items():
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            details[k] = int(v)
+        elif isinstance(v, (int, str)):
+            details[k] = v
+        else:
+            details[k] = str(v)
+    return Error(id=request_id, code=exc.code, message=exc.message, details=details)
+
+
+def _field_of(exc: Exception) -> str:
+    """The dotted path of what was wrong, from msgspec's message; "frame" for the frame as a whole."""
+    if isinstance(exc, msgspec.DecodeError):
+        return "frame"
+    text = str(exc)
+    at = _AT_PATH.search(text)
+    path = at.group(1) if at else ""
+    missing = _MISSING_FIELD.search(text)
+    if missing:
+        return f"{path}.{missing.group(1)}" if path else missing.group(1)
+    return path or "frame"
+
+
+def _peek_id(data: bytes) -> str:
+    """The frame's ``id`` when it is a map with a string id, so the error reaches the right request."""
+    try:
+        raw = msgspec.msgpack.decode(data)
+    except Exception:  # noqa: BLE001 - any garbage: there is no id
+        return ""
+    rid = raw.get("id") if isinstance(raw, dict) else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 128 else ""
+
+
+def _unknown_settings(data: bytes) -> str:
+    """The first key of a Configure's settings that is not a model setting (a typo would be ignored)."""
+    with contextlib.suppress(Exception):
+        raw = msgspec.msgpack.decode(data)
+        settings = raw.get("settings") if isinstance(raw, dict) else None
+        if isinstance(settings, dict):
+            for key in settings:
+                if key not in _SETTINGS_FIELDS:
+                    return str(key)
+    return ""
