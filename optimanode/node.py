@@ -44,6 +44,7 @@ from optimanode.errors import (
     RequestError,
     ShuttingDown,
     UnknownModel,
+    WorkerCrashed,
 )
 from optimanode.executors.lifecycle import LIVE, Lifecycle, allowed
 from optimanode.executors.reconciler import Action, Facts, backoff_delay, crashes_in_window, decide, estimate_bytes
@@ -359,9 +360,15 @@ class Node:
         rid = request_id or uuid.uuid4().hex
         if rid in self._requests:
             raise BadRequest(f"request id {rid!r} is already in flight", field="id")
+        queued_for = ex.worker
         async with ex.admission.slot(ex.id):
             if not self._accepting:
                 raise ShuttingDown("the node is shutting down; this request was still queued")
+            if queued_for.exit.done():
+                # The worker died while this request waited for it: the same error as those on it.
+                raise WorkerCrashed(f"{queued_for.exit.result().describe()} while this request was queued",
+                                    executor=ex.id, exit_code=queued_for.exit.result().exit_code,
+                                    signal=queued_for.exit.result().signal)
             worker = ex.worker
             if ex.state != "running" or worker is None:
                 raise ModelNotRunning(f"model {ex.id} is {ex.state}", state=ex.state, executor=ex.id)
@@ -612,7 +619,16 @@ class Node:
         ex = self.executors.get(worker.executor_id)
         if ex is None or ex.worker is not worker:
             return
-        ex.worker, ex.worker_key = None, None
+        try:
+            await self._after_exit(ex, info)
+        finally:
+            # Cleared only now: until the crash is journaled a request still finds this (dead)
+            # worker and gets worker_crashed, rather than a "running" model with no worker.
+            if ex.worker is worker:
+                ex.worker, ex.worker_key = None, None
+            self._wake.set()
+
+    async def _after_exit(self, ex: Executor, info: ExitInfo) -> None:
         details = dict(pid=info.pid, exit_code=info.exit_code, signal=info.signal, uptime_s=info.uptime_s,
                        stderr_tail=info.stderr_tail)
         if ex.state == "stopping":

@@ -377,6 +377,7 @@ class Service:
 
     async def run(self) -> int:
         self._loop = asyncio.get_running_loop()
+        set_log_level(self.settings.log_level)  # as after every reload: the level follows the settings
         self.notifier.status("starting: opening the journal and scanning the models directory")
         node = self.node = self.make_node(self.settings)
         try:
@@ -672,6 +673,10 @@ def _random_looking(token: str) -> bool:
     1st percentile), 43-character ones 4.65; GGUF file names of 35 to 49 characters 4.0 to 4.42
     (long runs of letters, repeated separators). The bar rises with the length between those.
     """
+    if token.startswith("/") or token.count("/") >= 2:
+        # A path: judged segment by segment, so /home/u/models/Mistral-7B-Instruct stays readable
+        # (standard base64 with two or more '/' is missed here; the exact key is redacted anyway).
+        return any(len(part) >= 32 and _random_looking(part) for part in token.split("/"))
     core = token.rstrip("=")
     classes = [any(c.isupper() for c in core), any(c.islower() for c in core), any(c.isdigit() for c in core)]
     if sum(classes) < 2:

@@ -89,7 +89,7 @@ MAX_IN_FLIGHT = 1024
 # Control calls waiting for the control task; past it, new ones get `overloaded`.
 MAX_CONTROL_QUEUE = 256
 _SETTINGS_FIELDS = frozenset(f.name for f in msgspec.structs.fields(ModelSettings))
-_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+_NAMED_FIELD = re.compile(r"(?:missing required|contains unknown) field `([^`]+)`")
 _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`")
 
 
@@ -394,14 +394,14 @@ def error_frame(request_id: str, exc: RequestError) -> Error:
 
 def _field_of(exc: Exception) -> str:
     """The dotted path of what was wrong, from msgspec's message; "frame" for the frame as a whole."""
-    if isinstance(exc, msgspec.DecodeError):
+    if not isinstance(exc, msgspec.ValidationError):  # (a ValidationError is also a DecodeError)
         return "frame"
     text = str(exc)
     at = _AT_PATH.search(text)
     path = at.group(1) if at else ""
-    missing = _MISSING_FIELD.search(text)
-    if missing:
-        return f"{path}.{missing.group(1)}" if path else missing.group(1)
+    named = _NAMED_FIELD.search(text)
+    if named:
+        return f"{path}.{named.group(1)}" if path else named.group(1)
     return path or "frame"
 
 

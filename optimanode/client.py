@@ -1,0 +1,584 @@
+"""The Gateway side of the Gateway link: connect to nodes, infer, control models, watch metrics.
+
+Written from docs/protocol.md alone (it imports only ``optimanode.protocol`` and
+``optimanode.errors``, never the node or the server), so it doubles as the reference Gateway.
+
+How it works:
+
+* ``NodeClient.connect(url, key, fingerprint=...)`` opens a TLS WebSocket with the node's
+  certificate *pinned*: the TLS context verifies nothing itself (``CERT_NONE``, no system CAs, no
+  host name check) and the connection checks the SHA-256 of the peer certificate's DER bytes as
+  soon as TLS is up, before a single byte of HTTP is sent; a mismatch aborts the connection and
+  raises ``FingerprintMismatch`` with both fingerprints. Then the mutual handshake: answer the
+  Challenge with a Hello whose MAC proves the key, and check the node's Welcome MAC (a node that
+  cannot produce it does not hold the key: ``NodeAuthFailed``). The key never leaves this process.
+* One reader task decodes every frame and routes it by ``id`` to the queue of the call waiting
+  for it, so any number of inferences and control calls share the connection. Every Metrics
+  frame also updates ``latest_metrics``, which ``NodePool`` ranks nodes by.
+* ``infer`` is an async iterator of ``TokenChunk`` ... ``InferDone``; an ``Error`` frame raises
+  ``RemoteError`` with the node's stable ``code``, ``message`` and ``details``. Leaving the loop
+  early (``break``, cancellation) sends ``CancelInfer`` for it.
+* When the connection drops, every waiting call raises ``ConnectionLost`` (with the close code).
+* ``NodePool`` spreads requests for a model over the nodes whose latest metrics show it running:
+  most free slots first (less the requests this pool sent there since that report), then the
+  shortest queue, ties taken in turn. A node whose connection closed is skipped; a request that
+  failed on a node before producing anything (connection lost, overloaded, not running there) is
+  tried on the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import itertools
+import logging
+import secrets
+import socket
+import ssl
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, TypeVar
+
+import msgspec
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from optimanode.errors import OptimaNodeError, RequestError
+from optimanode.protocol import (
+    CLOSE_UNAUTHORIZED,
+    CLOSE_VERSION_UNSUPPORTED,
+    NONCE_BYTES,
+    PROTOCOL_VERSIONS,
+    Ack,
+    CancelInfer,
+    Challenge,
+    Configure,
+    Disable,
+    Enable,
+    Error,
+    EventRecord,
+    Events,
+    ExecutorStatus,
+    GatewayToNode,
+    GetModel,
+    Hello,
+    Infer,
+    InferDone,
+    InferenceRequest,
+    ListModels,
+    Metrics,
+    MetricsReport,
+    Models,
+    ModelSettings,
+    ModelStatus,
+    NodeToGateway,
+    ReadEvents,
+    Rescan,
+    Subscribe,
+    TokenChunk,
+    Unsubscribe,
+    Welcome,
+    decode_from_node,
+    encode_link,
+)
+
+log = logging.getLogger(__name__)
+
+LABEL_GATEWAY = b"optimanode/v1 gateway"
+LABEL_NODE = b"optimanode/v1 node"
+# Node → Gateway frames can be large (a model list, 1000 journal events); the node's own limit
+# on what it receives is smaller (Welcome.max_frame_bytes).
+MAX_INCOMING_FRAME = 16 << 20
+RETRY_ELSEWHERE = frozenset({"overloaded", "model_not_running", "unknown_model", "shutting_down"})
+
+_R = TypeVar("_R")
+
+
+class ClientError(OptimaNodeError):
+    """Something went wrong on the Gateway side of the link (not an answer from the node)."""
+
+
+class ConnectionFailed(ClientError):
+    """Could not open a session: unreachable, TLS, or the node refused the handshake (``close_code``)."""
+
+    def __init__(self, message: str, close_code: int | None = None, reason: str = "") -> None:
+        self.close_code, self.reason = close_code, reason
+        super().__init__(message)
+
+
+class FingerprintMismatch(ConnectionFailed):
+    """The node's certificate is not the pinned one: possibly not the node at all. Nothing was sent."""
+
+    def __init__(self, expected: str, got: str) -> None:
+        self.expected, self.got = expected, got
+        super().__init__(f"the node's TLS certificate has fingerprint {got}, not the pinned {expected}; "
+                         "refusing to talk to it (if the node's certificate was replaced on purpose, "
+                         "pin the new one: `optimanode fingerprint` on the node prints it)")
+
+
+class NodeAuthFailed(ConnectionFailed):
+    """The node could not prove it holds the access key (its Welcome MAC is wrong)."""
+
+
+class ConnectionLost(ClientError):
+    """The connection closed while a call was waiting for its answer."""
+
+    def __init__(self, close_code: int | None, reason: str) -> None:
+        self.close_code, self.reason = close_code, reason
+        super().__init__(f"connection to the node closed ({close_code}{': ' + reason if reason else ''})")
+
+
+class NoNodeAvailable(ClientError):
+    """No node in the pool can take a request for this model now."""
+
+
+class RemoteError(RequestError):
+    """The node answered ``Error``: ``code`` is stable (docs/protocol.md), ``details`` say more."""
+
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, code=code)
+        self.details = dict(details or {})
+
+
+class _Lost:
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int | None, reason: str) -> None:
+        self.code, self.reason = code, reason
+
+
+def normalize_fingerprint(fingerprint: str) -> bytes:
+    """The 32 digest bytes from ``sha256:AB:CD:...`` (colons, case and the prefix are optional)."""
+    text = fingerprint.strip()
+    if text.lower().startswith("sha256:"):
+        text = text[7:]
+    text = text.replace(":", "").replace(" ", "")
+    try:
+        digest = bytes.fromhex(text)
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise ValueError(f"not a SHA-256 certificate fingerprint: {fingerprint!r} (expected sha256:AB:CD:... "
+                         "as `optimanode fingerprint` prints it)")
+    return digest
+
+
+def format_fingerprint(digest: bytes) -> str:
+    h = digest.hex().upper()
+    return "sha256:" + ":".join(h[i:i + 2] for i in range(0, len(h), 2))
+
+
+def mac(key: bytes, label: bytes, nonce_n: bytes, nonce_g: bytes, gateway_id: str, node_id: str, version: int) -> bytes:
+    """HMAC-SHA256(key, label || each field as 4-byte big-endian length + bytes), docs/protocol.md."""
+    fields = (nonce_n, nonce_g, gateway_id.encode(), node_id.encode(), version.to_bytes(4, "big"))
+    msg = label + b"".join(len(f).to_bytes(4, "big") + f for f in fields)
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def _pinned_connection(expected: bytes, seen: list[bytes]) -> type[ClientConnection]:
+    class PinnedConnection(ClientConnection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            # Called once TLS is up and before the HTTP upgrade is written: the check comes first.
+            sslobj = transport.get_extra_info("ssl_object")
+            der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+            got = hashlib.sha256(der).digest() if der else b""
+            seen.append(got)
+            if not hmac.compare_digest(got, expected):
+                transport.abort()
+
+    return PinnedConnection
+
+
+class NodeClient:
+    """One authenticated session with one node. Use ``await NodeClient.connect(...)``."""
+
+    def __init__(self, ws: ClientConnection, *, url: str, node_id: str, gateway_id: str, version: int,
+                 max_frame_bytes: int, call_timeout: float) -> None:
+        self.url, self.node_id, self.gateway_id, self.version = url, node_id, gateway_id, version
+        self.max_frame_bytes = max_frame_bytes
+        self.call_timeout = call_timeout
+        self.latest_metrics: MetricsReport | None = None
+        self.metrics_seq = 0
+        self._ws = ws
+        self._waiting: dict[str, asyncio.Queue[Any]] = {}
+        self._ids = itertools.count(1)
+        self._lost: _Lost | None = None
+        self._metrics_event = asyncio.Event()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._reader = asyncio.create_task(self._read_loop(), name=f"node-client-{node_id}")
+
+    # -- connecting ------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(cls, url: str, key: bytes, *, fingerprint: str | None = None, gateway_id: str | None = None,
+                      open_timeout: float = 10.0, call_timeout: float = 30.0,
+                      ping_interval: float | None = 20.0, ping_timeout: float | None = 20.0,
+                      insecure_plaintext_for_development: bool = False) -> NodeClient:
+        """Open a session; raises ConnectionFailed (FingerprintMismatch, NodeAuthFailed) on failure."""
+        if len(key) != 32:
+            raise ValueError("the access key is 32 bytes")
+        gateway_id = (gateway_id or f"gateway@{socket.gethostname()}")[:128]
+        kwargs: dict[str, Any] = {}
+        seen: list[bytes] = []
+        expected = b""
+        if url.startswith("wss://"):
+            if not fingerprint:
+                raise ValueError("a wss:// node needs the fingerprint of its certificate "
+                                 "(`optimanode fingerprint` on the node prints it)")
+            expected = normalize_fingerprint(fingerprint)
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            # The pin is the trust: no CA chain, no host name (a node is reached by any address).
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            kwargs.update(ssl=ctx, create_connection=_pinned_connection(expected, seen))
+        elif url.startswith("ws://"):
+            if not insecure_plaintext_for_development:
+                raise ValueError("ws:// is plaintext: pass insecure_plaintext_for_development=True (development only)")
+            log.warning("connecting to %s WITHOUT TLS (development only)", url)
+        else:
+            raise ValueError(f"not a node URL: {url!r} (expected wss://host:8022)")
+        try:
+            ws = await connect(url, compression=None, max_size=MAX_INCOMING_FRAME, open_timeout=open_timeout,
+                               ping_interval=ping_interval, ping_timeout=ping_timeout, close_timeout=5,
+                               proxy=None, **kwargs)
+        except Exception as exc:
+            if seen and seen[-1] != expected:
+                raise FingerprintMismatch(format_fingerprint(expected), format_fingerprint(seen[-1])) from None
+            raise ConnectionFailed(f"cannot connect to {url}: {type(exc).__name__}: {exc}") from exc
+        if expected and (not seen or seen[-1] != expected):  # belt and braces: never talk past a bad pin
+            await ws.close()
+            raise FingerprintMismatch(format_fingerprint(expected), format_fingerprint(seen[-1] if seen else b""))
+        try:
+            async with asyncio.timeout(open_timeout):
+                challenge, hello, welcome = await _handshake(ws, key, gateway_id)
+        except TimeoutError:
+            await ws.close()
+            raise ConnectionFailed(f"{url}: the handshake did not finish within {open_timeout:g} s") from None
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await ws.close()
+            raise
+        return cls(ws, url=url, node_id=challenge.node_id, gateway_id=gateway_id, version=hello.version,
+                   max_frame_bytes=welcome.max_frame_bytes, call_timeout=call_timeout)
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._lost is not None
+
+    async def close(self) -> None:
+        await self._ws.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+    async def __aenter__(self) -> NodeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _read_loop(self) -> None:
+        try:
+            async for data in self._ws:
+                if isinstance(data, str):
+                    continue
+                try:
+                    msg = decode_from_node(data)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    log.warning("node %s sent a frame this client cannot read: %s", self.node_id, exc)
+                    continue
+                self._route(msg)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._lost = _Lost(self._ws.close_code, self._ws.close_reason or "")
+            for q in self._waiting.values():
+                q.put_nowait(self._lost)
+
+    def _route(self, msg: NodeToGateway) -> None:
+        if isinstance(msg, Metrics):
+            self.latest_metrics = msg.report
+            self.metrics_seq += 1
+            self._metrics_event.set()
+        rid = getattr(msg, "id", None)
+        q = self._waiting.get(rid) if rid else None
+        if q is not None:
+            q.put_nowait(msg)
+        elif isinstance(msg, Error) and not msg.id:
+            log.warning("node %s: %s: %s %s", self.node_id, msg.code, msg.message, msg.details)
+
+    def new_id(self, prefix: str = "r") -> str:
+        return f"{prefix}{next(self._ids)}"
+
+    def _register(self, rid: str) -> asyncio.Queue[Any]:
+        if rid in self._waiting:
+            raise ValueError(f"request id {rid!r} is already in use on this connection")
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        if self._lost is not None:
+            q.put_nowait(self._lost)
+        self._waiting[rid] = q
+        return q
+
+    async def send(self, msg: GatewayToNode) -> None:
+        """Send one frame as it is (for callers speaking the protocol directly)."""
+        if self._lost is not None:
+            raise ConnectionLost(self._lost.code, self._lost.reason)
+        try:
+            await self._ws.send(encode_link(msg))
+        except ConnectionClosed as exc:
+            raise ConnectionLost(exc.rcvd.code if exc.rcvd else None, exc.rcvd.reason if exc.rcvd else "") from None
+
+    def _send_later(self, msg: GatewayToNode) -> None:
+        async def go() -> None:
+            with contextlib.suppress(ClientError):
+                await self.send(msg)
+
+        if self._lost is None:
+            t = asyncio.ensure_future(go())
+            self._background.add(t)
+            t.add_done_callback(self._background.discard)
+
+    @staticmethod
+    def _check(msg: Any) -> None:
+        if isinstance(msg, _Lost):
+            raise ConnectionLost(msg.code, msg.reason)
+        if isinstance(msg, Error):
+            raise RemoteError(msg.code, msg.message, msg.details)
+
+    async def _call(self, msg: GatewayToNode, reply: type[_R], timeout: float | None = None) -> _R:
+        rid: str = msg.id  # type: ignore[union-attr]
+        q = self._register(rid)
+        try:
+            await self.send(msg)
+            async with asyncio.timeout(timeout or self.call_timeout):
+                answer = await q.get()
+        finally:
+            self._waiting.pop(rid, None)
+        self._check(answer)
+        if not isinstance(answer, reply):
+            raise ClientError(f"unexpected answer to {type(msg).__name__}: {type(answer).__name__}")
+        return answer
+
+    # -- inference -------------------------------------------------------------------------
+
+    async def infer(self, model: str, request: InferenceRequest, *,
+                    request_id: str | None = None) -> AsyncIterator[TokenChunk | InferDone]:
+        """TokenChunk..., then InferDone; RemoteError on the node's Error. Leaving early cancels it."""
+        rid = request_id or self.new_id("r")
+        q = self._register(rid)
+        finished = False
+        try:
+            await self.send(Infer(id=rid, model=model, request=request))
+            while True:
+                msg = await q.get()
+                if isinstance(msg, (Error, _Lost)):
+                    finished = True
+                    self._check(msg)
+                if isinstance(msg, InferDone):
+                    finished = True
+                    yield msg
+                    return
+                if isinstance(msg, TokenChunk):
+                    yield msg
+        finally:
+            self._waiting.pop(rid, None)
+            if not finished:
+                self._send_later(CancelInfer(id=rid))
+
+    async def cancel(self, request_id: str) -> None:
+        """Ask the node to stop request ``request_id``; its stream ends with InferDone or Error(cancelled)."""
+        await self.send(CancelInfer(id=request_id))
+
+    # -- control ---------------------------------------------------------------------------
+
+    async def models(self) -> list[ExecutorStatus]:
+        return (await self._call(ListModels(id=self.new_id("c")), Models)).models
+
+    async def status(self, model: str) -> ExecutorStatus:
+        return (await self._call(GetModel(id=self.new_id("c"), model=model), ModelStatus)).status
+
+    async def enable(self, model: str) -> ExecutorStatus:
+        return (await self._call(Enable(id=self.new_id("c"), model=model), ModelStatus)).status
+
+    async def disable(self, model: str) -> ExecutorStatus:
+        return (await self._call(Disable(id=self.new_id("c"), model=model), ModelStatus)).status
+
+    async def configure(self, model: str, settings: ModelSettings) -> ExecutorStatus:
+        return (await self._call(Configure(id=self.new_id("c"), model=model, settings=settings), ModelStatus)).status
+
+    async def rescan(self) -> list[ExecutorStatus]:
+        return (await self._call(Rescan(id=self.new_id("c")), Models, timeout=max(self.call_timeout, 120.0))).models
+
+    async def events(self, model: str | None = None, limit: int = 100) -> list[EventRecord]:
+        return (await self._call(ReadEvents(id=self.new_id("c"), model=model, limit=limit), Events)).events
+
+    # -- metrics ---------------------------------------------------------------------------
+
+    async def metrics(self, interval: float = 1.0) -> AsyncIterator[MetricsReport]:
+        """Reports every ``interval`` s (the first at once) until the loop is left (then Unsubscribe).
+
+        A session has one subscription: this replaces any other on this connection (``subscribe``).
+        """
+        sid = self.new_id("m")
+        q = self._register(sid)
+        try:
+            await self.send(Subscribe(id=sid, interval_s=interval))
+            while True:
+                msg = await q.get()
+                self._check(msg)
+                if isinstance(msg, Metrics):
+                    yield msg.report
+        finally:
+            self._waiting.pop(sid, None)
+            self._send_later(Unsubscribe(id=self.new_id("c")))
+
+    async def subscribe(self, interval: float = 1.0) -> None:
+        """Keep ``latest_metrics`` fresh in the background (what NodePool ranks by)."""
+        await self._call(Subscribe(id=self.new_id("m"), interval_s=interval), Ack)
+
+    async def wait_metrics(self, timeout: float) -> MetricsReport:
+        """The latest report, waiting up to ``timeout`` for a first one."""
+        async with asyncio.timeout(timeout):
+            while self.latest_metrics is None:
+                if self._lost is not None:
+                    raise ConnectionLost(self._lost.code, self._lost.reason)
+                self._metrics_event.clear()
+                await self._metrics_event.wait()
+        return self.latest_metrics
+
+
+async def _handshake(ws: ClientConnection, key: bytes, gateway_id: str) -> tuple[Challenge, Hello, Welcome]:
+    """Challenge → Hello → Welcome, checking the node's proof; ConnectionFailed otherwise."""
+
+    async def recv(what: str) -> NodeToGateway:
+        try:
+            data = await ws.recv()
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd else None
+            reason = exc.rcvd.reason if exc.rcvd else ""
+            hint = " (wrong access key?)" if code == CLOSE_UNAUTHORIZED else ""
+            raise ConnectionFailed(f"the node closed the connection while this client waited for {what}: "
+                                   f"{code} {reason}{hint}", close_code=code, reason=reason) from None
+        if isinstance(data, str):
+            raise ConnectionFailed(f"expected a binary {what} frame, got text")
+        try:
+            return decode_from_node(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ConnectionFailed(f"the node's {what} does not decode: {exc}") from None
+
+    challenge = await recv("its challenge")
+    if not isinstance(challenge, Challenge):
+        raise ConnectionFailed(f"expected a challenge, got {type(challenge).__name__}")
+    common = set(challenge.versions) & set(PROTOCOL_VERSIONS)
+    if not common:
+        await ws.close(CLOSE_VERSION_UNSUPPORTED, "no common protocol version")
+        raise ConnectionFailed(f"the node speaks protocol versions {challenge.versions}, this client "
+                               f"{list(PROTOCOL_VERSIONS)}", close_code=CLOSE_VERSION_UNSUPPORTED)
+    version = max(common)
+    nonce_g = secrets.token_bytes(NONCE_BYTES)
+    hello = Hello(version=version, gateway_id=gateway_id, nonce_g=nonce_g,
+                  mac_g=mac(key, LABEL_GATEWAY, challenge.nonce_n, nonce_g, gateway_id, challenge.node_id, version))
+    await ws.send(encode_link(hello))
+    welcome = await recv("its welcome")
+    if not isinstance(welcome, Welcome):
+        raise ConnectionFailed(f"expected a welcome, got {type(welcome).__name__}")
+    want = mac(key, LABEL_NODE, challenge.nonce_n, nonce_g, gateway_id, challenge.node_id, version)
+    if welcome.version != version or welcome.node_id != challenge.node_id or not hmac.compare_digest(want, welcome.mac_n):
+        await ws.close(CLOSE_UNAUTHORIZED, "the node did not prove it holds the access key")
+        raise NodeAuthFailed("the node did not prove it holds the access key (its welcome MAC is wrong)",
+                             close_code=CLOSE_UNAUTHORIZED)
+    return challenge, hello, welcome
+
+
+class NodePool:
+    """Requests for a model go to the node best placed to serve them (see the module docstring)."""
+
+    def __init__(self, clients: Iterable[NodeClient]) -> None:
+        self.clients: list[NodeClient] = list(clients)
+        self._turn = itertools.count()
+        # Requests this pool sent to a client since its metrics report number `seq`: {client: (seq, sent)}.
+        self._sent: dict[int, tuple[int, int]] = {}
+
+    def add(self, client: NodeClient) -> None:
+        self.clients.append(client)
+
+    async def watch(self, interval: float = 1.0, timeout: float = 10.0) -> None:
+        """Subscribe every client to metrics and wait (bounded) for a first report from each."""
+        async def one(c: NodeClient) -> None:
+            with contextlib.suppress(ClientError, RequestError, TimeoutError):
+                await c.subscribe(interval)
+                await c.wait_metrics(timeout)
+
+        await asyncio.gather(*(one(c) for c in self.clients if not c.closed))
+
+    def _pending(self, c: NodeClient) -> int:
+        seq, sent = self._sent.get(id(c), (c.metrics_seq, 0))
+        return sent if seq == c.metrics_seq else 0
+
+    def ranked(self, model: str, exclude: Iterable[NodeClient] = ()) -> list[NodeClient]:
+        """Connected clients that can serve ``model``, best first."""
+        skip = {id(c) for c in exclude}
+        start = next(self._turn)
+        n = max(1, len(self.clients))
+        known: list[tuple[tuple[int, int, int], NodeClient]] = []
+        unknown: list[NodeClient] = []
+        for i, c in enumerate(self.clients):
+            if c.closed or id(c) in skip:
+                continue
+            report = c.latest_metrics
+            if report is None:
+                unknown.append(c)  # no report yet: a last resort rather than never
+                continue
+            em = next((e for e in report.executors if e.id == model and e.state == "running"), None)
+            if em is None:
+                continue
+            pending = self._pending(c)
+            free = em.free_slots - pending
+            queue = em.queue_depth + max(0, -free)
+            known.append(((-free, queue, (i - start) % n), c))
+        known.sort(key=lambda kc: kc[0])
+        return [c for _, c in known] + unknown
+
+    def pick(self, model: str, exclude: Iterable[NodeClient] = ()) -> NodeClient:
+        ranked = self.ranked(model, exclude)
+        if not ranked:
+            raise NoNodeAvailable(f"no connected node reports model {model!r} running")
+        c = ranked[0]
+        self._sent[id(c)] = (c.metrics_seq, self._pending(c) + 1)
+        return c
+
+    async def infer(self, model: str, request: InferenceRequest) -> AsyncIterator[TokenChunk | InferDone]:
+        """Like NodeClient.infer, on the best node; moves on if a node fails before the first frame."""
+        tried: list[NodeClient] = []
+        last: Exception | None = None
+        while True:
+            try:
+                client = self.pick(model, exclude=tried)
+            except NoNodeAvailable:
+                if last is not None:
+                    raise last from None
+                raise
+            started = False
+            try:
+                async with contextlib.aclosing(client.infer(model, request)) as stream:
+                    async for msg in stream:
+                        started = True
+                        yield msg
+                return
+            except ConnectionLost as exc:
+                if started:
+                    raise
+                last = exc
+            except RemoteError as exc:
+                if started or exc.code not in RETRY_ELSEWHERE:
+                    raise
+                last = exc
+            log.info("node %s could not take a request for %s (%s); trying the next", client.node_id, model, last)
+            tried.append(client)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)

@@ -1,0 +1,329 @@
+"""``optimanode doctor``: check that this machine can run the node, and say what to do when not.
+
+How it works: ``run_doctor(settings)`` runs each check in turn and returns a list of ``Check``
+(name, status ``ok``/``warn``/``fail``, what was found, what to do). Nothing is changed on disk
+except a temporary file created and removed in the state directory (the only honest test of
+"writable": permission bits lie under ACLs, read-only mounts and systemd's ProtectSystem=).
+
+* models: the models directory exists and can be listed; how many ``.gguf`` files it holds.
+* state: the state directory exists (or can be created) and a file can be written in it.
+* key: the access key file exists, is not empty, and is not readable by group or others (0600).
+* certificate: the TLS certificate (``listen.cert_file``, else ``<state_dir>/tls/cert.pem``) parses,
+  its validity dates, and its SHA-256 fingerprint (what the Gateway pins).
+* port: ``listen.host:listen.port`` can be bound (it is in use while the node itself runs).
+* nvidia: NVML initialises (driver present), with the GPU count and driver version.
+* llama_cpp: imported *in a subprocess* (``python -c``): only the worker process may load
+  llama.cpp, and a broken build can crash the interpreter that imports it. The probe reports the
+  version, ``llama_supports_gpu_offload()`` and ``llama_print_system_info()`` (the CPU features
+  and backends the build has).
+
+``print_checks`` writes them as a table (or JSON) and returns the exit code: 0 when no check
+failed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+from optimanode.config import Settings
+
+Status = Literal["ok", "warn", "fail"]
+
+# Certificates expiring sooner than this are a warning: time to plan the re-pin with the Gateway.
+CERT_WARN_DAYS = 30
+LLAMA_PROBE_TIMEOUT_S = 120.0
+# Printed by the probe subprocess as one JSON line; nothing else it prints is read.
+_LLAMA_PROBE = r"""
+import json, sys
+try:
+    import llama_cpp
+except BaseException as exc:
+    print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+    sys.exit(0)
+info = {"version": getattr(llama_cpp, "__version__", "?")}
+try:
+    info["gpu_offload"] = bool(llama_cpp.llama_supports_gpu_offload())
+except Exception as exc:
+    info["gpu_offload"] = None
+try:
+    raw = llama_cpp.llama_print_system_info()
+    info["system_info"] = (raw.decode() if isinstance(raw, bytes) else str(raw)).strip()
+except Exception as exc:
+    info["system_info"] = f"unavailable: {exc}"
+print(json.dumps(info))
+"""
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+
+
+def run_doctor(settings: Settings, *, nvml: Any = None, python: str = sys.executable,
+               env: dict[str, str] | None = None) -> list[Check]:
+    """Every check, in order. ``nvml`` replaces pynvml (tests pass optimanode.testing.FakeNvml);
+    ``python``/``env`` are the interpreter and environment of the llama_cpp probe."""
+    checks: list[Callable[[], Check]] = [
+        lambda: check_models(settings),
+        lambda: check_state(settings),
+        lambda: check_key(settings),
+        lambda: check_certificate(settings),
+        lambda: check_port(settings),
+    ]
+    out = [c() for c in checks]
+    gpu = check_nvidia(nvml)
+    out.append(gpu)
+    out.append(check_llama_cpp(python=python, env=env, gpu_present=gpu.status == "ok"))
+    return out
+
+
+def check_models(settings: Settings) -> Check:
+    path = settings.models_path
+    if not path.exists():
+        return Check("models", "fail", f"{path} does not exist",
+                     f"create it (mkdir -p {path}) and copy .gguf files into it, or set models_dir")
+    if not path.is_dir():
+        return Check("models", "fail", f"{path} is not a directory", "set models_dir to a directory")
+    try:
+        count = sum(1 for p in path.rglob("*.gguf") if p.is_file())
+    except OSError as exc:
+        return Check("models", "fail", f"{path} cannot be read: {exc.strerror or exc}",
+                     f"let the node's user read it (e.g. chgrp -R optimanode {path}; chmod -R g+rX {path})")
+    if not os.access(path, os.R_OK | os.X_OK):
+        return Check("models", "fail", f"{path} cannot be listed by this user",
+                     f"let the node's user read it (e.g. chgrp -R optimanode {path}; chmod -R g+rX {path})")
+    if count == 0:
+        return Check("models", "warn", f"{path} holds no .gguf files",
+                     "copy a model into it (tools/fetch-models prints the path of the default one)")
+    return Check("models", "ok", f"{path}: {count} .gguf file{'s' if count != 1 else ''}")
+
+
+def check_state(settings: Settings) -> Check:
+    path = settings.state_path
+    if not path.exists():
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and _writable(parent):
+            return Check("state", "warn", f"{path} does not exist yet; the node creates it on start")
+        return Check("state", "fail", f"{path} does not exist and cannot be created here",
+                     f"create it for the node's user: install -d -o optimanode -g optimanode -m 0700 {path}")
+    if not path.is_dir():
+        return Check("state", "fail", f"{path} is not a directory", "set state_dir to a directory")
+    if not _writable(path):
+        return Check("state", "fail", f"{path} is not writable by this user",
+                     f"chown -R optimanode:optimanode {path} (the journal and the key live there)")
+    journal = settings.journal_path
+    what = f"journal {journal.stat().st_size // 1024} KiB" if journal.exists() else "no journal yet"
+    return Check("state", "ok", f"{path} is writable ({what})")
+
+
+def _writable(directory: Path) -> bool:
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".doctor-", delete=True):
+            return True
+    except OSError:
+        return False
+
+
+def check_key(settings: Settings) -> Check:
+    path = settings.key_path
+    fix_make = f"optimanode keygen --key-file {path}"
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return Check("key", "fail", f"no access key at {path}", f"create one: {fix_make}")
+    except OSError as exc:
+        return Check("key", "fail", f"{path} cannot be read: {exc.strerror or exc}",
+                     f"make it readable by the node's user only: chown optimanode {path}; chmod 600 {path}")
+    if not stat.S_ISREG(st.st_mode):
+        return Check("key", "fail", f"{path} is not a regular file", f"create one: {fix_make}")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        return Check("key", "fail", f"{path} has mode {mode:04o}: group or others can read the key",
+                     f"chmod 600 {path}")
+    if st.st_size == 0:
+        return Check("key", "fail", f"{path} is empty", f"create one: {fix_make}")
+    if not os.access(path, os.R_OK):
+        return Check("key", "fail", f"{path} is not readable by this user",
+                     f"chown optimanode {path} (the node runs as that user)")
+    return Check("key", "ok", f"{path} present, mode {mode:04o}")
+
+
+def cert_path(settings: Settings) -> Path:
+    return Path(settings.listen.cert_file) if settings.listen.cert_file else settings.state_path / "tls" / "cert.pem"
+
+
+def check_certificate(settings: Settings, now: datetime | None = None) -> Check:
+    path = cert_path(settings)
+    if not path.exists():
+        if settings.listen.cert_file:
+            return Check("certificate", "fail", f"listen.cert_file {path} does not exist",
+                         "point listen.cert_file at a PEM certificate, or leave it empty to generate one")
+        return Check("certificate", "warn", f"no certificate at {path} yet; the node generates one on first start",
+                     "start the node once, then run `optimanode fingerprint` and pin it in the Gateway")
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except ImportError:
+        return Check("certificate", "warn", f"{path} present; cryptography is not installed to read it",
+                     "pip install cryptography")
+    except (ValueError, OSError) as exc:
+        return Check("certificate", "fail", f"{path} is not a readable PEM certificate: {exc}",
+                     "replace it, or delete it to have the node generate a new one (then re-pin it)")
+    fingerprint = cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    now = now or datetime.now(UTC)
+    not_after = cert.not_valid_after_utc
+    not_before = cert.not_valid_before_utc
+    if now > not_after:
+        return Check("certificate", "fail", f"{path} expired on {not_after:%Y-%m-%d}; SHA-256 {fingerprint}",
+                     "replace it (or delete the generated one and restart), then re-pin the new fingerprint")
+    if now < not_before:
+        return Check("certificate", "fail", f"{path} is valid only from {not_before:%Y-%m-%d} (check the clock)",
+                     "fix the system clock or the certificate")
+    if not_after - now < timedelta(days=CERT_WARN_DAYS):
+        return Check("certificate", "warn", f"{path} expires on {not_after:%Y-%m-%d}; SHA-256 {fingerprint}",
+                     "plan its replacement and the Gateway's re-pin")
+    return Check("certificate", "ok", f"{path} valid until {not_after:%Y-%m-%d}; SHA-256 {fingerprint}")
+
+
+def check_port(settings: Settings) -> Check:
+    host, port = settings.listen.host, settings.listen.port
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return Check("port", "fail", f"listen.host {host!r} does not resolve: {exc}", "set listen.host to an address")
+    family, _, _, _, addr = infos[0]
+    with contextlib.closing(socket.socket(family, socket.SOCK_STREAM)) as s:
+        # As the server will: SO_REUSEADDR, so a port in TIME_WAIT after a restart is not "in use".
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return Check("port", "fail", f"{host}:{port} is in use (expected if the node is running)",
+                             f"stop what holds it (ss -ltnp 'sport = :{port}') or set listen.port")
+            if exc.errno == errno.EACCES:
+                return Check("port", "fail", f"{host}:{port} may not be bound by this user",
+                             "use a port above 1023 (the service has no capabilities)")
+            return Check("port", "fail", f"{host}:{port} cannot be bound: {exc.strerror or exc}",
+                         "set listen.host to an address of this machine")
+    return Check("port", "ok", f"{host}:{port} is free")
+
+
+def check_nvidia(nvml: Any = None) -> Check:
+    if nvml is None:
+        try:
+            import pynvml as nvml  # here: a CPU-only machine never needs it
+        except ImportError:
+            return Check("nvidia", "warn", "nvidia-ml-py is not installed; GPUs are not reported",
+                         "pip install nvidia-ml-py")
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError as exc:
+        return Check("nvidia", "warn", f"no NVIDIA driver ({exc}); models run on the CPU",
+                     "on a GPU machine: install the NVIDIA driver, then the nvidia.conf drop-in (docs/operations.md)")
+    try:
+        count = nvml.nvmlDeviceGetCount()
+        names = []
+        for i in range(count):
+            name = nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(i))
+            names.append(name.decode() if isinstance(name, bytes) else str(name))
+        driver = ""
+        get_version = getattr(nvml, "nvmlSystemGetDriverVersion", None)
+        if get_version is not None:
+            with contextlib.suppress(nvml.NVMLError):
+                v = get_version()
+                driver = f", driver {v.decode() if isinstance(v, bytes) else v}"
+    except nvml.NVMLError as exc:
+        return Check("nvidia", "fail", f"NVML initialised but the GPUs cannot be read: {exc}",
+                     "check `nvidia-smi`; under systemd, the nvidia.conf drop-in must allow /dev/nvidia*")
+    finally:
+        with contextlib.suppress(Exception):
+            nvml.nvmlShutdown()
+    if count == 0:
+        return Check("nvidia", "warn", f"NVIDIA driver loaded but no GPU visible{driver}",
+                     "under systemd, install the nvidia.conf drop-in (PrivateDevices hides /dev/nvidia*)")
+    return Check("nvidia", "ok", f"{count} GPU{'s' if count != 1 else ''}: {', '.join(names)}{driver}")
+
+
+def check_llama_cpp(*, python: str = sys.executable, env: dict[str, str] | None = None,
+                    gpu_present: bool = False) -> Check:
+    try:
+        out = subprocess.run([python, "-c", _LLAMA_PROBE], capture_output=True, text=True,
+                             timeout=LLAMA_PROBE_TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired:
+        return Check("llama_cpp", "fail", f"importing llama_cpp took over {LLAMA_PROBE_TIMEOUT_S:g} s",
+                     "reinstall llama-cpp-python (docs/operations.md, section Install)")
+    except OSError as exc:
+        return Check("llama_cpp", "fail", f"cannot run {python}: {exc}", "reinstall the node's virtual environment")
+    line = next((ln for ln in reversed(out.stdout.splitlines()) if ln.startswith("{")), "")
+    try:
+        info = json.loads(line)
+    except ValueError:
+        tail = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
+        return Check("llama_cpp", "fail", f"the llama_cpp probe died: {tail}",
+                     "reinstall llama-cpp-python (docs/operations.md, section Install)")
+    if "error" in info:
+        return Check("llama_cpp", "fail", f"llama_cpp cannot be imported: {info['error']}",
+                     "pip install llama-cpp-python into the node's environment (docs/operations.md)")
+    features = _features(info.get("system_info", ""))
+    detail = f"llama-cpp-python {info.get('version')}, GPU offload {'yes' if info.get('gpu_offload') else 'no'}"
+    if features:
+        detail += f"; {features}"
+    if gpu_present and not info.get("gpu_offload"):
+        return Check("llama_cpp", "warn", detail + " (a GPU is present but this build is CPU only)",
+                     'CMAKE_ARGS="-DGGML_CUDA=on" pip install llama-cpp-python --no-binary llama-cpp-python '
+                     "--force-reinstall --no-cache-dir")
+    return Check("llama_cpp", "ok", detail)
+
+
+def _features(system_info: str) -> str:
+    """``CPU : SSE3 = 1 | AVX2 = 1 | ...`` → ``CPU: SSE3 AVX2 ...`` (the backends, then the features that are on)."""
+    backends: list[str] = []
+    on: list[str] = []
+    for part in system_info.split("|"):
+        part = part.strip()
+        head, colon, rest = part.partition(":")
+        if colon and "=" not in head:  # "CUDA : ARCHS = 890 | ..." starts a backend's section
+            backends.append(head.strip())
+            part = rest.strip()
+        key, sep, value = part.partition("=")
+        if sep and key.strip() and value.strip() in ("1", "on"):
+            on.append(key.strip())
+    head = "/".join(b for b in backends if b)
+    return f"{head}: {' '.join(on)}" if head else " ".join(on)
+
+
+def print_checks(checks: Sequence[Check], stream: TextIO | None = None, *, as_json: bool = False) -> int:
+    """Write the checks; return 0 when none failed, else 1."""
+    stream = stream or sys.stdout
+    failed = any(c.status == "fail" for c in checks)
+    if as_json:
+        stream.write(json.dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}, indent=2) + "\n")
+        return 1 if failed else 0
+    mark = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+    width = max((len(c.name) for c in checks), default=0)
+    for c in checks:
+        stream.write(f"{mark[c.status]}  {c.name:<{width}}  {c.detail}\n")
+        if c.fix and c.status != "ok":
+            stream.write(f"      {'':<{width}}  → {c.fix}\n")
+    counts = {s: sum(c.status == s for c in checks) for s in ("ok", "warn", "fail")}
+    stream.write(f"{counts['ok']} ok, {counts['warn']} warnings, {counts['fail']} failed\n")
+    return 1 if failed else 0
