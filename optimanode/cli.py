@@ -2,7 +2,9 @@
 
 Settings come from ``--config`` (or OPTIMANODE_CONFIG, or /etc/optimanode/optimanode.toml), the
 environment and the flags below, in that order of precedence (docs/configuration.md).
-SIGTERM and SIGINT stop the node cleanly: workers stopped, the stop journaled, the journal closed.
+``run`` hands the node, its Gateway link and metrics to ``optimanode.service`` (sd_notify, signals:
+SIGTERM drains and stops cleanly, SIGHUP reloads). ``client``, ``keygen`` and ``fingerprint`` are
+``optimanode.client_cli``; ``doctor`` is ``optimanode.doctor``.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
+import secrets
+import socket
 import sys
+from collections.abc import Callable
 
 from optimanode import __version__
 from optimanode.config import Settings, default_config_file, load_settings
@@ -46,21 +50,37 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(args.config or default_config_file(), overrides=overrides)
 
 
-async def serve(settings: Settings) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    node = Node(settings)
-    await node.start()
-    log.info("node up: %d models registered in %s; journal %s", len(node.executors), settings.models_path,
-             settings.journal_path)
+def node_id(settings: Settings) -> str:
+    """This node's stable id (host name + random suffix), kept in the state directory."""
+    path = settings.state_path / "node_id"
     try:
-        await stop.wait()
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        settings.state_path.mkdir(parents=True, exist_ok=True)
+        nid = f"{socket.gethostname()}-{secrets.token_hex(3)}"
+        path.write_text(nid + "\n", encoding="utf-8")
+        return nid
+
+
+async def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
+    """The node, its Gateway link and metrics, run as a service until SIGTERM/SIGINT (optimanode.service)."""
+    from optimanode.gateway.server import GatewayServer
+    from optimanode.metrics import Sampler
+    from optimanode.service import run_service
+
+    nid = node_id(settings)
+    samplers: list[Sampler] = []
+
+    def servers(node: Node, settings: Settings) -> list[GatewayServer]:
+        sampler = Sampler(node.list, node_id=nid)
+        samplers.append(sampler)
+        return [GatewayServer(node, settings, sampler.sample, nid)]
+
+    try:
+        return await run_service(settings, reload, make_servers=servers)
     finally:
-        log.info("stopping")
-        await node.stop("signal")
-    return 0
+        for sampler in samplers:
+            sampler.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,14 +91,30 @@ def main(argv: list[str] | None = None) -> int:
     _settings_args(run)
     show = sub.add_parser("settings", help="print the effective settings as JSON and exit")
     _settings_args(show)
+    doctor = sub.add_parser("doctor", help="check what operators get wrong, and say what to do")
+    _settings_args(doctor)
+    # These parse their own arguments (optimanode.client_cli).
+    for name, text in (("client", "talk to a node over its Gateway link (models, infer, metrics, ...)"),
+                       ("keygen", "write a new node access key (the previous one stays valid)"),
+                       ("fingerprint", "print the TLS certificate fingerprint a Gateway pins")):
+        sub.add_parser(name, help=text, add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("client", "keygen", "fingerprint"):
+        # Handed over whole: argparse's REMAINDER would stop at the first "--option".
+        from optimanode import client_cli
+
+        entry = {"client": client_cli.main, "keygen": client_cli.keygen_main,
+                 "fingerprint": client_cli.fingerprint_main}[argv[0]]
+        return entry(argv[1:])
     args = parser.parse_args(argv)
     try:
         settings = settings_from(args)
     except ConfigError as exc:
         print(f"optimanode: bad configuration: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from optimanode.service import configure_logging
+
+    configure_logging(settings)  # structured lines on stderr, keys and nonces redacted
     # transitions logs every state callback at INFO; our own transition log line says it once.
     logging.getLogger("transitions").setLevel(logging.WARNING)
     if args.command == "settings":
@@ -86,9 +122,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(msgspec.json.format(msgspec.json.encode(settings).decode(), indent=2))
         return 0
+    if args.command == "doctor":
+        from optimanode.doctor import print_checks, run_doctor
+
+        return print_checks(run_doctor(settings))
     try:
-        return asyncio.run(serve(settings))
-    except JournalError as exc:
+        return asyncio.run(serve(settings, lambda: settings_from(args)))
+    except (JournalError, ConfigError) as exc:
         print(f"optimanode: {exc}", file=sys.stderr)
         return 3
 

@@ -9,7 +9,7 @@ except a temporary file created and removed in the state directory (the only hon
 * state: the state directory exists (or can be created) and a file can be written in it.
 * key: the access key file exists, is not empty, and is not readable by group or others (0600).
 * certificate: the TLS certificate (``listen.cert_file``, else ``<state_dir>/tls/cert.pem``) parses,
-  its validity dates, and its SHA-256 fingerprint (what the Gateway pins).
+  its validity dates, and its SHA-256 fingerprint as ``sha256:AB:CD:...`` (what the Gateway pins).
 * port: ``listen.host:listen.port`` can be bound (it is in use while the node itself runs).
 * nvidia: NVML initialises (driver present), with the GPU count and driver version.
 * llama_cpp: imported *in a subprocess* (``python -c``): only the worker process may load
@@ -187,20 +187,21 @@ def check_certificate(settings: Settings, now: datetime | None = None) -> Check:
     except (ValueError, OSError) as exc:
         return Check("certificate", "fail", f"{path} is not a readable PEM certificate: {exc}",
                      "replace it, or delete it to have the node generate a new one (then re-pin it)")
-    fingerprint = cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    # The same form as `optimanode fingerprint` and the Gateway's pin (gateway/tls.py): sha256:AB:CD:...
+    fingerprint = "sha256:" + cert.fingerprint(hashes.SHA256()).hex(":").upper()
     now = now or datetime.now(UTC)
     not_after = cert.not_valid_after_utc
     not_before = cert.not_valid_before_utc
     if now > not_after:
-        return Check("certificate", "fail", f"{path} expired on {not_after:%Y-%m-%d}; SHA-256 {fingerprint}",
+        return Check("certificate", "fail", f"{path} expired on {not_after:%Y-%m-%d}; {fingerprint}",
                      "replace it (or delete the generated one and restart), then re-pin the new fingerprint")
     if now < not_before:
         return Check("certificate", "fail", f"{path} is valid only from {not_before:%Y-%m-%d} (check the clock)",
                      "fix the system clock or the certificate")
     if not_after - now < timedelta(days=CERT_WARN_DAYS):
-        return Check("certificate", "warn", f"{path} expires on {not_after:%Y-%m-%d}; SHA-256 {fingerprint}",
+        return Check("certificate", "warn", f"{path} expires on {not_after:%Y-%m-%d}; {fingerprint}",
                      "plan its replacement and the Gateway's re-pin")
-    return Check("certificate", "ok", f"{path} valid until {not_after:%Y-%m-%d}; SHA-256 {fingerprint}")
+    return Check("certificate", "ok", f"{path} valid until {not_after:%Y-%m-%d}; {fingerprint}")
 
 
 def check_port(settings: Settings) -> Check:
@@ -230,10 +231,11 @@ def check_port(settings: Settings) -> Check:
 def check_nvidia(nvml: Any = None) -> Check:
     if nvml is None:
         try:
-            import pynvml as nvml  # here: a CPU-only machine never needs it
+            import pynvml  # here: a CPU-only machine never needs it
         except ImportError:
             return Check("nvidia", "warn", "nvidia-ml-py is not installed; GPUs are not reported",
                          "pip install nvidia-ml-py")
+        nvml = pynvml
     try:
         nvml.nvmlInit()
     except nvml.NVMLError as exc:

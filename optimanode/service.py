@@ -321,6 +321,12 @@ class Service:
     _ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False)
 
+    def __post_init__(self) -> None:
+        # Made inside the loop it will run on (run_service does): a service manager's thread may
+        # ask it to stop from the moment it exists.
+        with contextlib.suppress(RuntimeError):
+            self._loop = asyncio.get_running_loop()
+
     # -- requests (from signals, or from a service manager) ----------------------------------
 
     def request_stop(self, reason: str = "stop requested") -> None:
@@ -743,7 +749,7 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None, json_
     """Install the structured, redacting stderr handler on the root logger (replacing a previous one).
 
     ``json_lines`` defaults to ``settings.log_format == "json"`` when that key exists. The node's
-    access key, if its file is readable, is added to what is redacted word for word.
+    access key (and ``<key>.previous`` during a rotation), if readable, is redacted word for word.
     """
     stream = stream or sys.stderr
     if json_lines is None:
@@ -751,10 +757,11 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None, json_
     if syslog_prefix is None:
         syslog_prefix = stderr_is_journal(stream)
     redactor = Redactor()
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        path = settings.key_path
-        if path.is_file() and path.stat().st_size <= 4096:
-            redactor.add_secret(path.read_text(encoding="utf-8").strip())
+    key = settings.key_path
+    for path in (key, key.with_name(key.name + ".previous")):  # the previous key during a rotation
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if path.is_file() and path.stat().st_size <= 4096:
+                redactor.add_secret(path.read_text(encoding="utf-8").strip())
     handler = logging.StreamHandler(stream)
     handler.set_name("optimanode")
     handler.setFormatter(_ContextRedactingFormatter(redactor, json_lines=json_lines, syslog_prefix=syslog_prefix))

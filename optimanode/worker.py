@@ -2,7 +2,10 @@
 
 This is the only module that imports ``llama_cpp``; the node talks to it over its stdin/stdout
 pipes with the frames of ``optimanode.protocol`` (4-byte big-endian length, then a MessagePack
-body).
+body). It serves up to ``WorkerSettings.parallel`` requests at once with continuous batching on
+llama.cpp's low-level API (``llama_decode`` on a ``llama_batch`` we fill ourselves, one sampler
+chain per request); llama-cpp-python's high-level ``Llama`` is not used at all (it would allocate
+a second, single-sequence KV cache and copy every logits row into numpy).
 
 Start-up
     File descriptor 1 is duplicated into a private frame writer, then fd 2 is copied over fd 1:
@@ -19,30 +22,78 @@ Start-up
 
 Threads
     * The reader thread reads frames: ``Ping`` is answered with ``Pong`` at once (even while a
-      generation runs: llama.cpp releases the GIL), ``Cancel`` sets the flag of that request,
+      batch is decoded: llama.cpp releases the GIL), ``Cancel`` sets the flag of that request,
       ``Generate`` is queued, ``Shutdown`` cancels everything and ends the serving loop, EOF
       exits the process at once (the node is gone). A frame that does not decode is reported on
       stderr and skipped.
-    * The main thread serves queued requests one at a time. Each request's state is a small
-      ``_Job`` keyed by its id and every message carries the id, so continuous batching can later
-      run several at once. Every ``Generate`` ends with exactly one ``Done`` or ``Failed``.
+    * The main thread runs the batching loop below. Every ``Generate`` ends with exactly one
+      ``Done`` or ``Failed``; the frames of one step are written together (one write).
     * Writes to stdout go through one lock (frames never interleave).
+
+Slots and the context
+    The llama.cpp context has ``n_seq_max = parallel`` sequences; slot *i* owns sequence *i*.
+    The KV cache is llama.cpp's per-sequence layout (``kv_unified = false``, what ``llama-server
+    -np N`` uses): each sequence has its own ``n_ctx / parallel`` cells, which llama.cpp rounds
+    up to a multiple of 256 (so ``Ready.n_ctx``, the real total, can exceed the configured
+    ``n_ctx``: 512 with parallel=4 becomes 4 x 256 = 1024). That per-slot size is the window a
+    request must fit in. A slot never holds more than its window, so the cache as a whole never
+    overflows whatever the mix of requests, and attention of one sequence only reads its own
+    cells (the unified layout makes every token attend over every sequence's cells).
+
+The loop (one iteration = one ``llama_decode``)
+    a. Take what the reader queued (blocking only when nothing runs). A running request whose
+       cancel flag is set ends at once with ``Done(finish_reason="cancelled")`` (so a cancel
+       lands within one token); a waiting one is answered the same way without evaluating
+       anything. Requests beyond the free slots wait in arrival order (the node's admission
+       bounds them).
+    b. A waiting request is checked (params, template, prompt length vs. the slot window) and
+       put in a free slot: the free slot whose cached tokens share the longest prefix with its
+       prompt (prefix reuse, below), else the lowest free one.
+    c. One ``llama_batch`` is built: one token (the last one sampled) for every generating
+       sequence, then, with what is left of ``n_batch``, the next chunk of prompt tokens of the
+       sequences still in prompt processing, oldest request first (chunked prefill: a long
+       prompt is spread over several steps of at most ``n_batch`` tokens, so the streams that
+       are generating get a token every step). Tokens are ordered by sequence id, because
+       llama.cpp splits a multi-sequence batch into micro-batches of consecutive sequence ids.
+       Logits are asked for only where a token will be sampled: each generating token and the
+       last prompt token of a sequence whose prompt completes in this batch.
+    d. ``llama_decode`` once. Each sequence with a logits row is sampled with its own chain,
+       ``llama_sampler_sample(chain, ctx, i)``: llama.cpp reads row *i* in place, nothing is
+       copied into Python. Then end of generation / stop string / max tokens are checked; a
+       finished request gets its ``Done`` and leaves its slot at once.
+    ``llama_decode`` returning 1 (no KV cells for the batch; the slot windows make it
+    unexpected) fails only the sequence with the most tokens in the batch, with
+    ``context_overflow``, and the batch is decoded again without it; any other error fails the
+    sequences of that batch with ``internal``. Either way the other slots go on.
+
+Prefix reuse
+    A slot remembers the tokens whose K/V its sequence holds (``_Slot.cached``); when a request
+    ends they stay (freeing them would not give other slots any room: the cells are per
+    sequence). A new request goes to the free slot sharing the longest prefix with its prompt;
+    ``llama_memory_seq_rm(mem, seq, n_common, -1)`` drops the rest and only the remaining prompt
+    tokens are evaluated (at least the last one, whose logits give the first token). The
+    second turn of a chat thus evaluates only the new turn. A cancelled request keeps its
+    cells too; a failed one clears them. Set ``OPTIMANODE_WORKER_TRACE=1`` to get one stderr
+    line per request with the prompt tokens reused and evaluated.
 
 Requests
     * Text completion: the prompt is tokenized with the model's own BOS rule (special tokens are
       parsed, like llama-cpp-python's ``create_completion``). Chat: the messages are rendered with
       the GGUF ``tokenizer.chat_template`` (``Jinja2ChatFormatter``, generation prompt added);
       no template → ``Failed(code="bad_request")``.
-    * Context: a prompt that leaves no room for one token (``prompt_tokens >= n_ctx``) fails with
-      ``code="context_overflow"``. A ``max_tokens`` beyond the window is clamped to what fits and
-      the request ends with ``finish_reason="length"`` there, like any length limit.
-    * The KV cache is reset before every request, so a request's output does not depend on the
-      previous one (greedy and seeded requests repeat exactly). Prefix reuse can come with the
-      batching work.
-    * Sampling: llama-cpp-python's sampler chain via ``Llama.generate``; temperature 0 is greedy
-      (the chain ends in a greedy sampler, so it is deterministic); otherwise top-k, top-p,
-      min-p, temperature and a distribution sampler seeded from ``params.seed`` (None: a fresh
-      random seed). Seeds are taken modulo 2**32 - 1 so none hits llama.cpp's "random" value.
+    * Context: a prompt that leaves no room for one token in its slot (``prompt_tokens >=``
+      the slot window) fails with ``code="context_overflow"``. A ``max_tokens`` beyond the
+      window is clamped to what fits and the request ends with ``finish_reason="length"``
+      there, like any length limit.
+    * Sampling: one llama.cpp sampler chain per request. Temperature 0 is greedy (the chain
+      ends in a greedy sampler, so it is deterministic); otherwise top-k, top-p, min-p,
+      temperature and a distribution sampler seeded from ``params.seed`` (None: a fresh random
+      seed). Seeds are taken modulo 2**32 - 1 so none hits llama.cpp's "random" value. A repeat
+      penalty (over the last 64 tokens, prompt included) is added only when it is not 1.
+      Each chain is private to its request, so a seeded request repeats whatever else runs
+      beside it. Each row of a batch is computed on its own (the CPU kernels do not mix rows),
+      so a greedy request gives the same text alone, batched, or after a reused prefix; the
+      tests check this on SmolLM2.
     * Streaming: one ``Chunk`` per token once its text is whole: token bytes pass through an
       incremental UTF-8 decoder, so a character split over tokens is sent once complete
       (``Chunk.tokens`` counts the tokens it covers), and text that could be the start of a stop
@@ -51,12 +102,10 @@ Requests
       ``sum(Chunk.tokens) == usage.completion_tokens`` always holds, so the last chunk may
       carry empty text (for example the tokens of a stop string). An end-of-generation token
       (``llama_vocab_is_eog``) ends with "stop" and is not counted.
-    * Cancel: the flag is checked after each token, before the next is evaluated, so at most
-      one more token is produced; the request ends with ``Done(finish_reason="cancelled")``.
-      A request cancelled while still queued ends the same way without evaluating anything.
     * An exception inside one request becomes ``Failed(code="internal")`` and the worker goes on.
-    * ``Timings``: ``ttft_s`` is from taking the request off the queue to the first sampled
-      token; ``tokens_per_s`` counts completion tokens after the first.
+    * ``Timings``: ``ttft_s`` is from the worker reading the ``Generate`` frame to the first
+      sampled token (time waiting for a slot included); ``tokens_per_s`` counts completion
+      tokens after the first.
 
 Exit codes
     0  ``Shutdown`` served, or stdin/stdout closed (the node is gone)
@@ -79,7 +128,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,8 +141,13 @@ from optimanode import protocol as p
 
 EXIT_OK, EXIT_CRASH, EXIT_PROTOCOL, EXIT_LOAD = 0, 1, 2, 3
 
-# stderr for our own lines: a private copy, because llama-cpp-python points fd 2 at /dev/null
-# while it loads a model with verbose=False, and a load failure must still be explained.
+# How many recent tokens a repeat penalty looks at (llama-cpp-python's last_n_tokens_size).
+PENALTY_LAST_N = 64
+# One stderr line per finished request (slot, prompt tokens reused/evaluated, outcome).
+TRACE = os.environ.get("OPTIMANODE_WORKER_TRACE", "") not in ("", "0")
+
+# stderr for our own lines: a private copy, made in main(), so that nothing a library does to fd 2
+# can hide a load failure's explanation.
 _err_fd = 2
 # The last error lines llama.cpp logged, to name the reason of a failed load.
 _llama_errors: collections.deque[str] = collections.deque(maxlen=16)
@@ -156,11 +210,18 @@ class _Writer:
         self._lock = threading.Lock()
 
     def send(self, msg: Any) -> None:
-        data = memoryview(p.frame(msg))
+        self._write(p.frame(msg))
+
+    def send_many(self, msgs: Iterable[Any]) -> None:
+        """Several frames in one write: one system call per loop step, however many streams."""
+        self._write(b"".join(p.frame(m) for m in msgs))
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
         try:
             with self._lock:
-                while data:
-                    data = data[self._out.write(data):]
+                while view:
+                    view = view[self._out.write(view):]
         except OSError:  # BrokenPipeError and friends: nobody is listening any more
             _log("stdout closed: the node is gone; exiting")
             os._exit(EXIT_OK)
@@ -174,6 +235,8 @@ class _Writer:
 class _Job:
     id: str
     request: p.InferenceRequest
+    # When the reader thread took the Generate frame (ttft counts from here).
+    received: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -186,7 +249,7 @@ class _Reject(Exception):
 
 
 class _Jobs:
-    """Requests taken but not finished, and the queue the main thread serves from."""
+    """Requests taken but not finished, and the queue the main thread takes them from."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -217,12 +280,27 @@ class _Jobs:
             job.cancelled.set()
         self._queue.put(None)
 
-    def next(self) -> _Job | None:
-        return self._queue.get()
+    def take(self, block: bool, timeout: float | None = None) -> list[_Job | None]:
+        """Everything queued so far (None marks Shutdown); with ``block``, wait for at least one."""
+        out: list[_Job | None] = []
+        if block:
+            try:
+                out.append(self._queue.get(timeout=timeout))
+            except queue.Empty:
+                return out
+        while True:
+            try:
+                out.append(self._queue.get_nowait())
+            except queue.Empty:
+                return out
 
     def finished(self, job: _Job) -> None:
         with self._lock:
             self._active.pop(job.id, None)
+
+    def unanswered(self) -> int:
+        with self._lock:
+            return len(self._active)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +362,7 @@ class TextStream:
 
 
 # ---------------------------------------------------------------------------------------------
-# The model
+# The model and the batching loop
 
 
 def _backend() -> str:
@@ -299,46 +377,152 @@ def _backend() -> str:
     return "gpu"
 
 
-class Model:
-    def __init__(self, settings: p.WorkerSettings, writer: _Writer) -> None:
-        self.llm = llama_cpp.Llama(
-            model_path=settings.model_path,
-            n_ctx=settings.n_ctx,
-            n_threads=settings.n_threads,
-            n_threads_batch=settings.n_threads,
-            n_gpu_layers=settings.n_gpu_layers,
-            n_batch=settings.n_batch,
-            verbose=False,
-        )
-        self.writer = writer
-        self.n_ctx = self.llm.n_ctx()
-        self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case for a follow-up turn: one C-level comparison
+        return n
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclass(eq=False)
+class _Run:
+    """One request in a slot, from its first prompt token to its Done."""
+
+    job: _Job
+    prompt: list[int]
+    max_tokens: int
+    sampler: Any  # llama_sampler_p, freed when the run ends
+    stream: TextStream
+    order: int  # admission order: prompt chunks go to the oldest request first
+    reused: int  # prompt tokens whose cells were kept from the slot's previous request
+    pos: int  # tokens of this sequence in the KV cells == position of the next token
+    pending: int = -1  # the token sampled last and not yet decoded (-1: still in the prompt)
+    n_out: int = 0
+    t_first: float | None = None
+    t_last: float | None = None
+    # Set while a batch is built: prompt tokens in it, and the batch row to sample (-1: none).
+    chunk: int = 0
+    row: int = -1
+
+
+@dataclass(eq=False)
+class _Slot:
+    seq: int
+    # Tokens whose K/V sit in this sequence's cells, at positions 0..len-1 (kept after a request
+    # ends, for prefix reuse).
+    cached: list[int] = field(default_factory=list)
+    run: _Run | None = None
+
+
+class Engine:
+    """The model, one llama.cpp context with ``parallel`` sequences, and the loop serving them.
+
+    ``send_many`` receives the messages of each step (chunks, Done, Failed) in order.
+    """
+
+    def __init__(self, settings: p.WorkerSettings, send_many: Callable[[list[Any]], None]) -> None:
+        self._send_many = send_many
+        self._out: list[Any] = []
+        self._jobs: _Jobs | None = None
+        self._waiting: collections.deque[_Job] = collections.deque()
+        self._order = 0
+        # Counters for tests and the trace: prompt tokens asked for, and those actually evaluated.
+        self.prompt_tokens_total = 0
+        self.prompt_tokens_evaluated = 0
+
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = settings.n_gpu_layers
+        self.model = llama_cpp.llama_model_load_from_file(settings.model_path.encode("utf-8"), mparams)
+        if not self.model:
+            raise RuntimeError("llama_model_load_from_file failed")
+        self.ctx: Any = None
+        self.batch: llama_cpp.llama_batch | None = None
+        try:
+            self._init_context(settings)
+        except BaseException:
+            self.close()
+            raise
+
+    def _init_context(self, settings: p.WorkerSettings) -> None:
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        parallel = max(1, settings.parallel)
+        if parallel > llama_cpp.llama_max_parallel_sequences():
+            _log(f"parallel={parallel} is over llama.cpp's limit; "
+                 f"using {llama_cpp.llama_max_parallel_sequences()}")
+            parallel = llama_cpp.llama_max_parallel_sequences()
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = settings.n_ctx
+        # One token per generating sequence must always fit in a batch.
+        n_batch = max(parallel, min(settings.n_batch, settings.n_ctx) if settings.n_ctx else settings.n_batch)
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_seq_max = parallel
+        cparams.n_threads = cparams.n_threads_batch = settings.n_threads
+        cparams.kv_unified = False
+        cparams.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise RuntimeError("llama_init_from_model failed")
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_batch = llama_cpp.llama_n_batch(self.ctx)
+        # Each sequence has its own n_ctx_seq cells (n_ctx / parallel, rounded up to 256).
+        self.window = llama_cpp.llama_n_ctx_seq(self.ctx)
+        self.slots = [_Slot(seq=i) for i in range(parallel)]
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        for i in range(self.n_batch):  # every token of ours belongs to exactly one sequence
+            self.batch.n_seq_id[i] = 1
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._tok_buf = (llama_cpp.llama_token * 4096)()
         self.chat: Jinja2ChatFormatter | None = None
-        template = self.llm.metadata.get("tokenizer.chat_template")
+        template = llama_cpp.llama_model_chat_template(self.model, None)
         if template:
             self.chat = Jinja2ChatFormatter(
-                template=template,
-                eos_token=self._token_text(self.llm.token_eos()),
-                bos_token=self._token_text(self.llm.token_bos()),
+                template=template.decode("utf-8", "replace"),
+                eos_token=self._token_text(llama_cpp.llama_vocab_eos(self.vocab)),
+                bos_token=self._token_text(llama_cpp.llama_vocab_bos(self.vocab)),
                 add_generation_prompt=True,
             )
         self._warm_up()
+
+    def close(self) -> None:
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+        for slot in getattr(self, "slots", []):
+            if slot.run is not None:
+                llama_cpp.llama_sampler_free(slot.run.sampler)
+                slot.run = None
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+    # -- tokens -------------------------------------------------------------------------------
 
     def _token_text(self, token: int) -> str:
         if token < 0:
             return ""
         return llama_cpp.llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace")
 
-    def _warm_up(self) -> None:
-        tokens = self.llm.tokenize(b"Hi", add_bos=True, special=False)
-        self.llm.eval(tokens)
-        self.llm.sample(temp=0.0)
-        self.llm.reset()
+    def tokenize(self, text: bytes, add_bos: bool, special: bool) -> list[int]:
+        n = llama_cpp.llama_tokenize(self.vocab, text, len(text), self._tok_buf, len(self._tok_buf),
+                                     add_bos, special)
+        if n < 0:  # the buffer is too small: -n is the count; keep the bigger buffer
+            self._tok_buf = (llama_cpp.llama_token * -n)()
+            n = llama_cpp.llama_tokenize(self.vocab, text, len(text), self._tok_buf, -n, add_bos, special)
+            if n < 0:
+                raise RuntimeError(f"llama_tokenize failed ({n})")
+        return self._tok_buf[:n]
 
     def piece(self, token: int) -> bytes:
-        """The bytes of one token (not rendering control tokens), without llama-cpp-python's
-        32-byte limit."""
+        """The bytes of one token (not rendering control tokens), in a buffer reused across calls."""
         n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
         if n < 0:
             self._piece_buf = ctypes.create_string_buffer(-n)
@@ -347,94 +531,297 @@ class Model:
 
     def prompt_tokens(self, request: p.InferenceRequest) -> list[int]:
         if isinstance(request, p.CompletionRequest):
-            return self.llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True)
+            return self.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True)
         if self.chat is None:
             raise _Reject("bad_request", "model has no chat template")
         try:
             text = self.chat(messages=[{"role": m.role, "content": m.content} for m in request.messages]).prompt
         except Exception as exc:  # the template's raise_exception, e.g. roles out of order
             raise _Reject("bad_request", f"chat template: {exc}") from exc
-        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        tokens = self.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         # Templates usually write the BOS themselves; add it only where the model wants one and
         # the template left it out.
-        bos = self.llm.token_bos()
+        bos = llama_cpp.llama_vocab_bos(self.vocab)
         if llama_cpp.llama_vocab_get_add_bos(self.vocab) and bos >= 0 and tokens[:1] != [bos]:
             tokens.insert(0, bos)
         return tokens
 
-    # -----------------------------------------------------------------------------------------
+    def _sampler(self, params: p.SamplingParams, prompt: list[int]) -> Any:
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if params.repeat_penalty != 1.0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_penalties(
+                self.n_vocab, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0))
+        if params.temperature == 0.0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            seed = params.seed if params.seed is not None else secrets.randbits(32)
+            for s in (llama_cpp.llama_sampler_init_top_k(params.top_k),
+                      llama_cpp.llama_sampler_init_top_p(params.top_p, 1),
+                      llama_cpp.llama_sampler_init_min_p(params.min_p, 1),
+                      llama_cpp.llama_sampler_init_temp(params.temperature),
+                      llama_cpp.llama_sampler_init_dist(seed % 0xFFFFFFFF)):
+                llama_cpp.llama_sampler_chain_add(chain, s)
+        if params.repeat_penalty != 1.0:  # the penalty window starts in the prompt
+            for token in prompt[-PENALTY_LAST_N:]:
+                llama_cpp.llama_sampler_accept(chain, token)
+        return chain
 
-    def serve(self, job: _Job) -> p.Done | p.Failed:
-        """Stream the request's chunks and return its final message (sent once the id is free)."""
-        t0 = time.monotonic()
-        try:
-            return self._generate(job, t0)
-        except _Reject as r:
-            return p.Failed(id=job.id, code=r.code, message=r.message)
-        except Exception as exc:
-            _log(f"request {job.id} failed:\n{traceback.format_exc().rstrip()}")
-            return p.Failed(id=job.id, code="internal", message=str(exc) or type(exc).__name__)
+    def _warm_up(self) -> None:
+        tokens = self.tokenize(b"Hi", add_bos=True, special=False)
+        b = self.batch
+        assert b is not None
+        for i, t in enumerate(tokens):
+            b.token[i], b.pos[i], b.seq_id[i][0], b.logits[i] = t, i, 0, i == len(tokens) - 1
+        b.n_tokens = len(tokens)
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"warm-up llama_decode returned {rc}")
+        chain = self._sampler(p.SamplingParams(temperature=0.0), tokens)
+        llama_cpp.llama_sampler_sample(chain, self.ctx, len(tokens) - 1)
+        llama_cpp.llama_sampler_free(chain)
+        llama_cpp.llama_memory_seq_rm(self.mem, 0, -1, -1)
 
-    def _generate(self, job: _Job, t0: float) -> p.Done:
+    # -- the loop -----------------------------------------------------------------------------
+
+    def serve(self, jobs: _Jobs) -> None:
+        """Serve until Shutdown has been seen and every request taken has been answered."""
+        self._jobs = jobs
+        closing = False
+        while True:
+            running = any(s.run is not None for s in self.slots)
+            idle = not running and not self._waiting
+            if closing and idle and jobs.unanswered() == 0:
+                return
+            # Block only when there is nothing to decode; after Shutdown, poll for a Generate
+            # that was accepted just before it and is still on its way into the queue.
+            for job in jobs.take(block=idle, timeout=0.05 if closing else None):
+                if job is None:
+                    closing = True
+                else:
+                    self._waiting.append(job)
+            # Running requests first, so each request's messages stay in order (a cancelled
+            # running request ends before a cancelled waiting one is answered).
+            for slot in self.slots:
+                if slot.run is not None and slot.run.job.cancelled.is_set():
+                    self._finish(slot, "cancelled")
+            self._admit()
+            if any(s.run is not None for s in self.slots):
+                self._step()
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._out:
+            # A copy: the list itself stays, the text streams' emit callbacks append to it.
+            msgs = list(self._out)
+            self._out.clear()
+            self._send_many(msgs)
+
+    def _answer(self, job: _Job, msg: Any) -> None:
+        """Queue a request's final message; its id is free from now on."""
+        assert self._jobs is not None
+        self._jobs.finished(job)
+        self._out.append(msg)
+
+    def _admit(self) -> None:
+        if any(job.cancelled.is_set() for job in self._waiting):
+            keep: collections.deque[_Job] = collections.deque()
+            for job in self._waiting:
+                if job.cancelled.is_set():
+                    self._answer(job, _done(job, "cancelled", 0, 0, None, None))
+                else:
+                    keep.append(job)
+            self._waiting = keep
+        while self._waiting:
+            free = [s for s in self.slots if s.run is None]
+            if not free:
+                return
+            job = self._waiting.popleft()
+            try:
+                self._start(job, free)
+            except _Reject as r:
+                self._answer(job, p.Failed(id=job.id, code=r.code, message=r.message))
+            except Exception as exc:
+                _log(f"request {job.id} failed:\n{traceback.format_exc().rstrip()}")
+                self._answer(job, p.Failed(id=job.id, code="internal", message=str(exc) or type(exc).__name__))
+
+    def _start(self, job: _Job, free: list[_Slot]) -> None:
         params = job.request.params
         try:
             params.check()
         except ValueError as exc:
             raise _Reject("bad_request", str(exc)) from exc
-        if job.cancelled.is_set():
-            return self._done(job, "cancelled", 0, 0, t0, None, None)
         tokens = self.prompt_tokens(job.request)
         if not tokens:
             raise _Reject("bad_request", "the prompt is empty")
-        room = self.n_ctx - len(tokens)
+        room = self.window - len(tokens)
         if room < 1:
+            per = f" per slot ({len(self.slots)} slots)" if len(self.slots) > 1 else ""
             raise _Reject("context_overflow",
-                          f"the prompt is {len(tokens)} tokens; the context window is {self.n_ctx}")
-        max_tokens = min(params.max_tokens, room)
+                          f"the prompt is {len(tokens)} tokens; the context window is {self.window}{per}")
+        # The free slot sharing the longest prefix; at least the last prompt token is evaluated,
+        # because its logits give the first token. Ties go to the lowest sequence id, which
+        # keeps the running sequences contiguous (llama.cpp batches consecutive ids together).
+        slot, n_common = free[0], -1
+        for s in free:
+            n = min(_common_prefix(s.cached, tokens), len(tokens) - 1)
+            if n > n_common:
+                slot, n_common = s, n
+        if n_common < len(slot.cached):
+            if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, n_common, -1):
+                # A memory that cannot drop a tail (recurrent models): start this sequence over.
+                llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+                n_common = 0
+            del slot.cached[n_common:]
+        self._order += 1
+        out = self._out
+        job_id = job.id
+        slot.run = _Run(
+            job=job, prompt=tokens, max_tokens=min(params.max_tokens, room),
+            sampler=self._sampler(params, tokens),
+            stream=TextStream(params.stop, lambda text, n: out.append(p.Chunk(id=job_id, text=text, tokens=n))),
+            order=self._order, reused=n_common, pos=n_common)
+        self.prompt_tokens_total += len(tokens)
+        self.prompt_tokens_evaluated += len(tokens) - n_common
 
-        seed = params.seed if params.seed is not None else secrets.randbits(32)
-        self.llm.set_seed(seed % 0xFFFFFFFF)
-        self.llm.reset()
-        stream = TextStream(params.stop, lambda text, n: self.writer.send(p.Chunk(id=job.id, text=text, tokens=n)))
-        finish, n_out = "length", 0
-        t_first: float | None = None
-        t_last: float | None = None
-        gen = self.llm.generate(tokens, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
-                                temp=params.temperature, repeat_penalty=params.repeat_penalty, reset=True)
-        try:
-            for token in gen:
-                now = time.monotonic()
-                if t_first is None:
-                    t_first = now
-                if llama_cpp.llama_vocab_is_eog(self.vocab, token):
-                    finish = "stop"
-                    break
-                n_out, t_last = n_out + 1, now
-                if stream.feed(self.piece(token)):
-                    finish = "stop"
-                    break
-                if n_out >= max_tokens:
-                    break
-                if job.cancelled.is_set():
-                    finish = "cancelled"
-                    break
-        finally:
-            gen.close()
-        if not stream.stopped:
-            stream.finish()
-        return self._done(job, finish, len(tokens), n_out, t0, t_first, t_last)
+    def _step(self) -> None:
+        """Build one batch, decode it, sample every sequence that has a logits row."""
+        budget = self.n_batch
+        plan: list[_Slot] = []
+        for slot in self.slots:
+            run = slot.run
+            if run is not None and run.pending >= 0 and budget > 0:
+                run.chunk, budget = 0, budget - 1
+                plan.append(slot)
+        prefill = sorted((s for s in self.slots if s.run is not None and s.run.pending < 0),
+                         key=lambda s: s.run.order)  # type: ignore[union-attr]
+        for slot in prefill:
+            if budget <= 0:
+                break
+            run = slot.run
+            assert run is not None
+            run.chunk = min(budget, len(run.prompt) - run.pos)
+            budget -= run.chunk
+            plan.append(slot)
+        plan.sort(key=lambda s: s.seq)
+        self._decode(plan)
 
-    def _done(self, job: _Job, finish: str, n_prompt: int, n_out: int, t0: float,
-              t_first: float | None, t_last: float | None) -> p.Done:
-        total = time.monotonic() - t0
-        span = (t_last - t_first) if t_first is not None and t_last is not None else 0.0
-        return p.Done(
-            id=job.id, finish_reason=finish,
-            usage=p.Usage(prompt_tokens=n_prompt, completion_tokens=n_out),
-            timings=p.Timings(ttft_s=(t_first - t0) if t_first is not None else total,
-                              tokens_per_s=(n_out - 1) / span if n_out > 1 and span > 0 else 0.0,
-                              total_s=total),
-        )
+    def _commit(self, plan: list[_Slot]) -> None:
+        """The plan's tokens are in the cells now: advance each run, sample where there is a row."""
+        for slot in plan:
+            run = slot.run
+            assert run is not None
+            if run.chunk:
+                slot.cached.extend(run.prompt[run.pos:run.pos + run.chunk])
+                run.pos += run.chunk
+            else:
+                slot.cached.append(run.pending)
+                run.pos += 1
+            if run.row >= 0:
+                self._sample(slot, run)
+
+    def _fill(self, plan: list[_Slot]) -> None:
+        b = self.batch
+        assert b is not None
+        token, pos, seq_id, logits = b.token, b.pos, b.seq_id, b.logits
+        n = 0
+        for slot in plan:
+            run = slot.run
+            assert run is not None
+            if not run.chunk:
+                token[n], pos[n], seq_id[n][0], logits[n] = run.pending, run.pos, slot.seq, 1
+                run.row = n
+                n += 1
+                continue
+            seq, start = slot.seq, run.pos
+            for k, t in enumerate(run.prompt[start:start + run.chunk]):
+                token[n], pos[n], seq_id[n][0], logits[n] = t, start + k, seq, 0
+                n += 1
+            if start + run.chunk == len(run.prompt):
+                logits[n - 1] = 1
+                run.row = n - 1
+            else:
+                run.row = -1
+        b.n_tokens = n
+
+    def _decode(self, plan: list[_Slot]) -> None:
+        """Decode the plan's tokens with one llama_decode, then sample."""
+        self._fill(plan)
+        rc = llama_cpp.llama_decode(self.ctx, self.batch)
+        if rc == 0:
+            self._commit(plan)
+        elif rc == 1 and len(plan) > 1:
+            # No cells for the batch; the cache is as it was before the call. Find the sequence
+            # that does not fit by decoding each on its own (a rare path: the slot windows
+            # should make it impossible); the others lose nothing but a shared pass.
+            for slot in plan:
+                self._decode([slot])
+        elif rc == 1:
+            slot = plan[0]
+            self._fail(slot, "context_overflow",
+                       f"no room left in the KV cache for this request (slot {slot.seq}, "
+                       f"position {slot.run.pos}, window {self.window}): llama_decode returned 1")  # type: ignore[union-attr]
+        else:
+            # Invalid batch, abort or a fatal error: the cells of these sequences may hold part
+            # of the batch. Fail them and clear their cells; the other slots go on.
+            _log(f"llama_decode returned {rc} for a batch of {len(plan)} sequences")
+            for slot in plan:
+                self._fail(slot, "internal", f"llama_decode returned {rc}")
+
+    def _sample(self, slot: _Slot, run: _Run) -> None:
+        token = llama_cpp.llama_sampler_sample(run.sampler, self.ctx, run.row)
+        now = time.monotonic()
+        if run.t_first is None:
+            run.t_first = now
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            self._finish(slot, "stop")
+            return
+        run.n_out += 1
+        run.t_last = now
+        if run.stream.feed(self.piece(token)):
+            self._finish(slot, "stop")
+        elif run.n_out >= run.max_tokens:
+            self._finish(slot, "length")
+        else:
+            run.pending = token
+
+    def _finish(self, slot: _Slot, reason: str) -> None:
+        """End the slot's request with Done; its cells stay for prefix reuse."""
+        run = slot.run
+        assert run is not None
+        if not run.stream.stopped:
+            run.stream.finish()
+        slot.run = None
+        llama_cpp.llama_sampler_free(run.sampler)
+        if TRACE:
+            _log(f"request {run.job.id}: slot {slot.seq}, prompt {len(run.prompt)} tokens "
+                 f"({run.reused} reused, {len(run.prompt) - run.reused} evaluated), "
+                 f"{run.n_out} generated, {reason}")
+        self._answer(run.job, _done(run.job, reason, len(run.prompt), run.n_out, run.t_first, run.t_last))
+
+    def _fail(self, slot: _Slot, code: str, message: str) -> None:
+        """End the slot's request with Failed and clear its cells (they may be incomplete)."""
+        run = slot.run
+        assert run is not None
+        slot.run = None
+        llama_cpp.llama_sampler_free(run.sampler)
+        llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+        slot.cached.clear()
+        _log(f"request {run.job.id} failed ({code}): {message}")
+        self._answer(run.job, p.Failed(id=run.job.id, code=code, message=message))
+
+
+def _done(job: _Job, finish: str, n_prompt: int, n_out: int, t_first: float | None,
+          t_last: float | None) -> p.Done:
+    now = time.monotonic()
+    total = now - job.received
+    span = (t_last - t_first) if t_first is not None and t_last is not None else 0.0
+    return p.Done(
+        id=job.id, finish_reason=finish,
+        usage=p.Usage(prompt_tokens=n_prompt, completion_tokens=n_out),
+        timings=p.Timings(ttft_s=(t_first - job.received) if t_first is not None else total,
+                          tokens_per_s=(n_out - 1) / span if n_out > 1 and span > 0 else 0.0,
+                          total_s=total),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,8 +897,6 @@ def main() -> int:
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         _log(f"protocol error: the first frame must be WorkerSettings: {exc}")
         return EXIT_PROTOCOL
-    if settings.parallel > 1:
-        _log(f"parallel={settings.parallel} is not supported yet; serving one request at a time")
 
     jobs = _Jobs()
     threading.Thread(target=_reader, args=(0, writer, jobs), name="reader", daemon=True).start()
@@ -521,21 +906,17 @@ def main() -> int:
         _log(f"cannot load model {settings.model_path}: no such file")
         return EXIT_LOAD
     try:
-        model = Model(settings, writer)
+        engine = Engine(settings, writer.send_many)
     except Exception as exc:
         # llama.cpp logs the root cause first, then "failed to load model" lines around it.
         reason = _llama_errors[0] if _llama_errors else f"{type(exc).__name__}: {exc}"
         _log(f"cannot load model {settings.model_path}: {reason}")
         return EXIT_LOAD
-    writer.send(p.Ready(pid=os.getpid(), n_ctx=model.n_ctx, load_s=time.monotonic() - t0,
-                        backend=_backend(), chat_template=model.chat is not None))
-
-    while (job := jobs.next()) is not None:
-        final = model.serve(job)
-        jobs.finished(job)  # first, so the id may be reused as soon as the final message is out
-        writer.send(final)
+    writer.send(p.Ready(pid=os.getpid(), n_ctx=engine.n_ctx, load_s=time.monotonic() - t0,
+                        backend=_backend(), chat_template=engine.chat is not None))
+    engine.serve(jobs)
     # Shutdown: every request taken has been answered (cancelled ones with Done).
-    model.llm.close()
+    engine.close()
     return EXIT_OK
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -30,6 +31,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 
+from optimanode import client_cli
 from optimanode.client import (
     ConnectionFailed,
     ConnectionLost,
@@ -37,6 +39,7 @@ from optimanode.client import (
     NodeAuthFailed,
     NodeClient,
     NodePool,
+    NoNodeAvailable,
     RemoteError,
 )
 from optimanode.config import Settings, load_settings
@@ -506,7 +509,7 @@ async def test_concurrent_requests_over_one_connection_keep_their_ids_apart(star
     c = await client(started)
     try:
         results = await asyncio.gather(*(
-            collect(c.infer(started.eid, CompletionRequest(prompt=p, params=GREEDY), request_id=rid))
+            collect(c.infer(started.eid, CompletionRequest(prompt=p, params=GREEDY), request_id=rid), timeout=150)
             for rid, p in prompts.items()))
         for rid, (chunks, done) in zip(prompts, results):
             assert {ch.id for ch in chunks} == {rid} and done.id == rid
@@ -543,24 +546,25 @@ async def test_a_disconnect_cancels_the_gateways_running_requests(started):
     a = await client(started, "gw-dropped")
     stream = a.infer(started.eid, CompletionRequest(prompt="1, 2,", params=LONG), request_id="drop-me")
     assert isinstance(await anext(stream), TokenChunk)
+    assert started.node.status(started.eid).in_flight == 1
     a._ws.transport.abort()  # the Gateway vanishes, no closing handshake
+    # The worker is freed at once, not after the 300 tokens (most of a minute here).
+    await eventually(lambda: started.node.status(started.eid).in_flight == 0, timeout=10, what="the worker freed")
     b = await client(started, "gw-next")
     try:
-        t0 = time.monotonic()
-        chunks, done = await collect(b.infer(started.eid, CompletionRequest(prompt="Hello", params=GREEDY)), timeout=30)
-        # 300 tokens at about 6/s would take most of a minute; the worker was freed at once.
-        assert time.monotonic() - t0 < 8 and done.usage.completion_tokens == 8
+        chunks, done = await collect(b.infer(started.eid, CompletionRequest(prompt="Hello", params=GREEDY)), timeout=60)
+        assert done.usage.completion_tokens == 8
 
-        async def outcome() -> str | None:
+        async def finished() -> dict | None:
             for e in await b.events(started.eid, limit=50):
                 if e.type == "request_finished" and e.data["request_id"].endswith("/drop-me"):
-                    return e.data["outcome"]
+                    return e.data
             return None
 
         deadline = time.monotonic() + 10
-        while (got := await outcome()) is None and time.monotonic() < deadline:
+        while (got := await finished()) is None and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        assert got == "cancelled"
+        assert got is not None and got["outcome"] == "cancelled"
     finally:
         await b.close()
         with pytest.raises(ConnectionLost):
@@ -639,16 +643,15 @@ async def test_garbage_from_one_gateway_does_not_disturb_another(started):
     try:
         job = asyncio.ensure_future(collect(good.infer(started.eid, CompletionRequest(prompt="Once upon a time",
                                                                                        params=GREEDY))))
-        sent = 0
+        answered = 0
         while not job.done():
-            await bad.send(os.urandom(64))
-            await bad.send(msgspec.msgpack.encode({"type": "infer", "id": f"x{sent}"}))
-            sent += 2
-            await asyncio.sleep(0.02)
+            # Each garbage frame is answered with bad_request, and the session stays open for the next.
+            await bad.send(os.urandom(64) if answered % 2 else msgspec.msgpack.encode({"type": "infer", "id": f"x{answered}"}))
+            err = await recv(bad)
+            assert isinstance(err, Error) and err.code == "bad_request", err
+            answered += 1
         chunks, done = await job
-        assert done.usage.completion_tokens == 8 and sent > 10
-        errors = [await recv(bad) for _ in range(sent)]
-        assert all(isinstance(e, Error) and e.code == "bad_request" for e in errors)
+        assert done.usage.completion_tokens == 8 and answered > 5
     finally:
         await bad.close()
         await good.close()
@@ -710,8 +713,9 @@ async def test_metrics_arrive_at_about_the_interval_and_a_new_subscription_repla
                 if len(reports) == 6:
                     break
         gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-        assert all(0.15 < g < 0.6 for g in gaps), gaps
-        assert 0.25 < sum(gaps) / len(gaps) < 0.4, gaps
+        # A fixed schedule: single gaps jitter with the machine's load, their mean does not drift.
+        assert all(0.1 < g < 1.0 for g in gaps), gaps
+        assert 0.25 < sum(gaps) / len(gaps) < 0.45, gaps
         em = {e.id: e for e in reports[-1].executors}
         assert reports[-1].node_id == NODE_ID and em[started.eid].state == "running"
         with pytest.raises(RemoteError) as info:
@@ -776,6 +780,12 @@ async def test_a_node_pool_spreads_requests_and_moves_on_when_a_node_drops(start
     await second.start()
     a = await client(started, "pool-a")
     b = await client(started, "pool-b", server=second)
+    served: dict[str, int] = {"pool-a": 0, "pool-b": 0}
+    for c in (a, b):  # count where the pool sends each request
+        def counting(model, request, _c=c, _infer=c.infer, **kw):
+            served[_c.gateway_id] += 1
+            return _infer(model, request, **kw)
+        c.infer = counting  # type: ignore[method-assign]
     pool = NodePool([a, b])
     try:
         await pool.watch(interval=0.25, timeout=10)
@@ -783,28 +793,17 @@ async def test_a_node_pool_spreads_requests_and_moves_on_when_a_node_drops(start
         for _ in range(4):
             _, done = await collect(pool.infer(started.eid, CompletionRequest(prompt="Hi", params=GREEDY)))
             assert done.usage.completion_tokens == 8
-
-        async def served_by() -> dict[str, int]:
-            counts = {"gateway:pool-a": 0, "gateway:pool-b": 0}
-            for e in await a.events(started.eid, limit=200):
-                if e.type == "request_started" and e.data.get("by") in counts:
-                    counts[e.data["by"]] += 1
-            return counts
-
-        deadline = time.monotonic() + 10
-        while sum((counts := await served_by()).values()) < 4 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        assert counts["gateway:pool-a"] >= 1 and counts["gateway:pool-b"] >= 1, counts
+        assert served == {"pool-a": 2, "pool-b": 2}, served
         await second.stop()
         await eventually(lambda: b.closed, what="the pool's client saw its node go")
         for _ in range(2):
             _, done = await collect(pool.infer(started.eid, CompletionRequest(prompt="Hi", params=GREEDY)))
             assert done.usage.completion_tokens == 8
+        assert served == {"pool-a": 4, "pool-b": 2}, served
         assert pool.pick(started.eid) is a
-        deadline = time.monotonic() + 10
-        while (now := await served_by())["gateway:pool-a"] < counts["gateway:pool-a"] + 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        assert now["gateway:pool-b"] == counts["gateway:pool-b"] and now["gateway:pool-a"] == counts["gateway:pool-a"] + 2
+        # A node that does not report the model running is not chosen at all.
+        with pytest.raises(NoNodeAvailable):
+            pool.pick(started.idle)
     finally:
         await pool.close()
         await second.stop()
@@ -825,3 +824,57 @@ async def test_stopping_the_server_ends_running_requests_with_shutting_down_and_
     await eventually(lambda: c.closed, what="the client saw the close")
     assert c._lost is not None and c._lost.code == 1001
     await eventually(lambda: started.node.status(started.eid).in_flight == 0, what="the worker freed")
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+async def test_the_client_command_line(started, capsys):
+    base = ["--url", started.url, "--key-file", str(started.settings.key_path), "--fingerprint", started.fingerprint,
+            "--gateway-id", "cli"]
+
+    async def run(*argv: str) -> tuple[int, str, str]:
+        rc = await asyncio.to_thread(client_cli.main, [*base, *argv])
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    rc, out, _ = await run("--json", "models")
+    assert rc == 0 and {m["id"] for m in json.loads(out)} == {started.eid, started.idle}
+    rc, out, _ = await run("models")
+    assert rc == 0 and out.splitlines()[0].split()[:2] == ["ID", "STATE"] and started.eid in out
+    rc, out, err = await run("infer", started.eid, "--prompt", "The capital of France is", "--max-tokens", "4",
+                             "--temperature", "0")
+    assert rc == 0 and "Paris" in out and "4 completion tokens" in err
+    rc, out, _ = await run("--json", "infer", started.eid, "--prompt", "Hi", "--max-tokens", "3", "--stream")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert rc == 0 and [x["type"] for x in lines] == ["chunk"] * (len(lines) - 1) + ["done"]
+    rc, out, _ = await run("configure", started.idle, "--queue-size", "2")
+    assert rc == 0 and "queue_size=2" in out
+    rc, out, _ = await run("configure", started.idle)
+    assert rc == 0 and "settings  defaults" in out
+    rc, out, _ = await run("events", started.idle, "--limit", "3")
+    assert rc == 0 and len(out.splitlines()) == 3 and "desired" in out
+    rc, out, _ = await run("--json", "metrics")
+    assert rc == 0 and json.loads(out)["node_id"] == NODE_ID
+    rc, _, err = await run("status", "nope")
+    assert rc == 1 and "unknown_model" in err
+    rc = await asyncio.to_thread(client_cli.main, ["--url", started.url, "--key-file", str(started.settings.key_path),
+                                                   "--fingerprint", "sha256:" + "00" * 32, "models"])
+    assert rc == 3 and "not the pinned" in capsys.readouterr().err
+
+
+async def test_keygen_and_fingerprint_commands(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OPTIMANODE_CONFIG", raising=False)
+    state = tmp_path / "state"
+    assert client_cli.fingerprint_main(["--state-dir", str(state)]) == 2
+    assert "first start" in capsys.readouterr().err
+    assert client_cli.keygen_main(["--state-dir", str(state)]) == 0
+    first = keys.read_key(state / "access.key")
+    assert client_cli.keygen_main(["--state-dir", str(state)]) == 0
+    out = capsys.readouterr().out
+    assert "access.key.previous" in out and first.hex() not in out  # the key itself is never printed
+    assert keys.read_key(state / "access.key.previous") == first
+    settings = make_settings(tmp_path)
+    cert, _ = tls.ensure_certificate(settings, "cli-node")
+    assert client_cli.fingerprint_main(["--state-dir", str(state)]) == 0
+    assert capsys.readouterr().out.strip() == tls.fingerprint_file(cert)

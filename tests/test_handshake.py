@@ -6,6 +6,9 @@ alone computes these bytes, so the page and the code cannot drift apart unnotice
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import msgspec
 import pytest
 
@@ -24,7 +27,20 @@ from optimanode.gateway.handshake import (
     node_mac,
     transcript,
 )
-from optimanode.protocol import Hello, Welcome, decode_from_gateway, encode_link
+from optimanode.protocol import (
+    Challenge,
+    CompletionRequest,
+    Hello,
+    Infer,
+    InferDone,
+    SamplingParams,
+    Timings,
+    TokenChunk,
+    Usage,
+    Welcome,
+    decode_from_gateway,
+    encode_link,
+)
 
 KEY = bytes(range(32))
 OTHER = bytes(range(1, 33))
@@ -222,3 +238,24 @@ def test_the_limiter_tracks_a_bounded_number_of_addresses():
     assert len(lim._failures) + len(lim._locked_until) <= 100
     # A live lockout is not what gets dropped to make room.
     assert lim.blocked_for("victim") == 30.0
+
+
+def test_the_worked_example_in_docs_protocol_md_is_what_the_code_sends():
+    text = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    blocks = dict(re.findall(r"<!-- frame: (\w+) -->\n```\n(.*?)```", text, re.S))
+
+    def frame(name: str) -> bytes:
+        return bytes.fromhex(blocks[name])
+
+    challenge = Challenge(versions=[1], node_id="node-1", nonce_n=NONCE_N)
+    hello = make_hello(KEY, challenge, "gw-1", nonce_g=NONCE_G)
+    assert frame("challenge") == encode_link(challenge)
+    assert frame("hello") == encode_link(hello)
+    assert frame("welcome") == encode_link(check_hello([KEY], challenge, hello))
+    assert decode_from_gateway(frame("infer")) == Infer(
+        id="r1", model="smollm2-9f86d081",
+        request=CompletionRequest(prompt="The capital of France is", params=SamplingParams(max_tokens=2, temperature=0.0)))
+    assert frame("chunk") == encode_link(TokenChunk(id="r1", text=" Paris", tokens=1))
+    assert frame("done") == encode_link(InferDone(id="r1", finish_reason="length",
+                                                  usage=Usage(prompt_tokens=5, completion_tokens=2),
+                                                  timings=Timings(ttft_s=0.25, tokens_per_s=20.0, total_s=0.3)))

@@ -56,7 +56,7 @@ from test_node import collect, make_settings, only_id, wait_ready
 REPO = Path(__file__).resolve().parent.parent
 WIRED = "run_service" in (REPO / "optimanode" / "cli.py").read_text()
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(300)
 
 
 # -- a stand-in for systemd's notification socket ---------------------------------------------
@@ -495,10 +495,11 @@ async def timed_collect(stream) -> tuple[str, Done, float]:
 
 
 async def test_sigterm_lets_a_streaming_request_finish_and_leaves_a_consistent_journal(tmp_path, model_dir, notify):
-    settings = make_settings(tmp_path, **{"scan.enable_new": "true", "drain_deadline_s": "30"})
+    # A deadline far past what 100 tokens take even on a loaded 2-core machine: this is the "finishes" case.
+    settings = make_settings(tmp_path, **{"scan.enable_new": "true", "drain_deadline_s": "150"})
     async with serving(settings, notifier_for(notify)) as (service, task):
         node, eid, pid = await running_model(service)
-        stream = node.infer(eid, CompletionRequest(prompt="1, 2,", params=SamplingParams(temperature=0, max_tokens=200)),
+        stream = node.infer(eid, CompletionRequest(prompt="1, 2,", params=SamplingParams(temperature=0, max_tokens=100)),
                             request_id="draining-request")
         await anext(stream)
         rest = asyncio.ensure_future(timed_collect(stream))
@@ -506,11 +507,11 @@ async def test_sigterm_lets_a_streaming_request_finish_and_leaves_a_consistent_j
         stopping = await notify.await_for("STOPPING", 10)
         with pytest.raises(ShuttingDown):  # new requests are refused at once
             await anext(node.infer(eid, CompletionRequest(prompt="x", params=SamplingParams(max_tokens=2))))
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(180):
             text, done, done_at = await rest
             assert await task == 0
     # It finished in full, while the node was already draining.
-    assert done.finish_reason == "length" and done.usage.completion_tokens == 200
+    assert done.finish_reason == "length" and done.usage.completion_tokens == 100
     assert done_at > stopping.t
     assert gone(pid), "the worker outlived its node"
     rows = assert_journal_consistent(tmp_path / "state")
@@ -556,7 +557,7 @@ async def test_a_second_sigterm_stops_at_once_and_the_journal_opens_cleanly(tmp_
         async with asyncio.timeout(60):
             assert await task == 0
         # Far short of the 120 s deadline: the drain was cut, the workers still stopped in order.
-        assert time.monotonic() - first_at < 20
+        assert time.monotonic() - first_at < 40
     assert gone(pid)
     journal = await Journal.open(tmp_path / "state" / "journal.sqlite3")
     try:

@@ -17,8 +17,10 @@ How it works:
   read before it succeeds. The keys are re-read when the key files change (rotation needs no restart).
 * After the Welcome, a ``Session`` (gateway/session.py) serves the connection. Several Gateways
   may be connected at once; each has its own session, queue and tasks.
-* ``stop`` ends every session with ``shutting_down`` for its running requests and close code
-  1001, then closes the listener.
+* ``stop`` ends every session at once: its running requests get ``shutting_down`` (and are
+  cancelled on the workers), then close code 1001; then the listener closes. For a graceful stop,
+  ``await node.drain()`` first (new requests are refused with ``shutting_down`` while running ones
+  finish), then ``await server.stop()``, then ``await node.stop()``.
 * Metrics come from the ``sample`` callable (optimanode.metrics.Sampler.sample in the node). Its
   report is reused for 0.1 s so that many subscribed Gateways do not multiply its cost.
 """
@@ -77,7 +79,12 @@ def _reason(text: str) -> str:
 
 
 class GatewayServer:
-    """``GatewayServer(node, settings, sample, node_id)``; ``await start()``, ``.port``, ``await stop()``."""
+    """``GatewayServer(node, settings, sample, node_id)``; ``await start()``, ``.port``, ``await stop()``.
+
+    ``host``/``port`` override ``settings.listen`` (tests use port 0); ``start`` raises ConfigError
+    for an unusable key file or certificate. The keyword arguments after those are the limits
+    docs/protocol.md states, adjustable for tests.
+    """
 
     def __init__(self, node: Node, settings: Settings, sample: Callable[[], MetricsReport], node_id: str, *,
                  host: str | None = None, port: int | None = None,

@@ -1,0 +1,286 @@
+"""Continuous batching in the worker (``parallel`` > 1) with the real SmolLM2-135M model.
+
+One worker with 4 slots serves most of the module (started as tests/test_worker.py starts its
+own); the KV-error case drives the engine in-process so llama_decode can be made to fail.
+
+Exactness: llama.cpp's CPU kernels compute each row of a batch on its own, so a greedy request
+gives the same tokens alone, batched with others, or after a reused prefix. The tests assert
+equal text, not a common prefix; on SmolLM2 Q4_1 (CPU, 2 threads, per-sequence KV cells) no
+difference was found.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from optimanode import protocol as p
+from tests.test_worker import Worker, completion, text_of
+
+N_CTX = 1024
+PARALLEL = 4
+WINDOW = N_CTX // PARALLEL  # 256: llama.cpp's per-sequence cells, already a multiple of 256
+pytestmark = pytest.mark.timeout(300)
+
+PROMPTS = [
+    "The quick brown fox",
+    "1, 2, 3, 4, 5,",
+    "Once upon a time, in a land far away,",
+    "def fibonacci(n):",
+]
+TRACE_LINE = re.compile(r"request (\S+): slot (\d+), prompt (\d+) tokens \((\d+) reused, (\d+) evaluated\)")
+
+
+@pytest.fixture(scope="module")
+def started(smollm2_path: Path) -> Iterator[tuple[Worker, p.Ready]]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPTIMANODE_WORKER_TRACE", "1")  # one stderr line per request: reuse counts
+        w = Worker()
+    try:
+        w.send(p.WorkerSettings(model_path=str(smollm2_path), n_ctx=N_CTX, n_threads=2, parallel=PARALLEL))
+        ready = w.recv(timeout=120)
+        assert isinstance(ready, p.Ready), ready
+        yield w, ready
+        w.send(p.Shutdown())
+        assert w.wait(timeout=20) == 0
+    finally:
+        w.kill()
+
+
+@pytest.fixture
+def worker(started: tuple[Worker, p.Ready]) -> Worker:
+    w = started[0]
+    assert w.proc.poll() is None, f"the module's worker died; stderr: {w.stderr[-5:]}"
+    return w
+
+
+def collect_all(w: Worker, ids: list[str], timeout: float = 120,
+                order: list[p.Chunk | p.Done | p.Failed] | None = None) -> dict[str, tuple[list[p.Chunk], Any]]:
+    """Read interleaved messages until every id has its Done or Failed (``order`` gets them all)."""
+    out: dict[str, tuple[list[p.Chunk], Any]] = {i: ([], None) for i in ids}
+    deadline = time.monotonic() + timeout
+    while any(final is None for _, final in out.values()):
+        msg = w.recv(timeout=max(0.1, deadline - time.monotonic()))
+        assert msg.id in out and out[msg.id][1] is None, msg
+        if order is not None:
+            order.append(msg)
+        if isinstance(msg, p.Chunk):
+            out[msg.id][0].append(msg)
+        else:
+            out[msg.id] = (out[msg.id][0], msg)
+    return out
+
+
+def solo(w: Worker, request: p.InferenceRequest, id: str) -> str:
+    chunks, done = w.generate(request, id=id)
+    assert isinstance(done, p.Done), done
+    return text_of(chunks)
+
+
+def trace_of(w: Worker, id: str) -> tuple[int, int, int, int]:
+    """(slot, prompt tokens, reused, evaluated) from the worker's trace line for ``id``."""
+    def line() -> re.Match[str] | None:
+        return next((m for m in map(TRACE_LINE.search, w.stderr) if m and m.group(1) == id), None)
+    deadline = time.monotonic() + 5
+    while (m := line()) is None:
+        assert time.monotonic() < deadline, f"no trace line for {id}: {w.stderr[-5:]}"
+        time.sleep(0.02)
+    return int(m.group(2)), int(m.group(3)), int(m.group(4)), int(m.group(5))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ready_reports_the_whole_context(started: tuple[Worker, p.Ready]) -> None:
+    assert started[1].n_ctx == N_CTX
+
+
+def test_batched_greedy_outputs_equal_each_prompts_solo_output(worker: Worker) -> None:
+    reqs = [completion(prompt, max_tokens=48) for prompt in PROMPTS]
+    alone = [solo(worker, r, f"solo{i}") for i, r in enumerate(reqs)]
+    for i, r in enumerate(reqs):
+        worker.send(p.Generate(id=f"batch{i}", request=r))
+    got = collect_all(worker, [f"batch{i}" for i in range(len(reqs))])
+    for i in range(len(reqs)):
+        chunks, done = got[f"batch{i}"]
+        assert isinstance(done, p.Done) and done.finish_reason == "length", done
+        assert done.usage.completion_tokens == 48 == sum(c.tokens for c in chunks)
+        assert text_of(chunks) == alone[i], (PROMPTS[i], text_of(chunks), alone[i])
+
+
+def test_requests_beyond_the_slots_wait_and_are_all_served(worker: Worker) -> None:
+    reqs = {f"many{i}": completion(f"Item {i}: a list of fruits:", max_tokens=12) for i in range(PARALLEL + 2)}
+    alone = {i: solo(worker, r, f"{i}-solo") for i, r in reqs.items()}
+    for i, r in reqs.items():
+        worker.send(p.Generate(id=i, request=r))
+    got = collect_all(worker, list(reqs))
+    for i, (chunks, done) in got.items():
+        assert isinstance(done, p.Done), done
+        assert text_of(chunks) == alone[i]
+
+
+def test_a_request_joins_a_running_batch_and_leaves_it_early(worker: Worker) -> None:
+    """B joins while A streams and finishes first; A streams on; both give their solo text."""
+    a, b = completion(PROMPTS[1], max_tokens=120), completion(PROMPTS[0], max_tokens=10)
+    alone_a, alone_b = solo(worker, a, "a-solo"), solo(worker, b, "b-solo")
+    worker.send(p.Generate(id="a", request=a))
+    first = worker.recv()
+    assert isinstance(first, p.Chunk) and first.id == "a"
+    worker.send(p.Generate(id="b", request=b))
+    order: list[Any] = []
+    got = collect_all(worker, ["a", "b"], order=order)
+    (chunks_a, done_a), (chunks_b, done_b) = got["a"], got["b"]
+    assert isinstance(done_a, p.Done) and isinstance(done_b, p.Done)
+    assert first.text + text_of(chunks_a) == alone_a
+    assert text_of(chunks_b) == alone_b
+    assert done_b.usage.completion_tokens == 10 and done_a.usage.completion_tokens == 120
+    # B really ran beside A: A streamed before B's first chunk, between B's chunks, and after
+    # B's Done (not one after the other).
+    ids = [(m.id, type(m).__name__) for m in order]
+    b_first, b_done = ids.index(("b", "Chunk")), ids.index(("b", "Done"))
+    assert ("a", "Chunk") in ids[b_first:b_done], ids
+    assert ("a", "Chunk") in ids[b_done:], ids
+
+
+def test_cancel_of_one_sequence_leaves_the_others_streaming(worker: Worker) -> None:
+    reqs = {i: completion(PROMPTS[k], max_tokens=40) for k, i in enumerate(["c0", "c1", "c2"])}
+    alone = {i: solo(worker, r, f"{i}-solo") for i, r in reqs.items()}
+    for i, r in reqs.items():
+        worker.send(p.Generate(id=i, request=r))
+    out: dict[str, tuple[list[p.Chunk], Any]] = {i: ([], None) for i in reqs}
+    cancelled_at: int | None = None
+    deadline = time.monotonic() + 120
+    while any(final is None for _, final in out.values()):
+        msg = worker.recv(timeout=max(0.1, deadline - time.monotonic()))
+        if isinstance(msg, p.Chunk):
+            out[msg.id][0].append(msg)
+            if msg.id == "c1" and cancelled_at is None:
+                worker.send(p.Cancel(id="c1"))
+                cancelled_at = sum(c.tokens for c in out["c1"][0])
+        else:
+            out[msg.id] = (out[msg.id][0], msg)
+    chunks, done = out["c1"]
+    assert isinstance(done, p.Done) and done.finish_reason == "cancelled"
+    assert cancelled_at is not None and done.usage.completion_tokens <= cancelled_at + 3
+    for i in ("c0", "c2"):
+        chunks, done = out[i]
+        assert isinstance(done, p.Done) and done.finish_reason == "length", done
+        assert text_of(chunks) == alone[i]
+
+
+def test_a_request_that_cannot_fit_fails_and_the_others_go_on(worker: Worker) -> None:
+    a, b = completion(PROMPTS[1], max_tokens=60), completion(PROMPTS[2], max_tokens=60)
+    alone_a, alone_b = solo(worker, a, "fa-solo"), solo(worker, b, "fb-solo")
+    worker.send(p.Generate(id="fa", request=a))
+    worker.send(p.Generate(id="fb", request=b))
+    worker.send(p.Generate(id="big", request=completion("hello " * (WINDOW + 10), max_tokens=4)))
+    got = collect_all(worker, ["fa", "fb", "big"])
+    chunks, failed = got["big"]
+    assert chunks == [] and isinstance(failed, p.Failed) and failed.code == "context_overflow"
+    assert str(WINDOW) in failed.message and "per slot" in failed.message
+    assert text_of(got["fa"][0]) == alone_a and got["fa"][1].finish_reason == "length"
+    assert text_of(got["fb"][0]) == alone_b and got["fb"][1].finish_reason == "length"
+
+
+def test_max_tokens_is_clamped_to_the_slot_window(worker: Worker) -> None:
+    prompt = ", ".join(str(i) for i in range(1, 60)) + ","  # about 230 tokens of counting
+    chunks, done = worker.generate(completion(prompt, max_tokens=200), id="clamp")
+    assert isinstance(done, p.Done), done
+    assert done.finish_reason == "length"
+    assert done.usage.prompt_tokens + done.usage.completion_tokens == WINDOW
+    assert sum(c.tokens for c in chunks) == done.usage.completion_tokens
+
+
+def test_a_seeded_sampled_request_repeats_inside_a_batch(worker: Worker) -> None:
+    seeded = completion("Once upon a time", max_tokens=32, temperature=1.0, seed=1234)
+    alone = solo(worker, seeded, "seed-solo")
+    worker.send(p.Generate(id="seed", request=seeded))
+    others = [f"noise{i}" for i in range(PARALLEL - 1)]
+    for i in others:  # unseeded neighbours draw their own random numbers
+        worker.send(p.Generate(id=i, request=completion(PROMPTS[int(i[-1])], max_tokens=32, temperature=1.0)))
+    got = collect_all(worker, ["seed", *others])
+    assert text_of(got["seed"][0]) == alone
+
+
+def test_a_second_chat_turn_evaluates_only_the_new_tokens(worker: Worker) -> None:
+    turn1 = [p.ChatMessage(role="user", content="Name three colours of the rainbow.")]
+    chunks, done1 = worker.generate(p.ChatRequest(messages=turn1, params=p.SamplingParams(max_tokens=24, temperature=0.0)),
+                                    id="turn1")
+    assert isinstance(done1, p.Done)
+    turn2 = [*turn1, p.ChatMessage(role="assistant", content=text_of(chunks)),
+             p.ChatMessage(role="user", content="And two more?")]
+    req2 = p.ChatRequest(messages=turn2, params=p.SamplingParams(max_tokens=24, temperature=0.0))
+    chunks2, done2 = worker.generate(req2, id="turn2")
+    assert isinstance(done2, p.Done)
+    _, n_prompt1, _, _ = trace_of(worker, "turn1")
+    slot, n_prompt2, reused, evaluated = trace_of(worker, "turn2")
+    assert n_prompt2 == done2.usage.prompt_tokens and reused + evaluated == n_prompt2
+    # The whole first prompt (and the reply tokens as the template re-renders them) is reused.
+    assert reused >= n_prompt1, (n_prompt1, n_prompt2, reused, evaluated)
+    assert evaluated < n_prompt2 - n_prompt1 + 24, (n_prompt1, n_prompt2, reused, evaluated)
+    # The reused cells give the same answer as a fresh evaluation would: the same request on a
+    # fresh-looking slot (another prompt displaces nothing: the slot keeps the cells) repeats.
+    chunks3, _ = worker.generate(req2, id="turn2-again")
+    assert text_of(chunks3) == text_of(chunks2)
+    assert trace_of(worker, "turn2-again")[3] == 1  # only the last prompt token
+
+
+# ---------------------------------------------------------------------------------------------
+# llama_decode failing (in-process: the engine's loop with a llama_decode that refuses one sequence)
+
+
+def test_llama_decode_refusing_one_sequence_fails_only_that_request(smollm2_path: Path, monkeypatch: Any) -> None:
+    import llama_cpp
+
+    from optimanode import worker as wk
+
+    sent: queue.Queue[Any] = queue.Queue()
+    engine = wk.Engine(p.WorkerSettings(model_path=str(smollm2_path), n_ctx=768, n_threads=2, parallel=3),
+                       lambda msgs: [sent.put(m) for m in msgs])
+    jobs = wk._Jobs()
+    loop = threading.Thread(target=engine.serve, args=(jobs,), daemon=True)
+    loop.start()
+    try:
+        def run(ids_reqs: dict[str, p.InferenceRequest]) -> dict[str, tuple[str, Any]]:
+            for i, r in ids_reqs.items():
+                assert jobs.add(wk._Job(id=i, request=r))
+            out: dict[str, tuple[str, Any]] = {i: ("", None) for i in ids_reqs}
+            while any(f is None for _, f in out.values()):
+                msg = sent.get(timeout=60)
+                text, _ = out[msg.id]
+                out[msg.id] = (text + msg.text, None) if isinstance(msg, p.Chunk) else (text, msg)
+            return out
+
+        a, b = completion(PROMPTS[0], max_tokens=16), completion(PROMPTS[3], max_tokens=16)
+        alone = run({"a0": a}), run({"b0": b})
+        real = llama_cpp.llama_decode
+        victim = 1  # a, v, b arrive together: slots 0, 1, 2
+
+        def refusing(ctx: Any, batch: Any) -> int:
+            if any(batch.seq_id[i][0] == victim for i in range(batch.n_tokens)):
+                return 1
+            return real(ctx, batch)
+
+        monkeypatch.setattr(llama_cpp, "llama_decode", refusing)
+        got = run({"a": a, "v": completion(PROMPTS[1], max_tokens=16), "b": b})
+        monkeypatch.setattr(llama_cpp, "llama_decode", real)
+        assert isinstance(got["v"][1], p.Failed) and got["v"][1].code == "context_overflow", got["v"]
+        assert "llama_decode returned 1" in got["v"][1].message
+        assert got["a"][0] == alone[0]["a0"][0] and got["a"][1].finish_reason == "length"
+        assert got["b"][0] == alone[1]["b0"][0] and got["b"][1].finish_reason == "length"
+        # The slot that failed is usable again.
+        again = run({"v2": completion(PROMPTS[1], max_tokens=4)})
+        assert isinstance(again["v2"][1], p.Done)
+    finally:
+        jobs.close()
+        loop.join(timeout=30)
+        assert not loop.is_alive()
+        engine.close()
