@@ -437,7 +437,7 @@ class Service:
     async def _heartbeat(self, node: Node) -> None:
         """WATCHDOG=1 every half WatchdogSec, and STATUS= when it changed. Runs on the loop on purpose."""
         interval = self.notifier.watchdog_interval()
-        last = ""
+        last = describe(node)  # what READY=1 carries
         while True:
             if interval is not None:
                 self.notifier.watchdog()

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import socket
+import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -210,7 +211,11 @@ def test_llama_cpp_importable_in_a_subprocess_reports_its_build():
     c = check_llama_cpp()
     assert c.status == "ok", c
     assert c.detail.startswith("llama-cpp-python 0.3") and "GPU offload" in c.detail and "CPU:" in c.detail
-    assert "llama_cpp" not in sys.modules  # only the probe process imported it
+    # Only the probe process imports llama_cpp (a fresh interpreter, since other tests here may have).
+    out = subprocess.run([sys.executable, "-c", "import sys; from optimanode.doctor import check_llama_cpp; "
+                          "c = check_llama_cpp(); print(c.status, 'llama_cpp' in sys.modules)"],
+                         capture_output=True, text=True, timeout=150)
+    assert out.stdout.split() == ["ok", "False"], out.stdout + out.stderr
     # With a GPU present, a CPU-only build is a warning that says how to rebuild.
     warn = check_llama_cpp(gpu_present=True)
     assert warn.status == "warn" and "GGML_CUDA" in warn.fix
