@@ -115,6 +115,7 @@ class Node:
         self.executors: dict[str, Executor] = {}
         self.registry = Registry(settings.models_path)
         self._wake = asyncio.Event()
+        self._scan_wake = asyncio.Event()
         self._changed = asyncio.Condition()
         self._main: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
@@ -296,6 +297,14 @@ class Node:
         check_model_settings(settings)
         await self._desire(ex, ex.enabled, settings, by)
         return self.status(executor_id)
+
+    def apply_settings(self, settings: Settings) -> None:
+        """New settings on the running node (SIGHUP); keys that need a restart were kept by service.merge_live."""
+        self.settings = settings
+        for ex in self.executors.values():
+            self._refresh_admission(ex)
+        self._wake.set()
+        self._scan_wake.set()
 
     # -- what the node reports -------------------------------------------------------------
 
@@ -509,7 +518,10 @@ class Node:
         while True:
             # A file still being copied is looked at again soon, not a whole interval later.
             interval = self.settings.scan.interval_s
-            await asyncio.sleep(min(interval, self.registry.settle_s + 0.5) if pending else interval)
+            self._scan_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(interval, self.registry.settle_s + 0.5) if pending else interval):
+                    await self._scan_wake.wait()  # apply_settings wakes it so a new interval applies now
             pending = bool((await self.rescan()).pending)
 
     async def _hash_loop(self) -> None:

@@ -246,20 +246,10 @@ def apply_settings(node: Node, new: Settings) -> Reloaded:
     per-model admission bounds (queue size, parallel) that are built from the defaults. Model
     defaults that change a running worker's effective settings make the reconciler restart that
     worker, exactly as a per-model ``configure`` does (its in-flight requests end).
-
-    Stand-in until ``Node.apply_settings`` exists (it belongs in node.py: it touches the node's
-    private state); ``Service`` calls that method when the node has it.
     """
     result = merge_live(node.settings, new)
     before = {eid: node.effective(ex) for eid, ex in node.executors.items() if ex.worker is not None}
-    method = getattr(node, "apply_settings", None)
-    if callable(method):
-        method(result.settings)
-    else:
-        node.settings = result.settings
-        for ex in node.executors.values():
-            node._refresh_admission(ex)  # noqa: SLF001 - see the docstring: this moves into Node
-        node._wake.set()  # noqa: SLF001 - let the reconciler act on the new policy now, not next tick
+    node.apply_settings(result.settings)
     restarted = [eid for eid, eff in before.items() if node.effective(node.executors[eid]) != eff]
     if restarted:
         log.warning("new model defaults: restarting the workers of %s", ", ".join(sorted(restarted)))

@@ -3,9 +3,8 @@
 A stand-in for systemd is one AF_UNIX datagram socket (``NotifySocket``) whose reader thread stamps
 each message on arrival. The service runs either in this test's event loop (``run_service`` in a
 task; signals are delivered with ``os.kill(os.getpid(), ...)`` and its handlers are removed when it
-returns) or as a real process (``tests/service_driver.py``, which is what ``optimanode run`` becomes
-once the cli is wired to the service; the same test of ``python -m optimanode run`` runs from then
-on). Every wait is bounded; nothing sleeps and hopes.
+returns) or as the real process (``python -m optimanode run``, with its Gateway link). Every wait is
+bounded; nothing sleeps and hopes.
 """
 
 from __future__ import annotations
@@ -54,7 +53,6 @@ from optimanode.service import (
 from test_node import collect, make_settings, only_id, wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
-WIRED = "run_service" in (REPO / "optimanode" / "cli.py").read_text()
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -576,21 +574,16 @@ async def test_a_second_sigterm_stops_at_once_and_the_journal_opens_cleanly(tmp_
 # -- the real process --------------------------------------------------------------------------
 
 
-def _wiring_marks():
-    return pytest.mark.xfail(not WIRED, run=False, reason="needs cli.serve wired to optimanode.service.run_service")
-
-
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("command", ["driver", pytest.param("optimanode-run", marks=_wiring_marks())])
-def test_the_service_process_under_a_stand_in_systemd(tmp_path, model_dir, command):
+def test_optimanode_run_under_a_stand_in_systemd(tmp_path, model_dir):
+    """The real `optimanode run` (node, Gateway link, metrics): READY, WATCHDOG, SIGHUP, SIGTERM."""
     ns = NotifySocket()
     cfg = write_config(tmp_path / "optimanode.toml", tmp_path, scan={"enable_new": True})
     state = tmp_path / "state"
     env = dict(os.environ, NOTIFY_SOCKET=ns.address, WATCHDOG_USEC="1000000")
     env = {k: v for k, v in env.items() if not k.startswith("OPTIMANODE_")}
-    argv = ([str(REPO / "tests" / "service_driver.py")] if command == "driver" else ["-m", "optimanode"])
     log = tmp_path / "stderr.log"
-    proc = subprocess.Popen([sys.executable, *argv, "run", "--config", str(cfg)], env=env, cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "optimanode", "run", "--config", str(cfg)], env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=log.open("wb"))
     try:
         ready = ns.wait_for("READY", 90)
