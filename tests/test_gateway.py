@@ -878,3 +878,94 @@ async def test_keygen_and_fingerprint_commands(tmp_path, capsys, monkeypatch):
     cert, _ = tls.ensure_certificate(settings, "cli-node")
     assert client_cli.fingerprint_main(["--state-dir", str(state)]) == 0
     assert capsys.readouterr().out.strip() == tls.fingerprint_file(cert)
+
+
+async def test_a_replayed_answer_from_an_earlier_handshake_is_rejected(light):
+    key = keys.read_key(light.settings.key_path)
+    ws = await raw_connect(light)
+    first = await recv(ws)
+    recorded = make_hello(key, first, "honest")
+    await ws.send(encode_link(recorded))
+    assert isinstance(await recv(ws), Welcome)
+    await ws.close()
+    # An eavesdropper replays the recorded Hello: the new Challenge has a fresh nonce, so it fails.
+    ws = await raw_connect(light)
+    second = await recv(ws)
+    assert isinstance(second, Challenge) and second.nonce_n != first.nonce_n
+    await ws.send(encode_link(recorded))
+    assert await until_closed(ws) == [] and ws.close_code == 4001
+
+
+async def test_a_protocol_version_the_node_does_not_speak_is_closed_with_4003(light):
+    key = keys.read_key(light.settings.key_path)
+    ws = await raw_connect(light)
+    challenge = await recv(ws)
+    assert 99 not in challenge.versions
+    await ws.send(encode_link(make_hello(key, challenge, "future-gateway", version=99)))
+    assert await until_closed(ws) == [] and ws.close_code == 4003
+
+
+async def test_cancel_stops_decoding_the_workers_token_count_stops_growing(started):
+    c = await client(started)
+    try:
+        stream = c.infer(started.eid, CompletionRequest(prompt="1, 2,", params=LONG), request_id="stopme")
+        assert isinstance(await anext(stream), TokenChunk)
+        await c.cancel("stopme")
+        _, done = await collect(stream, timeout=10)
+        assert done.finish_reason == "cancelled"
+        worker = started.node.executors[started.eid].worker
+        assert worker is not None
+        counted = worker.tokens_out
+        await asyncio.sleep(0.5)  # a worker still decoding would have sent ~50 more tokens by now
+        assert worker.tokens_out == counted
+        assert counted < 30
+    finally:
+        await c.close()
+
+
+# -- property-based: garbage and mutated frames never crash a session ----------------------------
+
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st  # noqa: E402
+
+from optimanode.protocol import ERROR_CODES, GetModel, Infer, ReadEvents, CancelInfer  # noqa: E402
+
+# Valid frames that leave the shared node as it is (no enable/disable/configure/rescan), to mutate.
+SEEDS = [encode_link(m) for m in (
+    ListModels(id="l"), GetModel(id="g", model="nope"), ReadEvents(id="e", limit=3),
+    Infer(id="i", model="no-such-model", request=CompletionRequest(prompt="hi")),
+    CancelInfer(id="c"), Subscribe(id="s", interval_s=0.25), Unsubscribe(id="u"),
+)]
+
+
+@st.composite
+def frames(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["garbage", "mutated", "truncated"]))
+    if kind == "garbage":
+        return draw(st.binary(min_size=0, max_size=200))
+    seed = bytearray(draw(st.sampled_from(SEEDS)))
+    if kind == "truncated":
+        return bytes(seed[: draw(st.integers(0, max(0, len(seed) - 1)))])
+    for _ in range(draw(st.integers(1, 4))):
+        seed[draw(st.integers(0, len(seed) - 1))] = draw(st.integers(0, 255))
+    return bytes(seed)
+
+
+@hsettings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.lists(frames(), min_size=1, max_size=8))
+async def test_generated_garbage_and_mutated_frames_get_documented_errors_and_the_session_survives(started, batch):
+    ws = await raw_session(started.server, started.key, gateway_id="fuzzer")
+    try:
+        for data in batch:
+            await ws.send(data)
+        await ws.send(encode_link(Unsubscribe(id="end-metrics")))
+        await ws.send(encode_link(ListModels(id="sentinel")))
+        async with asyncio.timeout(20):
+            while True:
+                msg = await recv(ws)  # decodes as a documented node message, or the test fails here
+                if isinstance(msg, Error):
+                    assert msg.code in ERROR_CODES, msg
+                if isinstance(msg, Models) and msg.id == "sentinel":
+                    break  # the session answered after all the garbage: it is alive and in order
+        assert ws.close_code is None
+    finally:
+        await ws.close()
