@@ -62,10 +62,10 @@ def test_smollm2_counts_match_gguf_package(smollm2_path: Path) -> None:
 
 
 def gemma3_path() -> Path:
-    path = MODEL_CACHE / "gemma-3-270m-q4_k_m.gguf"
-    if not path.is_file():
-        pytest.skip(f"{path} missing: run tools/fetch-models gemma3")
-    return path
+    """Fetched on first use (tools/fetch-models, cached): a missing model is a failure, never a skip."""
+    from conftest import fetch_model
+
+    return fetch_model("gemma3")
 
 
 def test_gemma3_header() -> None:
