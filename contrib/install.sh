@@ -26,6 +26,9 @@ Options:
   --no-start        install everything but do not enable or start the service
   --skip-apt        do not apt-get install the build prerequisites
   --python PATH     the Python 3.11+ to build the environment from (default /usr/bin/python3)
+  --wheels DIR      install without the network, from the wheels in DIR only (pip --no-index
+                    --find-links DIR): every dependency, llama-cpp-python built for this machine, and
+                    setuptools>=68 for building OptimaNode itself
   -h, --help        this text
 
 Other llama.cpp backends are chosen the same way as --cuda, with CMAKE_ARGS (see docs/operations.md):
@@ -45,6 +48,7 @@ CUDA=0
 NVIDIA=auto
 START=1
 APT=1
+WHEELS=
 # The system's Python, not one under /root or /home: the service cannot reach those (ProtectHome=).
 PYTHON=/usr/bin/python3
 [ -x "$PYTHON" ] || PYTHON=$(command -v python3 || echo python3)
@@ -59,6 +63,7 @@ while [ $# -gt 0 ]; do
     --no-start) START=0 ;;
     --skip-apt) APT=0 ;;
     --python) PYTHON=${2:?--python needs a path}; shift ;;
+    --wheels) WHEELS=${2:?--wheels needs a directory}; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -66,6 +71,14 @@ while [ $# -gt 0 ]; do
 done
 
 SRC=$(cd "$(dirname "$0")/.." && pwd)
+# The service user reads /opt/optimanode and the unit file: a hardened root umask (027, 077) must not
+# make them private. What has to be private (the key, the settings) gets its mode explicitly.
+umask 022
+pip_source=()
+if [ -n "$WHEELS" ]; then
+  WHEELS=$(cd "$WHEELS" && pwd)
+  pip_source=(--no-index --find-links "$WHEELS")
+fi
 say() { printf 'install.sh: %s\n' "$*"; }
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -123,15 +136,15 @@ if [ -d "$PREFIX/src" ]; then mv "$PREFIX/src" "$PREFIX/src.old"; fi
 mv "$PREFIX/src.new" "$PREFIX/src"
 rm -rf "$PREFIX/src.old"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
-say "installing OptimaNode into $VENV (building llama-cpp-python can take several minutes)"
-"$VENV/bin/python" -m pip install --quiet --upgrade -e "$PREFIX/src"
+"$VENV/bin/python" -m pip install --quiet "${pip_source[@]}" --upgrade pip
+say "installing OptimaNode into $VENV (building llama-cpp-python can take several minutes)${WHEELS:+, from $WHEELS only}"
+"$VENV/bin/python" -m pip install --quiet "${pip_source[@]}" --upgrade -e "$PREFIX/src"
 if [ "$CUDA" = 1 ]; then
   llama_version=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')
   say "rebuilding llama-cpp-python $llama_version with CUDA"
   # --no-cache-dir: pip would otherwise reuse the CPU wheel it built a moment ago.
   CMAKE_ARGS="-DGGML_CUDA=on" "$VENV/bin/python" -m pip install --quiet --no-deps --no-cache-dir \
-    --no-binary llama-cpp-python --force-reinstall "llama-cpp-python==$llama_version"
+    "${pip_source[@]}" --no-binary llama-cpp-python --force-reinstall "llama-cpp-python==$llama_version"
 fi
 # The post-mortem tool: optimanode-inspect-journal --state-dir /var/lib/optimanode timeline
 install -d -m 0755 "$PREFIX/bin"

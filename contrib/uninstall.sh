@@ -12,7 +12,8 @@ Stops and disables the optimanode service, removes its unit (and drop-ins) and /
 
 Kept unless --purge: /var/lib/optimanode (the journal: every model's history and desired state),
 /etc/optimanode (settings and the access key the Gateway knows) and the optimanode user and group.
-Never removed: the models directory (/srv/optimanode/models or wherever models_dir points).
+Never removed: the models directory (/srv/optimanode/models or wherever models_dir points);
+--purge gives it to the group root, as the optimanode group goes.
 
   --purge     also remove /var/lib/optimanode, /etc/optimanode and the optimanode user and group
   -h, --help  this text
@@ -50,6 +51,14 @@ rm -rf /opt/optimanode
 say "removed the service and /opt/optimanode"
 
 if [ "$PURGE" = 1 ]; then
+  # The models stay, but not in a group that is about to disappear: a group created later with the
+  # same number would be able to read them.
+  models=$(sed -n 's/^models_dir *= *"\(.*\)" *$/\1/p' /etc/optimanode/optimanode.toml 2>/dev/null | head -n 1 || true)
+  models=${models:-/srv/optimanode/models}
+  if [ -d "$models" ] && [ "$(stat -c %G "$models")" = optimanode ]; then
+    chgrp root "$models"
+    say "kept the models in $models, now group root"
+  fi
   rm -rf /var/lib/optimanode /etc/optimanode
   if getent passwd optimanode >/dev/null; then
     userdel optimanode
