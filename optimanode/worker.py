@@ -37,44 +37,61 @@ Slots and the context
     up to a multiple of 256 (so ``Ready.n_ctx``, the real total, can exceed the configured
     ``n_ctx``: 512 with parallel=4 becomes 4 x 256 = 1024). That per-slot size is the window a
     request must fit in. A slot never holds more than its window, so the cache as a whole never
-    overflows whatever the mix of requests, and attention of one sequence only reads its own
-    cells (the unified layout makes every token attend over every sequence's cells).
+    overflows whatever the mix of requests, and a sequence's attention reads only its own
+    cells (with the unified layout every token attends over all sequences' cells). Flash
+    attention is left to llama.cpp's automatic choice, as in llama-server.
 
 The loop (one iteration = one ``llama_decode``)
-    a. Take what the reader queued (blocking only when nothing runs). A running request whose
+    a. Take what the reader queued (blocking only when nothing runs; woken from idle, wait
+       1 ms so that requests sent together start in the same batch). A running request whose
        cancel flag is set ends at once with ``Done(finish_reason="cancelled")`` (so a cancel
        lands within one token); a waiting one is answered the same way without evaluating
        anything. Requests beyond the free slots wait in arrival order (the node's admission
        bounds them).
     b. A waiting request is checked (params, template, prompt length vs. the slot window) and
-       put in a free slot: the free slot whose cached tokens share the longest prefix with its
-       prompt (prefix reuse, below), else the lowest free one.
-    c. One ``llama_batch`` is built: one token (the last one sampled) for every generating
+       put in a free slot: the one whose cached tokens share the longest prefix with its
+       prompt (prefix reuse, below); among equals the one that keeps the running sequence
+       ids consecutive (a hole left by a finished request, else a neighbour of the running
+       block), then the lowest.
+    c. The running sequence ids are kept consecutive: llama.cpp splits a batch of per-sequence
+       cells into one micro-batch (one pass over the weights) per run of consecutive ids, so
+       sequences 0, 2 and 5 would cost three passes a step. When a request in the middle ends
+       and leaves a hole, a running sequence is moved into it: ``llama_memory_seq_cp`` across
+       streams replaces the destination's cells with a copy of the source's at once in the
+       cache's bookkeeping and queues a copy of the whole stream buffer (a few MiB for a small
+       model), which llama.cpp performs, in order, at the start of the next ``llama_decode``
+       before that batch writes any cell. That decode follows in the same step, so the source
+       (which keeps its cells and tokens as a reusable cache) may take a new request at once.
+       The destination's own cached tokens are lost. Models with a recurrent state are never
+       moved (``seq_cp`` shares their state instead of copying it).
+    d. One ``llama_batch`` is built: one token (the last one sampled) for every generating
        sequence, then, with what is left of ``n_batch``, the next chunk of prompt tokens of the
        sequences still in prompt processing, oldest request first (chunked prefill: a long
        prompt is spread over several steps of at most ``n_batch`` tokens, so the streams that
-       are generating get a token every step). Tokens are ordered by sequence id, because
-       llama.cpp splits a multi-sequence batch into micro-batches of consecutive sequence ids.
-       Logits are asked for only where a token will be sampled: each generating token and the
-       last prompt token of a sequence whose prompt completes in this batch.
-    d. ``llama_decode`` once. Each sequence with a logits row is sampled with its own chain,
+       are generating still get a token every step). Logits are asked for only where a token
+       will be sampled: each generating token, and the last prompt token of a sequence whose
+       prompt completes in this batch.
+    e. ``llama_decode`` once. Each sequence with a logits row is sampled with its own chain,
        ``llama_sampler_sample(chain, ctx, i)``: llama.cpp reads row *i* in place, nothing is
        copied into Python. Then end of generation / stop string / max tokens are checked; a
-       finished request gets its ``Done`` and leaves its slot at once.
+       finished request gets its ``Done`` and leaves its slot at once. The step's frames are
+       written with one write.
     ``llama_decode`` returning 1 (no KV cells for the batch; the slot windows make it
-    unexpected) fails only the sequence with the most tokens in the batch, with
-    ``context_overflow``, and the batch is decoded again without it; any other error fails the
-    sequences of that batch with ``internal``. Either way the other slots go on.
+    unexpected) leaves the cache as it was: each sequence of the batch is then decoded on its
+    own, and the ones that still do not fit fail with ``context_overflow`` while the others go
+    on. Any other error fails the sequences of that batch with ``internal`` and clears their
+    cells; the other slots go on.
 
 Prefix reuse
     A slot remembers the tokens whose K/V its sequence holds (``_Slot.cached``); when a request
-    ends they stay (freeing them would not give other slots any room: the cells are per
-    sequence). A new request goes to the free slot sharing the longest prefix with its prompt;
-    ``llama_memory_seq_rm(mem, seq, n_common, -1)`` drops the rest and only the remaining prompt
-    tokens are evaluated (at least the last one, whose logits give the first token). The
-    second turn of a chat thus evaluates only the new turn. A cancelled request keeps its
-    cells too; a failed one clears them. Set ``OPTIMANODE_WORKER_TRACE=1`` to get one stderr
-    line per request with the prompt tokens reused and evaluated.
+    ends they stay (freeing them would give no other slot any room: the cells are per
+    sequence) until the slot is reused. A new request goes to the free slot sharing the
+    longest prefix with its prompt; ``llama_memory_seq_rm(mem, seq, n_common, -1)`` drops the
+    rest and only the remaining prompt tokens are evaluated (at least the last one, whose
+    logits give the first token). The second turn of a chat thus evaluates only the new turn.
+    A cancelled request keeps its cells too; a failed one clears them. Set
+    ``OPTIMANODE_WORKER_TRACE=1`` to get one stderr line per request (slot, prompt tokens
+    reused and evaluated) and per move.
 
 Requests
     * Text completion: the prompt is tokenized with the model's own BOS rule (special tokens are
@@ -143,6 +160,8 @@ EXIT_OK, EXIT_CRASH, EXIT_PROTOCOL, EXIT_LOAD = 0, 1, 2, 3
 
 # How many recent tokens a repeat penalty looks at (llama-cpp-python's last_n_tokens_size).
 PENALTY_LAST_N = 64
+# How long the loop, woken from idle by a request, waits for the others sent with it.
+COALESCE_S = 0.001
 # One stderr line per finished request (slot, prompt tokens reused/evaluated, outcome).
 TRACE = os.environ.get("OPTIMANODE_WORKER_TRACE", "") not in ("", "0")
 
@@ -377,6 +396,12 @@ def _backend() -> str:
     return "gpu"
 
 
+def _runs(seqs: list[int]) -> int:
+    """How many runs of consecutive ids ``seqs`` holds (0, 1, 2, 5 -> 2)."""
+    ids = sorted(seqs)
+    return sum(1 for i, s in enumerate(ids) if i == 0 or s != ids[i - 1] + 1)
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     if a[:n] == b[:n]:  # the usual case for a follow-up turn: one C-level comparison
@@ -468,6 +493,10 @@ class Engine:
         if not self.ctx:
             raise RuntimeError("llama_init_from_model failed")
         self.mem = llama_cpp.llama_get_memory(self.ctx)
+        # Sequences are moved between slots only where a move is a plain copy of KV cells
+        # (llama_kv_cache across streams); a recurrent state is shared, not copied, by seq_cp.
+        self.movable = parallel > 1 and not (llama_cpp.llama_model_is_recurrent(self.model)
+                                             or llama_cpp.llama_model_is_hybrid(self.model))
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.n_batch = llama_cpp.llama_n_batch(self.ctx)
         # Each sequence has its own n_ctx_seq cells (n_ctx / parallel, rounded up to 256).
@@ -594,7 +623,14 @@ class Engine:
                 return
             # Block only when there is nothing to decode; after Shutdown, poll for a Generate
             # that was accepted just before it and is still on its way into the queue.
-            for job in jobs.take(block=idle, timeout=0.05 if closing else None):
+            taken = jobs.take(block=idle, timeout=0.05 if closing else None)
+            if idle and taken and not closing:
+                # Woken from idle: requests sent together are usually still being decoded by
+                # the reader thread. A millisecond lets them join the first batch instead of
+                # waiting behind the first request's prompt.
+                time.sleep(COALESCE_S)
+                taken += jobs.take(block=False)
+            for job in taken:
                 if job is None:
                     closing = True
                 else:
@@ -658,14 +694,19 @@ class Engine:
             per = f" per slot ({len(self.slots)} slots)" if len(self.slots) > 1 else ""
             raise _Reject("context_overflow",
                           f"the prompt is {len(tokens)} tokens; the context window is {self.window}{per}")
-        # The free slot sharing the longest prefix; at least the last prompt token is evaluated,
-        # because its logits give the first token. Ties go to the lowest sequence id, which
-        # keeps the running sequences contiguous (llama.cpp batches consecutive ids together).
-        slot, n_common = free[0], -1
-        for s in free:
+        # The free slot sharing the longest prefix (at least the last prompt token is evaluated:
+        # its logits give the first token). Among equals, the one that leaves the fewest runs of
+        # consecutive running sequence ids (a hole first, then a neighbour of the running block),
+        # so no move is needed to keep them consecutive (see _compact); then the lowest id.
+        # Reuse comes first: a move is one copy of the cells, cheaper than evaluating tokens.
+        running = [s.seq for s in self.slots if s.run is not None]
+
+        def key(s: _Slot) -> tuple[int, int, int]:
             n = min(_common_prefix(s.cached, tokens), len(tokens) - 1)
-            if n > n_common:
-                slot, n_common = s, n
+            return n, -_runs([*running, s.seq]), -s.seq
+
+        slot = max(free, key=key)
+        n_common = key(slot)[0]
         if n_common < len(slot.cached):
             if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, n_common, -1):
                 # A memory that cannot drop a tail (recurrent models): start this sequence over.
@@ -683,8 +724,36 @@ class Engine:
         self.prompt_tokens_total += len(tokens)
         self.prompt_tokens_evaluated += len(tokens) - n_common
 
+    def _compact(self) -> None:
+        """Keep the running sequence ids consecutive, moving sequences into holes if needed.
+
+        With per-sequence KV cells llama.cpp splits a batch into one micro-batch per run of
+        consecutive sequence ids (each a full pass over the weights): running sequences 0, 2
+        and 5 would cost three passes a step instead of one. A move is ``llama_memory_seq_cp``
+        across streams: the bookkeeping changes now, the buffer copy is queued and done at the
+        start of the next ``llama_decode``, before it writes any cell; ``_step`` calls that
+        right after this, so no cell of the source can be rewritten before it is copied. The
+        source keeps its cells and tokens as a reusable cache.
+        """
+        running = [s for s in self.slots if s.run is not None]
+        n = len(running)
+        if not self.movable or n < 2 or running[-1].seq - running[0].seq + 1 == n:
+            return
+        # The window of n consecutive slots that already holds the most running sequences.
+        start = max(range(len(self.slots) - n + 1),
+                    key=lambda w: (sum(w <= s.seq < w + n for s in running), -w))
+        holes = [s for s in self.slots[start:start + n] if s.run is None]
+        movers = [s for s in running if not start <= s.seq < start + n]
+        for src, dst in zip(movers, holes):
+            llama_cpp.llama_memory_seq_cp(self.mem, src.seq, dst.seq, -1, -1)
+            dst.run, src.run = src.run, None
+            dst.cached = list(src.cached)
+            if TRACE:
+                _log(f"request {dst.run.job.id}: moved from slot {src.seq} to slot {dst.seq}")  # type: ignore[union-attr]
+
     def _step(self) -> None:
         """Build one batch, decode it, sample every sequence that has a logits row."""
+        self._compact()
         budget = self.n_batch
         plan: list[_Slot] = []
         for slot in self.slots:
