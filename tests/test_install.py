@@ -194,8 +194,9 @@ print(json.dumps(out))
 
 
 class ThrowawayRoot:
-    def __init__(self, base: Path, wheels: Path) -> None:
-        self.upper, self.work, self.root, self.fake = (base / d for d in ("upper", "work", "root", "fake"))
+    def __init__(self, base: Path, layers: Path, wheels: Path) -> None:
+        self.upper, self.work = layers / "upper", layers / "work"
+        self.root, self.fake = base / "root", base / "fake"
         for d in (self.upper, self.work, self.root, self.fake):
             d.mkdir()
         (self.fake / "systemctl").write_text(FAKE_SYSTEMCTL)
@@ -260,22 +261,42 @@ def _why_no_throwaway_root(tmp: Path) -> str | None:
     if system != [str(v) for v in sys.version_info[:2]]:
         return (f"/usr/bin/python3 is {'.'.join(system) or 'missing'}, the wheels from .venv are for "
                 f"{sys.version_info[0]}.{sys.version_info[1]}")
-    for d in ("u", "w", "m"):
-        (tmp / d).mkdir(parents=True)
-    probe = subprocess.run(["unshare", "-mn", "mount", "-t", "overlay", "overlay", "-o",
-                            f"lowerdir=/,upperdir={tmp}/u,workdir={tmp}/w", str(tmp / "m")],
-                           capture_output=True, text=True, timeout=30, check=False)
-    if probe.returncode != 0:
-        return f"cannot overlay / in a mount namespace here: {probe.stderr.strip()}"
     return None
+
+
+def _overlay_fails(layers: Path) -> str | None:
+    """Why / cannot be overlaid with its upper layer in ``layers``, or None when it can."""
+    probe = layers / "probe"
+    for d in ("u", "w", "m"):
+        (probe / d).mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(["unshare", "-mn", "mount", "-t", "overlay", "overlay", "-o",
+                          f"lowerdir=/,upperdir={probe}/u,workdir={probe}/w", str(probe / "m")],
+                         capture_output=True, text=True, timeout=30, check=False)
+    shutil.rmtree(probe)
+    if out.returncode == 0:
+        return None
+    return out.stderr.strip() or f"mount exited {out.returncode}"
 
 
 @pytest.fixture
 def throwaway_root(tmp_path, request) -> ThrowawayRoot:
-    why = _why_no_throwaway_root(tmp_path / "probe")
+    why = _why_no_throwaway_root(tmp_path)
     if why:
         pytest.skip(f"no throwaway root for install.sh: {why}")
-    return ThrowawayRoot(tmp_path, request.getfixturevalue("wheelhouse"))
+    layers = tmp_path / "layers"
+    layers.mkdir()
+    on_disk = _overlay_fails(layers)
+    if on_disk:
+        # tmp_path's file system cannot hold an upper layer (an overlayfs itself, in a container):
+        # a tmpfs can, mounted here for the test's duration.
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "optimanode-test-install", str(layers)],
+                       check=True, timeout=30)
+        request.addfinalizer(lambda: subprocess.run(["umount", "--lazy", str(layers)], check=False, timeout=30))
+        on_tmpfs = _overlay_fails(layers)
+        if on_tmpfs:
+            pytest.skip(f"no throwaway root for install.sh: cannot overlay / in a mount namespace here "
+                        f"({on_disk}; on a tmpfs: {on_tmpfs})")
+    return ThrowawayRoot(tmp_path, layers, request.getfixturevalue("wheelhouse"))
 
 
 # --- the tests ------------------------------------------------------------------------------------
