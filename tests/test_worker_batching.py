@@ -202,10 +202,12 @@ def test_cancel_of_one_sequence_leaves_the_others_streaming(worker: Worker) -> N
     for i, r in reqs.items():
         worker.send(p.Generate(id=i, request=r))
     out: dict[str, tuple[list[p.Chunk], Any]] = {i: ([], None) for i in reqs}
+    order: list[tuple[str, str]] = []
     cancelled_at: int | None = None
     deadline = time.monotonic() + 120
     while any(final is None for _, final in out.values()):
         msg = worker.recv(timeout=max(0.1, deadline - time.monotonic()))
+        order.append((msg.id, type(msg).__name__))
         if isinstance(msg, p.Chunk):
             out[msg.id][0].append(msg)
             if msg.id == "c1" and cancelled_at is None:
@@ -220,6 +222,7 @@ def test_cancel_of_one_sequence_leaves_the_others_streaming(worker: Worker) -> N
         chunks, done = out[i]
         assert isinstance(done, p.Done) and done.finish_reason == "length", done
         assert text_of(chunks) == alone[i]
+        assert (i, "Chunk") in order[order.index(("c1", "Done")):], order  # still streaming after it
 
 
 def test_a_request_that_cannot_fit_fails_and_the_others_go_on(worker: Worker) -> None:
@@ -228,10 +231,13 @@ def test_a_request_that_cannot_fit_fails_and_the_others_go_on(worker: Worker) ->
     worker.send(p.Generate(id="fa", request=a))
     worker.send(p.Generate(id="fb", request=b))
     worker.send(p.Generate(id="big", request=completion("hello " * (WINDOW + 10), max_tokens=4)))
-    got = collect_all(worker, ["fa", "fb", "big"])
+    order: list[Any] = []
+    got = collect_all(worker, ["fa", "fb", "big"], order=order)
     chunks, failed = got["big"]
     assert chunks == [] and isinstance(failed, p.Failed) and failed.code == "context_overflow"
     assert str(WINDOW) in failed.message and "per slot" in failed.message
+    after = {m.id for m in order[order.index(failed):] if isinstance(m, p.Chunk)}
+    assert after == {"fa", "fb"}, after  # both stream on after the refusal
     assert text_of(got["fa"][0]) == alone_a and got["fa"][1].finish_reason == "length"
     assert text_of(got["fb"][0]) == alone_b and got["fb"][1].finish_reason == "length"
 
