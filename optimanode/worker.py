@@ -68,7 +68,8 @@ The loop (one iteration = one ``llama_decode``)
        sequence, then, with what is left of ``n_batch``, the next chunk of prompt tokens of the
        sequences still in prompt processing, oldest request first (chunked prefill: a long
        prompt is spread over several steps of at most ``n_batch`` tokens, so the streams that
-       are generating still get a token every step). Logits are asked for only where a token
+       are generating still get a token every step). Tokens are ordered by sequence id: a
+       micro-batch takes consecutive ids in batch order. Logits are asked for only where a token
        will be sampled: each generating token, and the last prompt token of a sequence whose
        prompt completes in this batch.
     e. ``llama_decode`` once. Each sequence with a logits row is sampled with its own chain,
@@ -698,7 +699,7 @@ class Engine:
         # its logits give the first token). Among equals, the one that leaves the fewest runs of
         # consecutive running sequence ids (a hole first, then a neighbour of the running block),
         # so no move is needed to keep them consecutive (see _compact); then the lowest id.
-        # Reuse comes first: a move is one copy of the cells, cheaper than evaluating tokens.
+        # Reuse comes first: skipped prompt tokens are compute saved, a later move only a copy.
         running = [s.seq for s in self.slots if s.run is not None]
 
         def key(s: _Slot) -> tuple[int, int, int]:
