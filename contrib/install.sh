@@ -76,6 +76,7 @@ SRC=$(cd "$(dirname "$0")/.." && pwd)
 umask 022
 pip_source=()
 if [ -n "$WHEELS" ]; then
+  [ -d "$WHEELS" ] || { echo "install.sh: --wheels: no directory $WHEELS" >&2; exit 2; }
   WHEELS=$(cd "$WHEELS" && pwd)
   pip_source=(--no-index --find-links "$WHEELS")
 fi
