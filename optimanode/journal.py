@@ -14,8 +14,9 @@ How it works:
 * The ``executors`` table is a projection updated in the same transaction by ``project`` (a pure
   fold); ``replay`` recomputes it from the events alone, and the two must agree.
 
-Every sqlite3 error is re-raised as JournalError; a failed batch rolls back whole and its callers
-see the error (a full disk loses nothing that was acknowledged).
+Every sqlite3 error, and every row that does not decode (a damaged page SQLite cannot see, or an
+event type written by a newer node), is re-raised as JournalError naming the file; a failed batch
+rolls back whole and its callers see the error (a full disk loses nothing that was acknowledged).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -98,9 +100,31 @@ def _sqlite_error(action: str, exc: BaseException) -> JournalError:
     return JournalError(f"journal {action} failed: {exc.__class__.__name__}: {exc}")
 
 
-def _row_event(row: Sequence[Any]) -> Event:
+def _unreadable(path: Path, where: str, exc: Exception) -> JournalError:
+    return JournalError(f"journal {path} is corrupt: {where} cannot be read ({exc.__class__.__name__}: {exc});"
+                        " it was written by a newer node or damaged")
+
+
+def _decode(path: Path, seq: int, data: str | bytes) -> EventBody:
+    """One event's body; a row that does not decode (damaged, or from a newer node) is a JournalError."""
+    try:
+        return decode_event(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise _unreadable(path, f"event seq {seq}", exc) from exc
+
+
+def _space_left(path: Path) -> str:
+    """A hint for an operator when the journal's file system is (nearly) full; else empty."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return ""
+    return f" (the file system holding it has {free} bytes free)" if free < (1 << 20) else ""
+
+
+def _row_event(path: Path, row: Sequence[Any]) -> Event:
     seq, ts, stream, version, _type, data = row
-    return Event(seq=seq, ts=ts, stream=stream, version=version, body=decode_event(data))
+    return Event(seq=seq, ts=ts, stream=stream, version=version, body=_decode(path, seq, data))
 
 
 class Journal:
@@ -134,7 +158,8 @@ class Journal:
             if isinstance(exc, JournalError):
                 raise
             if isinstance(exc, (sqlite3.Error, OSError)):
-                raise _sqlite_error(f"open of {path}", exc) from exc
+                # SQLite says "disk I/O error" when it cannot create the WAL index on a full disk.
+                raise JournalError(str(_sqlite_error(f"open of {path}", exc)) + _space_left(path)) from exc
             raise
         journal._writer = asyncio.get_running_loop().create_task(journal._write_loop(), name="journal-writer")
         return journal
@@ -268,10 +293,13 @@ class Journal:
     async def _load_projection(self) -> dict[str, ExecutorView]:
         rows = await (await self._db.execute(
             "SELECT id, path, state, enabled, settings, info, last_seq FROM executors")).fetchall()
-        return {r[0]: ExecutorView(id=r[0], path=r[1], state=r[2], enabled=bool(r[3]),
-                                   settings=msgspec.json.decode(r[4], type=ModelSettings),
-                                   info=msgspec.json.decode(r[5], type=ModelInfo), last_seq=r[6])
-                for r in rows}
+        try:
+            return {r[0]: ExecutorView(id=r[0], path=r[1], state=r[2], enabled=bool(r[3]),
+                                       settings=msgspec.json.decode(r[4], type=ModelSettings),
+                                       info=msgspec.json.decode(r[5], type=ModelInfo), last_seq=r[6])
+                    for r in rows}
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise _unreadable(self.path, "the executors projection", exc) from exc
 
     async def replay(self) -> dict[str, ExecutorView]:
         """Recompute every executor's view from the events alone."""
@@ -281,7 +309,7 @@ class Journal:
                     "SELECT seq, stream, data FROM events WHERE stream != ? AND type IN"
                     " ('registered', 'transition', 'desired', 'hashed') ORDER BY seq", (NODE_STREAM,)) as cur:
                 async for seq, stream, data in cur:
-                    new = project(views.get(stream), stream, seq, decode_event(data))
+                    new = project(views.get(stream), stream, seq, _decode(self.path, seq, data))
                     if new is not None:
                         views[stream] = new
         except sqlite3.Error as exc:
@@ -297,7 +325,7 @@ class Journal:
             rows = await (await self._db.execute(sql, args)).fetchall()
         except sqlite3.Error as exc:
             raise _sqlite_error("read", exc) from exc
-        return [_row_event(r) for r in rows]
+        return [_row_event(self.path, r) for r in rows]
 
     async def close(self) -> None:
         if self._closed:

@@ -50,7 +50,7 @@ from optimanode.executors.lifecycle import LIVE, Lifecycle, allowed
 from optimanode.executors.reconciler import Action, Facts, backoff_delay, crashes_in_window, decide, estimate_bytes
 from optimanode.executors.registry import Registry, ScanResult, sha256_of
 from optimanode.executors.supervisor import Admission, ExitInfo, WorkerProcess
-from optimanode.journal import NODE_STREAM, Event, Journal
+from optimanode.journal import NODE_STREAM, Event, ExecutorView, Journal
 from optimanode.protocol import (
     Chunk,
     DesiredChanged,
@@ -140,17 +140,23 @@ class Node:
     async def start(self) -> None:
         self.settings.models_path.mkdir(parents=True, exist_ok=True)
         self.journal = await Journal.open(self.settings.journal_path)
-        await self.journal.append(NODE_STREAM, NodeStarted(pid=os.getpid(), version=__version__))
-        await self._restore()
-        await self.rescan()
+        try:
+            # Replayed before anything is written: a journal that does not replay is left as it was.
+            views = await self.journal.replay()
+            await self.journal.append(NODE_STREAM, NodeStarted(pid=os.getpid(), version=__version__))
+            await self._restore(views)
+            await self.rescan()
+        except BaseException:
+            # Closed here, or its connection thread keeps the process alive after the error.
+            await self.journal.close()
+            raise
         self._main = asyncio.get_running_loop().create_task(self._run(), name="node-main")
         await self._started.wait()
 
-    async def _restore(self) -> None:
-        """Rebuild executors from the journal; states a dead process left behind are recovered."""
+    async def _restore(self, views: dict[str, ExecutorView]) -> None:
+        """Rebuild executors from the replayed journal; states a dead process left behind are recovered."""
         assert self.journal is not None
         now = self.clock()
-        views = await self.journal.replay()
         window = self.settings.restart.crash_window_s
         recent = await self.journal.read(types=["transition"], since_ts=now - window)
         for view in views.values():
