@@ -91,6 +91,9 @@ class Executor:
     worker: WorkerProcess | None = None
     # What the live worker was started from; differs from `wanted()` when settings or file changed.
     worker_key: tuple[WorkerSettings, int, int] | None = None
+    # A worker exit whose crash/stopped transition could not be journaled (a full disk): the
+    # reconciler retries it each tick, so the model comes back once the journal takes writes again.
+    unjournaled_exit: ExitInfo | None = None
     # After the worker stops: ("invalidate" | "vanish", reason).
     after_stop: tuple[str, str] | None = None
     admission: Admission | None = None
@@ -561,6 +564,7 @@ class Node:
 
     async def reconcile_once(self) -> float | None:
         """One decision and its actions; returns when something next becomes due."""
+        await self._retry_unjournaled_exits()
         decision = decide(self.facts(), self.clock(), psutil.virtual_memory().available, self.settings.restart,
                           reserve_bytes=self.settings.memory_reserve_mb * 1024 * 1024)
         for action in decision.actions:
@@ -628,10 +632,13 @@ class Node:
         worker = ex.worker
         if worker is None:
             return
-        if ex.state in ("starting", "running", "restarting"):
-            with contextlib.suppress(IllegalTransition):
-                await self._fire(ex, "stop", reason=reason)
-        await worker.stop(self.settings.restart.stop_grace_s)
+        try:
+            if ex.state in ("starting", "running", "restarting"):
+                with contextlib.suppress(IllegalTransition):
+                    await self._fire(ex, "stop", reason=reason)
+        finally:
+            # Even when the stop cannot be journaled (a full disk): no worker outlives its node.
+            await worker.stop(self.settings.restart.stop_grace_s)
 
     async def _on_worker_exit(self, worker: WorkerProcess, info: ExitInfo) -> None:
         ex = self.executors.get(worker.executor_id)
@@ -639,12 +646,31 @@ class Node:
             return
         try:
             await self._after_exit(ex, info)
+        except JournalError as exc:
+            self._exit_unjournaled(ex, info, exc)
         finally:
             # Cleared only now: until the crash is journaled a request still finds this (dead)
             # worker and gets worker_crashed, rather than a "running" model with no worker.
             if ex.worker is worker:
                 ex.worker, ex.worker_key = None, None
             self._wake.set()
+
+    def _exit_unjournaled(self, ex: Executor, info: ExitInfo, exc: JournalError) -> None:
+        ex.unjournaled_exit = info
+        ex.reason = f"its worker ended ({info.describe()}) and that could not be journaled yet: {exc}"
+        log.error("executor %s: %s; retrying every tick", ex.id, ex.reason)
+
+    async def _retry_unjournaled_exits(self) -> None:
+        for ex in self.executors.values():
+            info = ex.unjournaled_exit
+            if info is None or ex.worker is not None:
+                continue
+            try:
+                await self._after_exit(ex, info)
+            except JournalError:
+                continue  # still full: next tick
+            ex.unjournaled_exit = None
+            log.info("executor %s: the worker's end is journaled now", ex.id)
 
     async def _after_exit(self, ex: Executor, info: ExitInfo) -> None:
         details = dict(pid=info.pid, exit_code=info.exit_code, signal=info.signal, uptime_s=info.uptime_s,
@@ -659,6 +685,7 @@ class Node:
         if ex.state not in ("starting", "running", "restarting"):
             return
         now = self.clock()
+        before = ex.crash_times, ex.restart_at
         ex.crash_times = [t for t in ex.crash_times if now - t <= self.settings.restart.crash_window_s] + [now]
         n = len(ex.crash_times)
         delay = backoff_delay(n, self.settings.restart, random.random())
@@ -667,8 +694,12 @@ class Node:
         last = next((line for line in reversed(info.stderr_tail) if line.strip()), "")
         reason = what + (f": {last}" if last and not info.was_ready else "")
         budget_left = n < self.settings.restart.crash_budget
-        await self._fire(ex, "crash", reason=reason, restart_in_s=round(delay, 3) if budget_left else None,
-                         **details)
+        try:
+            await self._fire(ex, "crash", reason=reason, restart_in_s=round(delay, 3) if budget_left else None,
+                             **details)
+        except JournalError:
+            ex.crash_times, ex.restart_at = before  # counted once, when the retry journals it
+            raise
 
 
 def usable_cores() -> int:

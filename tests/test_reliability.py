@@ -37,7 +37,7 @@ if __name__ == "__main__":
 
 from optimanode.client import ConnectionLost, NodeClient, RemoteError  # noqa: E402
 from optimanode.config import load_settings  # noqa: E402
-from optimanode.errors import JournalError  # noqa: E402
+from optimanode.errors import JournalError, ModelNotRunning  # noqa: E402
 from optimanode.gateway import keys, tls  # noqa: E402
 from optimanode.node import Node  # noqa: E402
 from optimanode.protocol import (  # noqa: E402
@@ -360,13 +360,36 @@ async def test_a_full_disk_refuses_desired_changes_and_the_running_model_keeps_s
                 assert isinstance(last, InferDone)
                 assert node.status(a).state == "running"
 
-                # Space again: the same change goes through, with no restart.
+                # The worker dies while the disk is full: its crash cannot be journaled. Requests are
+                # refused at once, saying why (no hang, no "running" model that never answers) ...
+                pid = node.status(a).pid
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+                async with asyncio.timeout(15):
+                    while node.status(a).pid is not None:
+                        await asyncio.sleep(0.02)
+                with pytest.raises(ModelNotRunning, match="could not be journaled yet: .*disk is full"):
+                    async for _ in node.infer(a, CompletionRequest(prompt="Hello", params=GREEDY)):
+                        pass
+
+                # Space again: the same change goes through, with no restart of the node, and the
+                # crash is journaled and the model restarted.
                 if mounted:
                     filler.unlink()
                 else:
                     await db.execute("PRAGMA max_page_count = 1073741823")
                 st = await c.enable(b)
                 assert st.enabled
+                t_space = time.perf_counter()
+                async with asyncio.timeout(90):
+                    while (st_a := node.status(a)).state != "running" or st_a.pid is None:
+                        await asyncio.sleep(0.05)
+                print(f"full disk ({disk}): model running again {time.perf_counter() - t_space:.2f} s after space "
+                      "came back")
+                assert st_a.pid != pid and st_a.restarts == 1 and st_a.recent_crashes == 1
+                async for msg in c.infer(a, CompletionRequest(prompt="Hello", params=GREEDY)):
+                    last = msg
+                assert isinstance(last, InferDone) and last.usage.completion_tokens > 0
                 await c.close()
             finally:
                 await server.stop()
@@ -377,6 +400,17 @@ async def test_a_full_disk_refuses_desired_changes_and_the_running_model_keeps_s
         db2.close()
         assert [(s, d["enabled"]) for s, d in desired] == [(a, True), (b, True)], desired
         assert all("n_ctx" not in d.get("settings", {}) for _, d in desired)
+        trail = [json.loads(d)["trigger"] for (d,) in db2_rows(state, a)]
+        assert trail[:5] == ["enable", "start", "ready", "crash", "restart"], trail  # the crash once, late
+
+
+def db2_rows(state: Path, stream: str) -> list[tuple[str]]:
+    db = sqlite3.connect(f"file:{state / 'journal.sqlite3'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT data FROM events WHERE stream = ? AND type = 'transition' ORDER BY seq",
+                          (stream,)).fetchall()
+    finally:
+        db.close()
 
 
 # -- a corrupt journal -------------------------------------------------------------------------
