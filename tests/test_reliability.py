@@ -140,15 +140,21 @@ async def by_name(client: NodeClient) -> dict[str, str]:
     return {Path(m.info.path).name: m.id for m in await client.models()}
 
 
-async def stream_tok_s(client: NodeClient, eid: str, prompts: list[str], max_tokens: int) -> float:
-    """Completion tokens per second over these requests, one after another."""
-    tokens, t = 0, time.perf_counter()
+async def stream_tok_s(client: NodeClient, eid: str, prompts: list[str], max_tokens: int) -> tuple[float, float]:
+    """Completion tokens per second over these requests, one after another, and the longest wait
+    for a chunk (from the request, then from the chunk before): what a stalled event loop shows."""
+    tokens, t, gap = 0, time.perf_counter(), 0.0
     for prompt in prompts:
+        last = time.perf_counter()
         async for msg in client.infer(eid, CompletionRequest(prompt=prompt, params=SamplingParams(
                 temperature=0.0, max_tokens=max_tokens))):
+            now = time.perf_counter()
+            if isinstance(msg, TokenChunk):
+                gap = max(gap, now - last)
+                last = now
             if isinstance(msg, InferDone):
                 tokens += msg.usage.completion_tokens
-    return tokens / (time.perf_counter() - t)
+    return tokens / (time.perf_counter() - t), gap
 
 
 @pytest.fixture
@@ -348,8 +354,9 @@ async def test_a_full_disk_refuses_desired_changes_and_the_running_model_keeps_s
                     await node.configure(a, ModelSettings(n_ctx=256))
                 assert node.status(a).settings.n_ctx is None
                 # Over the Gateway link the same refusal arrives as an error naming the cause.
-                with pytest.raises(RemoteError, match="disk is full"):
+                with pytest.raises(RemoteError, match="disk is full") as remote:
                     await c.enable(b)
+                assert remote.value.code == "internal", remote.value
                 # The running model keeps serving (its request events cannot be journaled; that is logged).
                 for _ in range(2):
                     async for msg in node.infer(a, CompletionRequest(prompt="The capital of France is", params=GREEDY)):
@@ -628,9 +635,11 @@ async def flooding(url: str, key: bytes) -> AsyncIterator[dict[str, int]]:
 
 
 async def test_a_flooding_gateway_does_not_starve_a_good_one(tmp_path, smollm2_path):
-    """Functional guard, not a benchmark: the good Gateway keeps at least half its throughput
-    (measured in the same test, alone and beside the flood, in the better of at least two rounds);
-    docs/reliability.md has the measured figure."""
+    """Functional guard, not a benchmark. The stated margin: beside the flood the good Gateway keeps
+    at least half its throughput alone (measured in the same test, round by round) and never waits
+    more than 1 s for a token, the first included (alone: tens of ms), in at least one of two to five rounds.
+    Throughput alone would miss a stalled event loop (tokens queue up in the pipe and arrive in a
+    burst), hence the gap. docs/reliability.md has the measured figures."""
     models = tmp_path / "models"
     models.mkdir()
     (models / "a.gguf").symlink_to(smollm2_path)
@@ -644,25 +653,32 @@ async def test_a_flooding_gateway_does_not_starve_a_good_one(tmp_path, smollm2_p
         await wait_state(good, eid, {"running"})
         await stream_tok_s(good, eid, ["0. Hello"], 8)  # warm-up
         key, _ = node.credentials()
-        ratios, floods = [], []
-        # Rounds of alone-then-flooded until one shows the good Gateway kept half its rate: starvation
-        # fails every round, while a neighbour's load on a shared machine only spoils some.
+        rounds: list[tuple[float, float]] = []
+        floods: list[dict[str, int]] = []
+
+        def kept_up(ratio: float, gap: float) -> bool:
+            return ratio >= 0.5 and gap < 1.0
+
+        # Rounds of alone-then-flooded until one shows the good Gateway kept up: starvation fails
+        # every round, while a neighbour's load on a shared machine only spoils some.
         for r in range(5):
-            if ratios and max(ratios) >= 0.5 and len(ratios) >= 2:
+            if len(rounds) >= 2 and any(kept_up(*x) for x in rounds):
                 break
-            alone = await stream_tok_s(good, eid, [f"{r}1. The history of Rome", f"{r}2. A recipe for bread:"], 48)
+            alone, gap_alone = await stream_tok_s(
+                good, eid, [f"{r}1. The history of Rome", f"{r}2. A recipe for bread:"], 48)
             async with flooding(node.url, key) as counts:
-                flooded = await stream_tok_s(good, eid, [f"{r}3. The history of Rome", f"{r}4. A recipe:"], 48)
-            ratios.append(flooded / alone)
+                flooded, gap = await stream_tok_s(good, eid, [f"{r}3. The history of Rome", f"{r}4. A recipe:"], 48)
+            rounds.append((flooded / alone, gap))
             floods.append(counts)
-            print(f"round {r}: good Gateway alone {alone:.1f} tok/s, beside the flood {flooded:.1f} tok/s "
-                  f"(ratio {flooded / alone:.2f}); flood: {counts}")
+            print(f"round {r}: good Gateway alone {alone:.1f} tok/s (longest gap {gap_alone * 1000:.0f} ms), beside "
+                  f"the flood {flooded:.1f} tok/s (longest gap {gap * 1000:.0f} ms), ratio {flooded / alone:.2f}; "
+                  f"flood: {counts}")
+        assert any(kept_up(*x) for x in rounds), rounds
         for counts in floods:
             # The flood was real, every garbage frame was answered bad_request, and no wrong key got in.
             assert counts["garbage_frames"] > 20 and counts["bad_handshakes"] > 5, counts
             assert counts["bad_request_answers"] == counts["garbage_frames"], counts
             assert counts["welcomed_with_wrong_key"] == 0, counts
-        assert max(ratios) >= 0.5, ratios
         assert not good.closed
         await good.close()
         assert node.stop() == 0, node.tail()
