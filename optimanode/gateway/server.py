@@ -111,6 +111,7 @@ class GatewayServer:
         self._server: Server | None = None
         self._stopping = False
         self._sampled: tuple[float, MetricsReport] | None = None
+        self._lockout_logged: dict[str, float] = {}  # address → until when its lockout is logged
 
     @property
     def port(self) -> int:
@@ -158,6 +159,19 @@ class GatewayServer:
         self._sampled = (now, report)
         return report
 
+    def _log_lockout(self, addr: str, wait: float) -> None:
+        """One WARNING per address per lockout; the refusals after it go to DEBUG, so a peer retrying
+        in a loop (the flood test saw about 150 connections a second) cannot fill the log."""
+        now = time.monotonic()
+        if self._lockout_logged.get(addr, 0.0) > now:
+            log.debug("refused a Gateway connection from %s: locked out for %.0f s more", addr, wait)
+            return
+        if len(self._lockout_logged) >= 10_000:  # bounded, like the limiter
+            self._lockout_logged = {a: t for a, t in self._lockout_logged.items() if t > now}
+        self._lockout_logged[addr] = now + wait
+        log.warning("refused a Gateway connection from %s: locked out for %.0f s more after failed handshakes"
+                    " (further refusals until then are logged at DEBUG)", addr, wait)
+
     # -- one connection --------------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -168,8 +182,7 @@ class GatewayServer:
             return
         wait = self.limiter.blocked_for(addr)
         if wait > 0:
-            log.warning("refused a Gateway connection from %s: locked out for %.0f s more after failed handshakes",
-                        addr, wait)
+            self._log_lockout(addr, wait)
             await ws.close(CLOSE_RATE_LIMITED, f"too many failed handshakes; retry in {math.ceil(wait)} s")
             return
         try:
