@@ -411,6 +411,31 @@ async def test_a_full_disk_refuses_desired_changes_and_the_running_model_keeps_s
         assert trail[:5] == ["enable", "start", "ready", "crash", "restart"], trail  # the crash once, late
 
 
+async def test_a_node_stopped_while_its_journal_is_full_still_stops_its_workers(tmp_path, smollm2_path):
+    """The stop of each worker cannot be journaled, and the workers are stopped all the same."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "a.gguf").symlink_to(smollm2_path)
+    settings = load_settings(environ={}, overrides={
+        "models_dir": str(models), "state_dir": str(tmp_path / "state"), "model_defaults.n_ctx": "512",
+        "scan.hash_models": "false", "scan.interval_s": "3600"})
+    node = Node(settings)
+    await node.start()
+    try:
+        (a,) = node.executors
+        await node.enable(a)
+        await node.wait_for_state(a, {"running"}, timeout=60)
+        worker = psutil.Process(node.status(a).pid)
+        db = node.journal._db  # type: ignore[union-attr]
+        (pages,) = await (await db.execute("PRAGMA page_count")).fetchone()  # type: ignore[misc]
+        await db.execute(f"PRAGMA max_page_count = {pages}")
+        await top_off(node)
+    finally:
+        async with asyncio.timeout(60):
+            await node.stop()
+    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, worker
+
+
 def db2_rows(state: Path, stream: str) -> list[tuple[str]]:
     db = sqlite3.connect(f"file:{state / 'journal.sqlite3'}?mode=ro", uri=True)
     try:
