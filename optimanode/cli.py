@@ -54,12 +54,19 @@ def node_id(settings: Settings) -> str:
     """This node's stable id (host name + random suffix), kept in the state directory."""
     path = settings.state_path / "node_id"
     try:
-        return path.read_text(encoding="utf-8").strip()
+        nid = path.read_text(encoding="utf-8").strip()
+        if nid:
+            return nid
     except FileNotFoundError:
-        settings.state_path.mkdir(parents=True, exist_ok=True)
-        nid = f"{socket.gethostname()}-{secrets.token_hex(3)}"
+        pass
+    settings.state_path.mkdir(parents=True, exist_ok=True)
+    nid = f"{socket.gethostname()}-{secrets.token_hex(3)}"
+    try:
         path.write_text(nid + "\n", encoding="utf-8")
-        return nid
+    except OSError:
+        path.unlink(missing_ok=True)  # never leave an empty id behind (a full disk creates the file, then fails)
+        raise
+    return nid
 
 
 async def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
@@ -68,7 +75,11 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
     from optimanode.metrics import Sampler
     from optimanode.service import run_service
 
-    nid = node_id(settings)
+    try:
+        nid = node_id(settings)
+    except OSError as exc:  # a full or read-only state directory on the first start: one line, not a traceback
+        print(f"optimanode: cannot write the node id to {settings.state_path / 'node_id'}: {exc}", file=sys.stderr)
+        return 3
     samplers: list[Sampler] = []
 
     def servers(node: Node, settings: Settings) -> list[GatewayServer]:

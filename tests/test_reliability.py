@@ -534,6 +534,17 @@ def test_an_event_row_that_does_not_decode_stops_the_node_with_exit_code_3(tmp_p
     assert journal.read_bytes() == before
 
 
+def test_a_node_first_started_on_a_full_disk_exits_with_code_3_saying_so(tmp_path):
+    """An empty state directory on a full disk: the node id cannot be written; one line, exit 3."""
+    state = tmp_path / "state"
+    with small_disk(state, "1m"):
+        fill(state)
+        last = refused_start(tmp_path, state)
+        assert last == (f"optimanode: cannot write the node id to {state / 'node_id'}: "
+                        "[Errno 28] No space left on device"), last
+        assert not (state / "node_id").exists()  # no empty id left for the next start to adopt
+
+
 async def test_a_node_restarted_on_a_full_disk_exits_with_code_3_saying_so(tmp_path):
     """A restart on a full state disk (the journal cannot make its WAL) is refused with a line that
     names the journal and the free space, not a bare "disk I/O error"."""
