@@ -270,7 +270,7 @@ def small_disk(path: Path, size: str = "8m"):
     is a failure, so the case cannot quietly stop running there.
     """
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root; the page_cap case stands in for a full disk here")
+        pytest.skip("mounting a tmpfs needs root (CI runs as root); the page_cap case covers SQLITE_FULL without it")
     path.mkdir(parents=True, exist_ok=True)
     out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
                          capture_output=True, text=True, timeout=30)
