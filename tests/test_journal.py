@@ -26,7 +26,8 @@ async def test_a_new_journal_is_in_wal_mode_with_every_migration_recorded(tmp_pa
     await j.close()
     db = sqlite3.connect(tmp_path / "j.sqlite3")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT version, name FROM schema_migrations").fetchall() == [(1, "0001_initial.sql")]
+    assert db.execute("SELECT version, name FROM schema_migrations").fetchall() == [
+        (1, "0001_initial.sql"), (2, "0002_replay_index.sql")]
 
 
 async def test_migrations_are_applied_once_and_new_ones_in_order(tmp_path):
@@ -106,6 +107,34 @@ async def test_replay_equals_the_projection_kept_in_the_same_transaction(tmp_pat
     j = await Journal.open(tmp_path / "j.sqlite3")
     assert j.views() == replayed  # the table on disk, read back
     await j.close()
+
+
+async def test_a_journal_from_before_the_replay_index_gains_it_and_replays_the_same(tmp_path):
+    """An older node's journal (migration 0001 only) is upgraded on open; the replay query walks
+    the partial index without a sort, and skips request events however many there are."""
+    from optimanode.journal import DEFAULT_MIGRATIONS
+
+    old = tmp_path / "old-migrations"
+    old.mkdir()
+    (old / "0001_initial.sql").write_text((DEFAULT_MIGRATIONS / "0001_initial.sql").read_text())
+    path = tmp_path / "j.sqlite3"
+    j = await Journal.open(path, migrations=old)
+    await j.append("a", Registered(info=INFO))
+    for i in range(300):  # request events: not state, never folded
+        await j.append("a", RequestStarted(request_id=f"r{i}", kind="completion"))
+    await j.append("a", Transition(trigger="enable", src="discovered", dst="enabled"))
+    before = j.views()
+    await j.close()
+    j = await Journal.open(path)
+    assert await j.replay() == before == j.views()
+    await j.close()
+    db = sqlite3.connect(path)
+    plan = " ".join(r[3] for r in db.execute(
+        "EXPLAIN QUERY PLAN SELECT seq, stream, data FROM events INDEXED BY events_state WHERE stream != 'node'"
+        " AND type IN ('registered', 'transition', 'desired', 'hashed') ORDER BY seq"))
+    assert "events_state" in plan and "TEMP B-TREE" not in plan, plan
+    assert db.execute("SELECT COUNT(*) FROM events INDEXED BY events_state WHERE stream != 'node' AND type IN"
+                      " ('registered', 'transition', 'desired', 'hashed')").fetchone()[0] == 2
 
 
 def test_a_hash_for_an_older_version_of_the_file_is_not_applied():
