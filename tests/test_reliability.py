@@ -469,6 +469,38 @@ def refused_start(tmp_path: Path, state: Path) -> str:
     return out.stderr.strip().splitlines()[-1]
 
 
+def test_a_port_in_use_stops_the_node_with_one_line_and_exit_code_3(tmp_path):
+    """Another program holds the Gateway port: one line naming the setting and the address, exit 3
+    (not a traceback and exit 1), and the journal the node had opened is left consistent."""
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    (tmp_path / "models").mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPTIMANODE_")}
+    state = tmp_path / "state"
+    try:
+        out = subprocess.run([sys.executable, "-m", "optimanode", "run", "--config", os.devnull, "--models-dir",
+                              str(tmp_path / "models"), "--state-dir", str(state), "--port", str(port),
+                              "--set", "listen.host=127.0.0.1"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        holder.close()
+    assert out.returncode == 3, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"optimanode: listen.host/listen.port: 127.0.0.1:{port}: expected an address"), last
+    assert "in use" in last, last
+    # The node had opened its journal before the listener failed; it was closed cleanly.
+    import sqlite3
+
+    db = sqlite3.connect(state / "journal.sqlite3")
+    assert db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    assert db.execute("SELECT COUNT(*) FROM events WHERE type = 'node_started'").fetchone()[0] == 1
+
+
 def test_a_journal_that_is_not_a_database_stops_the_node_with_exit_code_3(tmp_path):
     state = tmp_path / "state"
     state.mkdir()

@@ -131,10 +131,17 @@ class GatewayServer:
             self.fingerprint = fingerprint_file(cert)
         ensure_key(self.settings.key_path)
         self.keyring.keys()  # a key file with the wrong permissions stops the start, not the first Gateway
-        self._server = await serve(
-            self._handle, self.host, self._port, ssl=ctx, compression=None, max_size=self.max_frame_bytes,
-            ping_interval=self.ping_interval_s, ping_timeout=self.ping_timeout_s, open_timeout=10,
-            close_timeout=5, server_header=None, logger=logging.getLogger("optimanode.gateway.websockets"))
+        try:
+            self._server = await serve(
+                self._handle, self.host, self._port, ssl=ctx, compression=None, max_size=self.max_frame_bytes,
+                ping_interval=self.ping_interval_s, ping_timeout=self.ping_timeout_s, open_timeout=10,
+                close_timeout=5, server_header=None, logger=logging.getLogger("optimanode.gateway.websockets"))
+        except OSError as exc:
+            # A port in use or an address not on this machine is the operator's to fix: one line
+            # (the service exits with 3), not a traceback.
+            raise ConfigError("listen.host/listen.port", f"{self.host}:{self._port}",
+                              "an address of this machine with a free port for the Gateway link (is another "
+                              "node or program using it?)", got=exc.strerror or str(exc)) from exc
         log.info("Gateway link listening on %s:%d (%s)", self.host, self.port,
                  "PLAINTEXT" if self.insecure else f"TLS, certificate {self.fingerprint}")
 
