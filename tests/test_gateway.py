@@ -382,6 +382,20 @@ async def test_repeated_failures_from_one_address_are_locked_out(light, tmp_path
     with pytest.raises(ConnectionFailed) as info:
         await NodeClient.connect(url, key, fingerprint=light.fingerprint)
     assert info.value.close_code == 4008 and "retry in" in info.value.reason
+    # Told 4008 POLITE_REFUSALS times in this lockout; after that its connections are dropped at
+    # accept, before TLS: no close code, and the node does no handshake for them.
+    from optimanode.gateway.server import POLITE_REFUSALS
+
+    for _ in range(POLITE_REFUSALS - 1):
+        with pytest.raises(ConnectionFailed) as info:
+            await NodeClient.connect(url, key, fingerprint=light.fingerprint)
+        assert info.value.close_code == 4008
+    assert light.dropped_before_tls == 0
+    for n in range(1, 4):
+        with pytest.raises((ConnectionFailed, OSError)) as dropped:
+            await NodeClient.connect(url, key, fingerprint=light.fingerprint)
+        assert getattr(dropped.value, "close_code", None) is None, dropped.value
+        assert light.dropped_before_tls == n
 
 
 async def test_the_client_refuses_a_certificate_other_than_the_pinned_one(light, tmp_path):

@@ -9,9 +9,12 @@ How it works:
   closes the connection with 1009), keepalive pings every 20 s (a Gateway that stops answering
   for 20 s more is closed, and its requests cancelled). Plain ``ws://`` is available only with
   ``insecure_plaintext_for_development=True``, and says so loudly in the log.
-* Each connection: an address locked out by the ``FailureLimiter`` (too many failed handshakes)
-  is closed at once with 4008. Otherwise the node sends its Challenge and the whole handshake must
-  finish within ``handshake_timeout_s`` (4002 otherwise). The first frame must be a Hello (any
+* Each connection: TLS is not the listener's but each connection's (``_gated_connection``), so
+  an address can be turned away at TCP accept, before any handshake work. An address locked out
+  by the ``FailureLimiter`` (too many failed handshakes) is closed at once with 4008, the first
+  ``POLITE_REFUSALS`` times in a lockout; after that its connections are dropped at accept.
+  Otherwise the node sends its Challenge and the whole handshake must finish within
+  ``handshake_timeout_s`` (4002 otherwise). The first frame must be a Hello (any
   other message: 4001; a frame that does not decode: 4400); a wrong MAC is 4001, an unoffered
   version 4003. Every failure counts against the remote address; nothing but the handshake is
   read before it succeeds. The keys are re-read when the key files change (rotation needs no restart).
@@ -70,12 +73,88 @@ PING_TIMEOUT_S = 20.0
 SEND_QUEUE_FRAMES = 1024
 SAMPLE_REUSE_S = 0.1
 CLOSE_INTERNAL_ERROR = 1011
+# A locked-out address gets the WebSocket close 4008 ("retry in N s") this many times per lockout;
+# its later connections in the same lockout are dropped at accept, before any TLS, so a peer that
+# ignores 4008 and reconnects in a loop costs the node no handshake (a TLS handshake is the bulk of
+# what a wrong-key flood costs: docs/reliability.md).
+POLITE_REFUSALS = 3
 
 
 def _reason(text: str) -> str:
     """A close reason fits in 123 bytes of UTF-8 (RFC 6455 §5.5)."""
     data = text.encode()
     return data[:123].decode(errors="ignore") if len(data) > 123 else text
+
+
+def _address(peer: object) -> str:
+    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+
+
+def _gated_connection(admit: Callable[[str], bool], tls: ssl.SSLContext | None, tls_timeout_s: float,
+                      tasks: set[asyncio.Task[None]]) -> type[ServerConnection]:
+    """A ``ServerConnection`` that asks ``admit(address)`` at TCP accept, then does TLS itself.
+
+    asyncio's own server-side TLS (``ssl=`` on the listener) handshakes before the protocol sees the
+    connection, so a refused peer would still cost a handshake. Here the listener is plain TCP:
+    ``connection_made`` gets the raw transport, drops it when ``admit`` says no, and otherwise
+    pauses it and upgrades it with ``loop.start_tls`` before websockets sees it. Bytes that arrive
+    between the upgrade and websockets' ``connection_made`` are kept and handed over in order.
+    """
+
+    class GatedConnection(ServerConnection):
+        _started = False
+        _early: list[bytes] | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            if not admit(_address(transport.get_extra_info("peername"))):
+                transport.abort()
+                return
+            if tls is None:
+                self._started = True
+                super().connection_made(transport)
+                return
+            assert isinstance(transport, asyncio.Transport)
+            transport.pause_reading()  # start_tls resumes it; a ClientHello must not reach websockets
+            self._early = []
+            task = asyncio.get_running_loop().create_task(self._upgrade(transport), name="gateway-tls")
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        async def _upgrade(self, transport: asyncio.Transport) -> None:
+            loop = asyncio.get_running_loop()
+            try:
+                secure = await loop.start_tls(transport, self, tls, server_side=True,
+                                              ssl_handshake_timeout=tls_timeout_s)
+            except asyncio.CancelledError:
+                transport.abort()  # the server is stopping
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failed or timed-out TLS handshake: the peer's problem
+                log.debug("TLS handshake from %s failed: %s", _address(transport.get_extra_info("peername")), exc)
+                transport.abort()
+                return
+            if secure is None:
+                transport.abort()
+                return
+            self._started = True
+            early, self._early = self._early or [], None
+            super().connection_made(secure)
+            for data in early:
+                super().data_received(data)
+
+        def data_received(self, data: bytes) -> None:
+            if self._early is not None:
+                self._early.append(data)
+            elif self._started:
+                super().data_received(data)
+
+        def eof_received(self) -> bool | None:
+            return super().eof_received() if self._started else None
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._started:
+                super().connection_lost(exc)
+
+    return GatedConnection
 
 
 class GatewayServer:
@@ -112,6 +191,9 @@ class GatewayServer:
         self._stopping = False
         self._sampled: tuple[float, MetricsReport] | None = None
         self._lockout_logged: dict[str, float] = {}  # address → until when its lockout is logged
+        self._refusals: dict[str, tuple[float, int]] = {}  # address → (lockout end, 4008 closes sent in it)
+        self._tls_tasks: set[asyncio.Task[None]] = set()
+        self.dropped_before_tls = 0  # connections of locked-out addresses dropped at accept
 
     @property
     def port(self) -> int:
@@ -132,10 +214,12 @@ class GatewayServer:
         ensure_key(self.settings.key_path)
         self.keyring.keys()  # a key file with the wrong permissions stops the start, not the first Gateway
         try:
+            # TLS is done per connection by the gated connection class, after the lockout check.
             self._server = await serve(
-                self._handle, self.host, self._port, ssl=ctx, compression=None, max_size=self.max_frame_bytes,
+                self._handle, self.host, self._port, compression=None, max_size=self.max_frame_bytes,
                 ping_interval=self.ping_interval_s, ping_timeout=self.ping_timeout_s, open_timeout=10,
-                close_timeout=5, server_header=None, logger=logging.getLogger("optimanode.gateway.websockets"))
+                close_timeout=5, server_header=None, logger=logging.getLogger("optimanode.gateway.websockets"),
+                create_connection=_gated_connection(self._admit, ctx, 10.0, self._tls_tasks))
         except OSError as exc:
             # A port in use or an address not on this machine is the operator's to fix: one line
             # (the service exits with 3), not a traceback.
@@ -148,6 +232,8 @@ class GatewayServer:
     async def stop(self, timeout: float = 10.0) -> None:
         """Sessions end (running requests get ``shutting_down``, close 1001); the listener closes."""
         self._stopping = True
+        for task in list(self._tls_tasks):
+            task.cancel()
         if self.sessions:
             await asyncio.wait([asyncio.ensure_future(s.shutdown()) for s in list(self.sessions)], timeout=timeout)
         if self._server is not None:
@@ -165,6 +251,27 @@ class GatewayServer:
         report = self._sample()
         self._sampled = (now, report)
         return report
+
+    def _admit(self, addr: str) -> bool:
+        """At TCP accept: False drops the connection before TLS (a locked-out address that was
+        already told 4008 ``POLITE_REFUSALS`` times in this lockout)."""
+        if self.limiter.blocked_for(addr) <= 0:
+            return True
+        until, told = self._refusals.get(addr, (0.0, 0))
+        if until > time.monotonic() and told >= POLITE_REFUSALS:
+            self.dropped_before_tls += 1
+            log.debug("dropped a connection from %s before TLS: locked out and told %d times", addr, told)
+            return False
+        return True
+
+    def _told_locked_out(self, addr: str, wait: float) -> None:
+        now = time.monotonic()
+        until, told = self._refusals.get(addr, (0.0, 0))
+        if until <= now:
+            until, told = now + wait, 0
+        if len(self._refusals) >= 10_000 and addr not in self._refusals:  # bounded, like the limiter
+            self._refusals = {a: r for a, r in self._refusals.items() if r[0] > now}
+        self._refusals[addr] = (until, told + 1)
 
     def _log_lockout(self, addr: str, wait: float) -> None:
         """One WARNING per address per lockout; the refusals after it go to DEBUG, so a peer retrying
@@ -190,6 +297,7 @@ class GatewayServer:
         wait = self.limiter.blocked_for(addr)
         if wait > 0:
             self._log_lockout(addr, wait)
+            self._told_locked_out(addr, wait)
             await ws.close(CLOSE_RATE_LIMITED, f"too many failed handshakes; retry in {math.ceil(wait)} s")
             return
         try:
