@@ -450,11 +450,11 @@ def db2_rows(state: Path, stream: str) -> list[tuple[str]]:
 # -- a corrupt journal -------------------------------------------------------------------------
 
 
-def run_node_once(tmp_path: Path, state: Path) -> subprocess.CompletedProcess[str]:
+def run_node_once(tmp_path: Path, state: Path, port: int | None = None) -> subprocess.CompletedProcess[str]:
     (tmp_path / "models").mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPTIMANODE_")}
     return subprocess.run([sys.executable, "-m", "optimanode", "run", "--config", os.devnull, "--models-dir",
-                           str(tmp_path / "models"), "--state-dir", str(state), "--port", str(free_port()),
+                           str(tmp_path / "models"), "--state-dir", str(state), "--port", str(port or free_port()),
                            "--set", "listen.host=127.0.0.1"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
 
@@ -478,14 +478,9 @@ def test_a_port_in_use_stops_the_node_with_one_line_and_exit_code_3(tmp_path):
     holder.bind(("127.0.0.1", 0))
     holder.listen()
     port = holder.getsockname()[1]
-    (tmp_path / "models").mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPTIMANODE_")}
     state = tmp_path / "state"
     try:
-        out = subprocess.run([sys.executable, "-m", "optimanode", "run", "--config", os.devnull, "--models-dir",
-                              str(tmp_path / "models"), "--state-dir", str(state), "--port", str(port),
-                              "--set", "listen.host=127.0.0.1"],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        out = run_node_once(tmp_path, state, port)
     finally:
         holder.close()
     assert out.returncode == 3, out.stderr

@@ -190,7 +190,6 @@ class GatewayServer:
         self._server: Server | None = None
         self._stopping = False
         self._sampled: tuple[float, MetricsReport] | None = None
-        self._lockout_logged: dict[str, float] = {}  # address → until when its lockout is logged
         self._refusals: dict[str, tuple[float, int]] = {}  # address → (lockout end, 4008 closes sent in it)
         self._tls_tasks: set[asyncio.Task[None]] = set()
         self.dropped_before_tls = 0  # connections of locked-out addresses dropped at accept
@@ -264,7 +263,10 @@ class GatewayServer:
             return False
         return True
 
-    def _told_locked_out(self, addr: str, wait: float) -> None:
+    def _refuse(self, addr: str, wait: float) -> None:
+        """Count a 4008 close of a locked-out address (``_admit`` drops it after ``POLITE_REFUSALS``)
+        and log it: one WARNING per address per lockout, the rest at DEBUG, so a peer retrying in a
+        loop (the flood test saw about 150 connections a second) cannot fill the log."""
         now = time.monotonic()
         until, told = self._refusals.get(addr, (0.0, 0))
         if until <= now:
@@ -272,32 +274,22 @@ class GatewayServer:
         if len(self._refusals) >= 10_000 and addr not in self._refusals:  # bounded, like the limiter
             self._refusals = {a: r for a, r in self._refusals.items() if r[0] > now}
         self._refusals[addr] = (until, told + 1)
-
-    def _log_lockout(self, addr: str, wait: float) -> None:
-        """One WARNING per address per lockout; the refusals after it go to DEBUG, so a peer retrying
-        in a loop (the flood test saw about 150 connections a second) cannot fill the log."""
-        now = time.monotonic()
-        if self._lockout_logged.get(addr, 0.0) > now:
+        if told:
             log.debug("refused a Gateway connection from %s: locked out for %.0f s more", addr, wait)
-            return
-        if len(self._lockout_logged) >= 10_000:  # bounded, like the limiter
-            self._lockout_logged = {a: t for a, t in self._lockout_logged.items() if t > now}
-        self._lockout_logged[addr] = now + wait
-        log.warning("refused a Gateway connection from %s: locked out for %.0f s more after failed handshakes"
-                    " (further refusals until then are logged at DEBUG)", addr, wait)
+        else:
+            log.warning("refused a Gateway connection from %s: locked out for %.0f s more after failed handshakes"
+                        " (further refusals until then are logged at DEBUG)", addr, wait)
 
     # -- one connection --------------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
-        peer = ws.remote_address
-        addr = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        addr = _address(ws.remote_address)
         if self._stopping:
             await ws.close(CLOSE_GOING_AWAY, "node shutting down")
             return
         wait = self.limiter.blocked_for(addr)
         if wait > 0:
-            self._log_lockout(addr, wait)
-            self._told_locked_out(addr, wait)
+            self._refuse(addr, wait)
             await ws.close(CLOSE_RATE_LIMITED, f"too many failed handshakes; retry in {math.ceil(wait)} s")
             return
         try:
