@@ -12,8 +12,9 @@ How it works:
   raises ``FingerprintMismatch`` with both fingerprints. Then the mutual handshake: answer the
   Challenge with a Hello whose MAC proves the key, and check the node's Welcome MAC (a node that
   cannot produce it does not hold the key: ``NodeAuthFailed``). The key never leaves this process.
-* One reader task decodes every frame and routes it by ``id`` to the queue of the call waiting
-  for it, so any number of inferences and control calls share the connection. Every Metrics
+* Every frame is decoded as the connection parses it (``_LinkConnection``: no task wakes per
+  frame) and routed by ``id`` to the queue of the call waiting for it, so any number of
+  inferences and control calls share the connection; a reader task notices the connection's end. Every Metrics
   frame also updates ``latest_metrics``, which ``NodePool`` ranks nodes by.
 * ``infer`` is an async iterator of ``TokenChunk`` ... ``InferDone``; an ``Error`` frame raises
   ``RemoteError`` with the node's stable ``code``, ``message`` and ``details``. Leaving the loop
@@ -37,12 +38,13 @@ import logging
 import secrets
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
 
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import DATA_OPCODES, Frame, Opcode
 
 from optimanode.errors import OptimaNodeError, RequestError
 from optimanode.protocol import (
@@ -176,8 +178,31 @@ def mac(key: bytes, label: bytes, nonce_n: bytes, nonce_g: bytes, gateway_id: st
     return hmac.new(key, msg, hashlib.sha256).digest()
 
 
+class _LinkConnection(ClientConnection):
+    """A client connection that can hand whole binary messages to ``frame_sink`` as they are parsed.
+
+    websockets' own path puts every message in an assembler that a reader task awaits; for a token
+    stream that is a task wake per token before the frame is even decoded. With ``frame_sink`` set
+    (after the handshake, which reads with ``recv``), a complete binary message goes straight from
+    the socket's read callback to the sink. Anything else (text, control frames, and every data
+    frame from the first fragmented message on, so that order is kept) takes websockets' path.
+    """
+
+    frame_sink: Callable[[bytes], None] | None = None
+
+    def process_event(self, event: Any) -> None:
+        sink = self.frame_sink
+        if sink is not None and isinstance(event, Frame):
+            if event.opcode is Opcode.BINARY and event.fin:
+                sink(event.data)
+                return
+            if event.opcode is Opcode.CONT or (event.opcode in DATA_OPCODES and not event.fin):
+                self.frame_sink = None
+        super().process_event(event)
+
+
 def _pinned_connection(expected: bytes, seen: list[bytes]) -> type[ClientConnection]:
-    class PinnedConnection(ClientConnection):
+    class PinnedConnection(_LinkConnection):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             # Called once TLS is up and before the HTTP upgrade is written: the check comes first.
@@ -238,6 +263,7 @@ class NodeClient:
             if not insecure_plaintext_for_development:
                 raise ValueError("ws:// is plaintext: pass insecure_plaintext_for_development=True (development only)")
             log.warning("connecting to %s WITHOUT TLS (development only)", url)
+            kwargs.update(create_connection=_LinkConnection)
         else:
             raise ValueError(f"not a node URL: {url!r} (expected wss://host:8022)")
         try:
@@ -282,22 +308,28 @@ class NodeClient:
         await self.close()
 
     async def _read_loop(self) -> None:
+        # Most frames arrive through _on_data, called by the connection as they are parsed; this
+        # loop gets the rest (see _LinkConnection) and notices the end of the connection.
+        if isinstance(self._ws, _LinkConnection):
+            self._ws.frame_sink = self._on_data
         try:
             async for data in self._ws:
-                if isinstance(data, str):
-                    continue
-                try:
-                    msg = decode_from_node(data)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    log.warning("node %s sent a frame this client cannot read: %s", self.node_id, exc)
-                    continue
-                self._route(msg)
+                if not isinstance(data, str):
+                    self._on_data(data)
         except ConnectionClosed:
             pass
         finally:
             self._lost = _Lost(self._ws.close_code, self._ws.close_reason or "")
             for q in self._waiting.values():
                 q.put_nowait(self._lost)
+
+    def _on_data(self, data: bytes) -> None:
+        try:
+            msg = decode_from_node(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("node %s sent a frame this client cannot read: %s", self.node_id, exc)
+            return
+        self._route(msg)
 
     def _route(self, msg: NodeToGateway) -> None:
         if isinstance(msg, Metrics):

@@ -14,8 +14,9 @@ How it works:
   starting and stopping workers through the supervisor. Worker exits come back through
   ``_on_worker_exit``, which journals ``crash`` (with exit code, signal, uptime, stderr tail and
   the backoff) or ``stopped``.
-* ``infer`` is what a Gateway session calls: it checks the request, the model's state and the
-  admission queue, then streams the worker's chunks. Request start and end are journaled in the
+* ``infer`` (an async iterator) and ``infer_to`` (chunks handed to a callback as the worker's pipe
+  delivers them: what a Gateway session calls) check the request, the model's state and the
+  admission queue, then stream the worker's chunks. Request start and end are journaled in the
   background (their durability does not hold up a token).
 """
 
@@ -74,6 +75,17 @@ from optimanode.protocol import (
 log = logging.getLogger(__name__)
 
 RECONCILE_TICK_S = 1.0
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One admitted request, while it runs: what ``Node._admitted`` journals when it ends."""
+
+    rid: str
+    ex: Executor
+    worker: WorkerProcess
+    outcome: str = "error"
+    done: Done | None = None
 
 
 @dataclass
@@ -365,6 +377,37 @@ class Node:
     async def infer(self, executor_id: str, request: InferenceRequest, *, request_id: str | None = None,
                     by: str = "") -> AsyncIterator[Chunk | Done]:
         """Stream a completion: Chunk..., then Done. Raises RequestError with a stable code."""
+        async with self._admitted(executor_id, request, request_id, by) as flight:
+            async for msg in flight.worker.generate(flight.rid, request):
+                if isinstance(msg, Chunk):
+                    # Counted as they stream, so the metrics' tokens/s is smooth, not a spike at the end.
+                    flight.ex.tokens_generated += msg.tokens
+                else:
+                    self._finished(flight, msg)
+                yield msg
+
+    async def infer_to(self, executor_id: str, request: InferenceRequest, on_chunk: Callable[[Chunk], None], *,
+                       request_id: str | None = None, by: str = "") -> Done:
+        """``infer`` with each Chunk handed to ``on_chunk`` as the worker's pipe delivers it.
+
+        The Gateway session's path: no task wakes per token (``WorkerProcess.complete``).
+        ``on_chunk`` must not block. Returns the Done; raises as ``infer`` does.
+        """
+        async with self._admitted(executor_id, request, request_id, by) as flight:
+            ex = flight.ex
+
+            def chunk(msg: Chunk) -> None:
+                ex.tokens_generated += msg.tokens
+                on_chunk(msg)
+
+            done = await flight.worker.complete(flight.rid, request, chunk)
+            self._finished(flight, done)
+            return done
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, executor_id: str, request: InferenceRequest, request_id: str | None,
+                        by: str) -> AsyncIterator[_Flight]:
+        """Check the request and the model, wait for admission, journal the request's start and end."""
         if not self._accepting:
             raise ShuttingDown("the node is shutting down and takes no new requests")
         ex = self._get(executor_id)
@@ -393,34 +436,32 @@ class Node:
             self._requests[rid] = worker
             self._journal_later(ex.id, RequestStarted(request_id=rid, kind=type(request).__struct_config__.tag,  # type: ignore[attr-defined]
                                                       by=by))
-            outcome, done = "error", None
+            flight = _Flight(rid, ex, worker)
             try:
-                async for msg in worker.generate(rid, request):
-                    if isinstance(msg, Chunk):
-                        # Counted as they stream, so the metrics' tokens/s is smooth, not a spike at the end.
-                        ex.tokens_generated += msg.tokens
-                    elif isinstance(msg, Done):
-                        if rid in self._shut_out:
-                            raise ShuttingDown(f"the node is shutting down; request cancelled after the "
-                                               f"{self.settings.drain_deadline_s:g} s drain deadline")
-                        done, outcome = msg, msg.finish_reason
-                    yield msg
+                yield flight
             except RequestError as exc:
-                outcome = exc.code
+                flight.outcome = exc.code
                 raise
             except (asyncio.CancelledError, GeneratorExit):
-                outcome = "cancelled"
+                flight.outcome = "cancelled"
                 raise
             finally:
                 self._requests.pop(rid, None)
                 self._shut_out.discard(rid)
+                done = flight.done
                 if done is not None:
                     ex.requests_served += 1
                 self._journal_later(ex.id, RequestFinished(
-                    request_id=rid, outcome=outcome,
+                    request_id=rid, outcome=flight.outcome,
                     prompt_tokens=done.usage.prompt_tokens if done else 0,
                     completion_tokens=done.usage.completion_tokens if done else 0,
                     ttft_s=done.timings.ttft_s if done else None, total_s=done.timings.total_s if done else None))
+
+    def _finished(self, flight: _Flight, done: Done) -> None:
+        if flight.rid in self._shut_out:
+            raise ShuttingDown(f"the node is shutting down; request cancelled after the "
+                               f"{self.settings.drain_deadline_s:g} s drain deadline")
+        flight.done, flight.outcome = done, done.finish_reason
 
     def busy(self) -> int:
         """Requests running or queued on any model."""

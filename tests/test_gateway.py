@@ -448,39 +448,42 @@ async def test_plaintext_only_with_the_explicit_flag(tmp_path, caplog):
 
 
 async def test_a_gateway_that_does_not_read_is_closed_and_never_blocks_the_producers():
-    """The send policy on its own: a socket that never drains, a small queue."""
-    class StuckSocket:
-        def __init__(self) -> None:
-            self.closed_with: tuple[int, str] | None = None
-            self._closed = asyncio.Event()
+    """The send policy on its own, on a real connection whose peer stops reading, with a small buffer."""
+    limit = 256 * 1024
+    served: asyncio.Future[tuple[Session, asyncio.Task[None]]] = asyncio.get_running_loop().create_future()
+    finished = asyncio.Event()
 
-        async def send(self, data: bytes) -> None:
-            await asyncio.Event().wait()  # the peer never reads
-
-        async def recv(self) -> bytes:
-            await self._closed.wait()
-            raise ConnectionClosed(None, None)
-
-        async def close(self, code: int = 1000, reason: str = "") -> None:
-            self.closed_with = (code, reason)
-            self._closed.set()
-
-    ws = StuckSocket()
-    session = Session(ws=ws, node=None, gateway_id="slow", sample=no_sample, send_queue_frames=8)  # type: ignore[arg-type]
-    run = asyncio.create_task(session.run())
-    await asyncio.sleep(0.01)
-    t0 = time.monotonic()
-    for i in range(4):
-        session.send(Ack(id=str(i)))  # the writer holds one, the queue holds the rest
-    session.send(Metrics(id="m", report=fake_report()), droppable=True)
-    assert session.metrics_dropped == 1  # half full: a snapshot is dropped, the session lives
-    assert ws.closed_with is None
-    for i in range(20):
-        session.send(Ack(id=f"more{i}"))  # never waits
-    assert time.monotonic() - t0 < 0.5
-    async with asyncio.timeout(5):
+    async def handler(ws) -> None:
+        session = Session(ws=ws, node=None, gateway_id="slow", sample=no_sample,  # type: ignore[arg-type]
+                          send_buffer_bytes=limit)
+        run = asyncio.create_task(session.run())
+        served.set_result((session, run))
         await run
-    assert ws.closed_with is not None and ws.closed_with[0] == 4009
+        finished.set()
+
+    async with ws_serve(handler, "127.0.0.1", 0, compression=None, close_timeout=1) as server:
+        port = server.sockets[0].getsockname()[1]
+        # max_queue=1: once a frame waits unread, websockets stops reading the socket, as a stuck
+        # Gateway would; the kernel's buffers fill, then the node's transport buffer.
+        async with ws_connect(f"ws://127.0.0.1:{port}", compression=None, max_queue=1, close_timeout=1):
+            session, run = await served
+            big = Error(code="internal", message="x" * 16384)
+            t0 = time.monotonic()
+            dropped_while_alive = False
+            for _ in range(10_000):  # bounded: 160 MB at most; it ends far sooner
+                if session.closing:
+                    break
+                session.send(big)  # never waits
+                if session.ws.transport.get_write_buffer_size() * 2 >= limit and not session.closing:
+                    session.send(Metrics(id="m", report=fake_report()), droppable=True)
+                    dropped_while_alive = session.metrics_dropped > 0 and not session.closing
+                await asyncio.sleep(0)  # let the peer's loop run: it still reads nothing
+            assert time.monotonic() - t0 < 5
+            assert dropped_while_alive  # half full: a snapshot is dropped, the session lives
+            assert session.closing
+            async with asyncio.timeout(10):
+                await finished.wait()
+            assert session.ws.protocol.close_sent is not None and session.ws.protocol.close_sent.code == 4009
 
 
 def fake_report() -> MetricsReport:

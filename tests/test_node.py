@@ -19,7 +19,8 @@ import psutil
 import pytest
 
 from optimanode.config import load_settings
-from optimanode.errors import BadRequest, ModelNotRunning, Overloaded, ShuttingDown, UnknownModel, WorkerCrashed
+from optimanode.errors import (BadRequest, ModelNotRunning, NodeFault, Overloaded, ShuttingDown, UnknownModel,
+                              WorkerCrashed)
 from optimanode.node import Node
 from optimanode.protocol import ChatMessage, ChatRequest, Chunk, CompletionRequest, Done, ModelSettings, SamplingParams
 import gguf_files
@@ -87,6 +88,37 @@ async def test_an_enabled_model_runs_and_streams_a_completion_and_a_chat_complet
         assert st.requests_served == 2 and st.pid is not None and st.effective.n_ctx == 512
         trail = [(e.body.src, e.body.dst) for e in await node.events(eid) if e.type == "transition"]
         assert trail == [("discovered", "enabled"), ("enabled", "starting"), ("starting", "running")]
+
+
+async def test_infer_to_hands_over_the_same_chunks_and_a_failing_receiver_fails_only_its_request(tmp_path, models):
+    """The Gateway's path (chunks pushed from the pipe callback) against the iterator's path."""
+    async with Node(make_settings(tmp_path)) as node:
+        eid = only_id(node)
+        await node.enable(eid)
+        await node.wait_for_state(eid, {"running"}, timeout=60)
+        req = CompletionRequest(prompt="The capital of France is", params=GREEDY)
+        text, done = await collect(node.infer(eid, req))
+        pushed: list[Chunk] = []
+        done_to = await node.infer_to(eid, req, pushed.append, request_id="pushed")
+        assert "".join(c.text for c in pushed) == text and done_to.usage == done.usage
+        assert done_to.usage.completion_tokens == sum(c.tokens for c in pushed)
+
+        def broken(chunk: Chunk) -> None:
+            raise RuntimeError("receiver bug")
+
+        pid = node.status(eid).pid
+        long = CompletionRequest(prompt="1, 2,", params=SamplingParams(temperature=0, max_tokens=300))
+        with pytest.raises(NodeFault, match="receiver bug") as err:
+            await node.infer_to(eid, long, broken, request_id="broken")
+        assert err.value.code == "internal"
+        # The worker was not blamed, and the slot was freed (a Cancel went down): the next request runs.
+        again: list[Chunk] = []
+        assert (await node.infer_to(eid, req, again.append)).finish_reason == "length"
+        assert "".join(c.text for c in again) == text
+        st = node.status(eid)
+        assert st.pid == pid and st.state == "running" and st.requests_served == 3
+        ends = {e.body.request_id: e.body.outcome for e in await node.events(eid) if e.type == "request_finished"}
+        assert ends["pushed"] == "length" and ends["broken"] == "internal"
 
 
 async def test_a_killed_worker_fails_its_request_at_once_and_the_model_comes_back(tmp_path, models):

@@ -70,7 +70,7 @@ MAX_FRAME_BYTES = 1 << 20
 HANDSHAKE_TIMEOUT_S = 5.0
 PING_INTERVAL_S = 20.0
 PING_TIMEOUT_S = 20.0
-SEND_QUEUE_FRAMES = 1024
+SEND_BUFFER_BYTES = 4 << 20  # per session, what the socket has not taken yet (Session.send)
 SAMPLE_REUSE_S = 0.1
 CLOSE_INTERNAL_ERROR = 1011
 # A locked-out address gets the WebSocket close 4008 ("retry in N s") this many times per lockout;
@@ -173,7 +173,7 @@ class GatewayServer:
                  max_frame_bytes: int = MAX_FRAME_BYTES,
                  ping_interval_s: float | None = PING_INTERVAL_S,
                  ping_timeout_s: float | None = PING_TIMEOUT_S,
-                 send_queue_frames: int = SEND_QUEUE_FRAMES) -> None:
+                 send_buffer_bytes: int = SEND_BUFFER_BYTES) -> None:
         self.node, self.settings, self.node_id = node, settings, node_id
         self._sample = sample
         self.host = settings.listen.host if host is None else host
@@ -183,7 +183,7 @@ class GatewayServer:
         self.limiter = limiter or FailureLimiter()
         self.max_frame_bytes = max_frame_bytes
         self.ping_interval_s, self.ping_timeout_s = ping_interval_s, ping_timeout_s
-        self.send_queue_frames = send_queue_frames
+        self.send_buffer_bytes = send_buffer_bytes
         self.keyring = KeyRing(settings.key_path)
         self.fingerprint: str | None = None
         self.sessions: set[Session] = set()
@@ -314,7 +314,7 @@ class GatewayServer:
             return
         self.limiter.success(addr)
         session = Session(ws=ws, node=self.node, gateway_id=hello.gateway_id, sample=self.sample,
-                          send_queue_frames=self.send_queue_frames)
+                          send_buffer_bytes=self.send_buffer_bytes)
         self.sessions.add(session)
         log.info("Gateway %r connected from %s (session %s)", hello.gateway_id, addr, session.sid)
         try:

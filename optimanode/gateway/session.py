@@ -7,9 +7,10 @@ How it works:
   (text, not MessagePack, unknown ``type``, a field of the wrong type or out of its range) is
   answered with ``Error(code="bad_request")`` whose ``details.field`` names what was wrong (and
   whose ``id`` is the frame's ``id`` when one can be read from it); the session goes on.
-* **Inference.** Each ``Infer`` runs as its own task: ``node.infer`` under a node-wide request id
-  (``<session>/<gateway id>``, so two Gateways may use the same ids), each ``Chunk`` sent as a
-  ``TokenChunk``, then exactly one terminal frame, ``InferDone`` or ``Error``.
+* **Inference.** Each ``Infer`` runs as its own task: ``node.infer_to`` under a node-wide request
+  id (``<session>/<gateway id>``, so two Gateways may use the same ids), each ``Chunk`` sent as a
+  ``TokenChunk`` straight from the worker pipe's read callback (no task wakes per token), then
+  exactly one terminal frame, ``InferDone`` or ``Error``.
 * **Cancel.** ``CancelInfer(id)`` asks the node to stop decoding (the worker ends the request with
   ``finish_reason="cancelled"`` → ``InferDone``). A request not yet at the worker (still waiting
   for admission) has its task cancelled instead and ends with ``Error(code="cancelled")``.
@@ -19,11 +20,16 @@ How it works:
   the Node journals every change before it returns, so the reply is sent only after that.
 * **Metrics.** ``Subscribe`` starts a task that sends ``Metrics`` at once and then every
   ``interval_s`` on a fixed schedule (no drift); a new Subscribe replaces it, ``Unsubscribe`` ends it.
-* **Sending.** Every outgoing frame is encoded and put on one bounded per-session queue drained by
-  a writer task, so nothing that produces frames ever waits on this Gateway's socket: a slow
-  Gateway cannot hold a worker slot that other Gateways need, and per-id frame order is kept.
-  Metrics are dropped (they are snapshots) once the queue is half full; if it fills up, the
-  Gateway is not reading, and the session is closed with 4009 and its requests cancelled.
+* **Sending.** ``send`` encodes a frame and hands it to the connection's transport at once,
+  through websockets' Sans-I/O layer (``ws.protocol.send_binary`` then ``ws.send_data``): no
+  queue, no writer task, no lock and no ``await drain()`` per frame, which is what
+  ``await ws.send`` costs and what a token stream would pay per token (the two hops were a third
+  of the node's CPU per streamed token). Nothing that produces frames ever waits on this
+  Gateway's socket, so a slow Gateway cannot hold a worker slot that other Gateways need, and
+  frames leave in the order they were sent. What the socket has not taken yet waits in the
+  transport's buffer, which is bounded: metrics are dropped (they are snapshots) once it holds
+  half of ``send_buffer_bytes``; past the whole, the Gateway is not reading, and the session is
+  closed with 4009 and its requests cancelled.
 * **Ending.** When the connection closes, for whatever reason, every request of this session is
   cancelled (the node then sends Cancel to the worker, which frees its slot within a token).
   ``shutdown`` (node stopping) ends each running request with ``Error(code="shutting_down")`` and
@@ -43,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidState
 
 from optimanode.errors import RequestError
 from optimanode.protocol import (
@@ -86,6 +92,8 @@ log = logging.getLogger(__name__)
 
 # Requests one session may have running or queued at once; past it, new ones get `overloaded`.
 MAX_IN_FLIGHT = 1024
+# How long closing from our side may wait for the closing handshake before the TCP connection is cut.
+CLOSE_TIMEOUT_S = 2.0
 # Control calls waiting for the control task; past it, new ones get `overloaded`.
 MAX_CONTROL_QUEUE = 256
 _SETTINGS_FIELDS = frozenset(f.name for f in msgspec.structs.fields(ModelSettings))
@@ -108,7 +116,7 @@ class Session:
     node: Node
     gateway_id: str
     sample: Callable[[], MetricsReport]
-    send_queue_frames: int = 1024
+    send_buffer_bytes: int = 4 << 20
     sid: str = field(default_factory=lambda: secrets.token_hex(4))
     closing: bool = False
     shutting_down: bool = False
@@ -116,18 +124,15 @@ class Session:
 
     def __post_init__(self) -> None:
         self.by = f"gateway:{self.gateway_id}"
-        self._outbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=self.send_queue_frames)
         self._control: asyncio.Queue[GatewayToNode] = asyncio.Queue(maxsize=MAX_CONTROL_QUEUE)
         self._requests: dict[str, _Request] = {}
         self._metrics_task: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
-        self._writer: asyncio.Task[None] | None = None
 
     # -- the connection's life -------------------------------------------------------------
 
     async def run(self) -> None:
         """Serve the connection until it closes; then cancel everything this Gateway started."""
-        self._writer = asyncio.create_task(self._write_loop(), name=f"gateway-writer-{self.sid}")
         control = asyncio.create_task(self._control_loop(), name=f"gateway-control-{self.sid}")
         try:
             while True:
@@ -139,7 +144,7 @@ class Session:
         finally:
             self.closing = True
             tasks = [r.task for r in self._requests.values() if r.task is not None]
-            tasks += [t for t in (self._metrics_task, control, self._writer) if t is not None]
+            tasks += [t for t in (self._metrics_task, control) if t is not None]
             for t in tasks:
                 t.cancel()
             # Bounded: a cancelled request's cleanup only sends Cancel down a pipe.
@@ -153,7 +158,16 @@ class Session:
         for r in self._requests.values():
             if r.task is not None:
                 r.task.cancel()
-        self._closer = asyncio.create_task(self.ws.close(code, reason))
+        self._closer = asyncio.create_task(self._close(code, reason))
+
+    async def _close(self, code: int, reason: str) -> None:
+        # A Gateway that does not read never takes the close frame either (websockets' close waits
+        # on the transport's drain without a deadline): past CLOSE_TIMEOUT_S the connection is cut.
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self.ws.close(code, reason)
+        except TimeoutError:
+            self.ws.transport.abort()
 
     async def shutdown(self, timeout: float = 3.0) -> None:
         """The node is stopping: running requests end with ``shutting_down``, then close 1001."""
@@ -162,38 +176,31 @@ class Session:
         for r in running:
             r.shutting_down = True
             r.task.cancel()  # type: ignore[union-attr]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         if running:
             await asyncio.wait([r.task for r in running], timeout=timeout)  # type: ignore[misc]
-        # Let the writer put the terminal frames on the wire before the close frame.
-        while not self._outbox.empty() and loop.time() < deadline and not self.closing:
-            await asyncio.sleep(0.01)
-        await self.ws.close(CLOSE_GOING_AWAY, "node shutting down")
+        # The terminal frames are already in the transport, ahead of the close frame.
+        await self._close(CLOSE_GOING_AWAY, "node shutting down")
 
     # -- sending ---------------------------------------------------------------------------
 
     def send(self, msg: NodeToGateway, *, droppable: bool = False) -> None:
-        """Queue one frame; never waits (see the module docstring for what a full queue means)."""
+        """Write one frame now; never waits (see the module docstring for what a full buffer means)."""
         if self.closing:
             return
-        if droppable and self._outbox.qsize() * 2 >= self._outbox.maxsize:
+        buffered = self.ws.transport.get_write_buffer_size()
+        if droppable and buffered * 2 >= self.send_buffer_bytes:
             self.metrics_dropped += 1
             return
+        if buffered >= self.send_buffer_bytes:
+            log.warning("gateway %s does not read its frames (%d bytes waiting); closing its session",
+                        self.gateway_id, buffered)
+            self.abort(CLOSE_TOO_SLOW, "send buffer overflow: the gateway does not read its frames")
+            return
         try:
-            self._outbox.put_nowait(encode_link(msg))
-        except asyncio.QueueFull:
-            log.warning("gateway %s does not read its frames (%d queued); closing its session",
-                        self.gateway_id, self._outbox.qsize())
-            self.abort(CLOSE_TOO_SLOW, "send queue overflow: the gateway does not read its frames")
-
-    async def _write_loop(self) -> None:
-        try:
-            while True:
-                data = await self._outbox.get()
-                await self.ws.send(data)
-        except ConnectionClosed:
-            pass
+            self.ws.protocol.send_binary(encode_link(msg))
+        except InvalidState:
+            return  # the connection is closing: the frame has nowhere to go, and run() is ending
+        self.ws.send_data()
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -256,16 +263,15 @@ class Session:
         req.task = asyncio.create_task(self._infer(req, msg), name=f"gateway-infer-{req.node_rid}")
 
     async def _infer(self, req: _Request, msg: Infer) -> None:
+        gateway_id, send = msg.id, self.send
+
+        def on_chunk(out: Chunk) -> None:
+            send(TokenChunk(id=gateway_id, text=out.text, tokens=out.tokens))
+
         try:
-            stream = self.node.infer(msg.model, msg.request, request_id=req.node_rid, by=self.by)
-            async with contextlib.aclosing(stream):
-                async for out in stream:
-                    if isinstance(out, Chunk):
-                        self.send(TokenChunk(id=msg.id, text=out.text, tokens=out.tokens))
-                    else:
-                        self._forget(req)
-                        self.send(InferDone(id=msg.id, finish_reason=out.finish_reason, usage=out.usage,
-                                            timings=out.timings))
+            done = await self.node.infer_to(msg.model, msg.request, on_chunk, request_id=req.node_rid, by=self.by)
+            self._forget(req)
+            self.send(InferDone(id=msg.id, finish_reason=done.finish_reason, usage=done.usage, timings=done.timings))
         except RequestError as exc:
             self._forget(req)
             self.send(error_frame(msg.id, exc))
