@@ -386,12 +386,14 @@ class Node:
                     self._finished(flight, msg)
                 yield msg
 
-    async def infer_to(self, executor_id: str, request: InferenceRequest, on_chunk: Callable[[Chunk], None], *,
-                       request_id: str | None = None, by: str = "") -> Done:
+    async def infer_to(self, executor_id: str, request: InferenceRequest, on_chunk: Callable[[Chunk], None],
+                       on_flush: Callable[[], None] | None = None, *, request_id: str | None = None,
+                       by: str = "") -> Done:
         """``infer`` with each Chunk handed to ``on_chunk`` as the worker's pipe delivers it.
 
-        The Gateway session's path: no task wakes per token (``WorkerProcess.complete``).
-        ``on_chunk`` must not block. Returns the Done; raises as ``infer`` does.
+        The Gateway session's path: no task wakes per token (``WorkerProcess.complete``, which
+        also says when ``on_flush`` is called). ``on_chunk`` must not block. Returns the Done;
+        raises as ``infer`` does.
         """
         async with self._admitted(executor_id, request, request_id, by) as flight:
             ex = flight.ex
@@ -400,7 +402,7 @@ class Node:
                 ex.tokens_generated += msg.tokens
                 on_chunk(msg)
 
-            done = await flight.worker.complete(flight.rid, request, chunk)
+            done = await flight.worker.complete(flight.rid, request, chunk, on_flush)
             self._finished(flight, done)
             return done
 

@@ -457,7 +457,7 @@ CLOSE_UNAUTHORIZED = 4001        # wrong MAC, or anything but Hello before authe
 CLOSE_HANDSHAKE_TIMEOUT = 4002   # the whole handshake did not finish within the deadline
 CLOSE_VERSION_UNSUPPORTED = 4003  # Hello chose a version the node did not offer
 CLOSE_RATE_LIMITED = 4008        # too many failed handshakes from this address lately
-CLOSE_TOO_SLOW = 4009            # the Gateway does not read its frames; its send queue overflowed
+CLOSE_TOO_SLOW = 4009            # the Gateway does not read its frames; its send buffer overflowed
 CLOSE_BAD_FRAME = 4400           # a handshake frame that does not decode (text, malformed, wrong fields)
 
 # Error codes, stable: a Gateway acts on them. Never rename one.

@@ -535,6 +535,46 @@ async def test_concurrent_requests_over_one_connection_keep_their_ids_apart(star
         await c.close()
 
 
+async def test_the_chunks_of_one_decode_step_leave_in_one_socket_write(tmp_path, smollm2_path):
+    """Four streams batched on one worker, one connection: a step's four chunks, one TLS write."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m.gguf").symlink_to(smollm2_path)
+    settings = make_settings(tmp_path, **{"model_defaults.parallel": "4", "model_defaults.n_ctx": "1024"})
+    async with Node(settings) as node:
+        (eid,) = node.executors
+        await node.enable(eid, by="test")
+        await node.wait_for_state(eid, {"running"}, timeout=60)
+        server = GatewayServer(node, settings, fake_sampler(node, NODE_ID), NODE_ID, host="127.0.0.1", port=0)
+        await server.start()
+        try:
+            env = Env(node=node, settings=settings, server=server, eid=eid, idle="", key=keys.read_key(settings.key_path))
+            c = await client(env)
+            try:
+                (session,) = server.sessions
+                transport = session.ws.transport
+                writes = 0
+                write = transport.write
+
+                def counting(data: bytes) -> None:
+                    nonlocal writes
+                    writes += 1
+                    write(data)
+
+                transport.write = counting  # type: ignore[method-assign]
+                params = SamplingParams(temperature=0.0, max_tokens=48)
+                results = await asyncio.gather(*(
+                    collect(c.infer(eid, CompletionRequest(prompt=f"{i}. counting: 1, 2, 3,", params=params)),
+                            timeout=120) for i in range(4)))
+                frames = sum(len(chunks) + 1 for chunks, _ in results)
+                assert all(done.usage.completion_tokens == 48 for _, done in results)
+                # Unbatched, every frame would be its own write (192 chunks + 4 InferDone).
+                assert writes * 2 <= frames, (writes, frames)
+            finally:
+                await c.close()
+        finally:
+            await server.stop()
+
+
 async def test_cancel_by_id_running_and_queued(started):
     c = await client(started)
     try:

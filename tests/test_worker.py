@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import pytest
 
 from optimanode import protocol as p
@@ -439,3 +440,27 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_the_greedy_shortcut_picks_what_llamas_greedy_sampler_picks(smollm2_path: Path) -> None:
+    """``Engine._argmax`` (no sampler chain) against llama.cpp's greedy sampler, token by token."""
+    from optimanode.worker import Engine
+
+    engine = Engine(p.WorkerSettings(model_path=str(smollm2_path), n_ctx=512, n_threads=2, n_batch=512),
+                    lambda msgs: None)
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+    try:
+        for prompt in (b"The history of the Roman Empire", b"def fib(n):", b"1, 2, 3,"):
+            llama_cpp.llama_memory_seq_rm(engine.mem, 0, -1, -1)
+            tokens = engine.tokenize(prompt, add_bos=True, special=False)
+            batch = (llama_cpp.llama_token * len(tokens))(*tokens)
+            assert llama_cpp.llama_decode(engine.ctx, llama_cpp.llama_batch_get_one(batch, len(tokens))) == 0
+            for _ in range(24):
+                ours = engine._argmax(-1)
+                assert ours == llama_cpp.llama_sampler_sample(chain, engine.ctx, -1)
+                one = (llama_cpp.llama_token * 1)(ours)
+                assert llama_cpp.llama_decode(engine.ctx, llama_cpp.llama_batch_get_one(one, 1)) == 0
+    finally:
+        llama_cpp.llama_sampler_free(chain)
+        engine.close()

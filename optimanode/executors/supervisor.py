@@ -101,6 +101,7 @@ class WorkerProcess:
         self._tasks: list[asyncio.Task[None]] = []
         self._waiter: asyncio.Task[None]
         self._frames: _FrameReader
+        self._flushes: set[Callable[[], None]] = set()
         self.tokens_out = 0
 
     @classmethod
@@ -160,6 +161,8 @@ class WorkerProcess:
             if isinstance(msg, Chunk):
                 self.tokens_out += msg.tokens
                 if stream.sink is not None:
+                    if stream.flush is not None:
+                        self._flushes.add(stream.flush)
                     try:
                         stream.sink(msg)
                     except Exception as exc:  # noqa: BLE001 - that request's bug, not the worker's
@@ -172,6 +175,15 @@ class WorkerProcess:
         elif isinstance(msg, Ready):
             if not self.ready.done():
                 self.ready.set_result(msg)
+
+    def _end_of_read(self) -> None:
+        """Every frame of one pipe read has been handed over: let the receivers write them out."""
+        flushes, self._flushes = self._flushes, set()
+        for flush in flushes:
+            try:
+                flush()
+            except Exception:  # noqa: BLE001 - a receiver's bug, not the worker's
+                log.exception("flushing a request's receiver failed")
 
     def _on_bad_stream(self, why: str) -> None:
         """A worker that speaks garbage is broken: end it."""
@@ -252,7 +264,7 @@ class WorkerProcess:
 
     async def generate(self, request_id: str, request: InferenceRequest) -> AsyncIterator[Chunk | Done]:
         """Stream the worker's answer; raises WorkerCrashed, or RequestError for the worker's Failed."""
-        stream = self._open(request_id, None)
+        stream = self._open(request_id, None, None)
         finished = False
         try:
             self._start(request_id, request)
@@ -268,15 +280,19 @@ class WorkerProcess:
         finally:
             self._close(request_id, finished)
 
-    async def complete(self, request_id: str, request: InferenceRequest, on_chunk: Callable[[Chunk], None]) -> Done:
+    async def complete(self, request_id: str, request: InferenceRequest, on_chunk: Callable[[Chunk], None],
+                       on_flush: Callable[[], None] | None = None) -> Done:
         """Run one request, handing each Chunk to ``on_chunk`` as it arrives; returns its Done.
 
         ``on_chunk`` is called from the pipe's read callback, before any task wakes: the token
         streaming path with the fewest hops (the Gateway session sends from it). It must not
         block; if it raises, the request fails with ``internal`` and the worker goes on.
+        ``on_flush`` is called once after all the frames of that read were handed over (one
+        decode step of a batch brings one chunk per stream): a receiver may hold its writes
+        until then and send them together. Callbacks equal to each other are called once.
         Raises as ``generate`` does; cancelling the caller cancels the request at the worker.
         """
-        stream = self._open(request_id, on_chunk)
+        stream = self._open(request_id, on_chunk, on_flush)
         finished = False
         try:
             self._start(request_id, request)
@@ -291,10 +307,11 @@ class WorkerProcess:
         finally:
             self._close(request_id, finished)
 
-    def _open(self, request_id: str, sink: Callable[[Chunk], None] | None) -> _Stream:
+    def _open(self, request_id: str, sink: Callable[[Chunk], None] | None,
+              flush: Callable[[], None] | None) -> _Stream:
         if request_id in self._streams:
             raise NodeFault(f"request id {request_id!r} is already in flight", code="bad_request")
-        stream = self._streams[request_id] = _Stream(sink)
+        stream = self._streams[request_id] = _Stream(sink, flush)
         return stream
 
     def _start(self, request_id: str, request: InferenceRequest) -> None:
@@ -356,12 +373,13 @@ class WorkerProcess:
 class _Stream:
     """One request in flight on a worker: its Done/Failed/errors queue, and where its chunks go."""
 
-    __slots__ = ("queue", "sink")
+    __slots__ = ("flush", "queue", "sink")
 
-    def __init__(self, sink: Callable[[Chunk], None] | None) -> None:
+    def __init__(self, sink: Callable[[Chunk], None] | None, flush: Callable[[], None] | None) -> None:
         # Chunks too, when there is no sink (generate).
         self.queue: asyncio.Queue[Chunk | Done | Failed | RequestError] = asyncio.Queue()
         self.sink = sink
+        self.flush = flush
 
 
 class _FrameReader(asyncio.Protocol):
@@ -395,8 +413,10 @@ class _FrameReader(asyncio.Protocol):
         except Exception as exc:  # noqa: BLE001 - whatever it was, the stream can no longer be trusted
             self._buf = bytearray()
             self.close()
+            self._worker._end_of_read()
             self._worker._on_bad_stream(str(exc))
             return
+        self._worker._end_of_read()
         # Usually a read holds whole frames and nothing is kept; a partial frame waits for the rest.
         self._buf = bytearray(data[pos:]) if pos < end else bytearray()
 

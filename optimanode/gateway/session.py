@@ -24,7 +24,9 @@ How it works:
   through websockets' Sans-I/O layer (``ws.protocol.send_binary`` then ``ws.send_data``): no
   queue, no writer task, no lock and no ``await drain()`` per frame, which is what
   ``await ws.send`` costs and what a token stream would pay per token (the two hops were a third
-  of the node's CPU per streamed token). Nothing that produces frames ever waits on this
+  of the node's CPU per streamed token). Token chunks are held until the end of the worker pipe
+  read that brought them (``flush``): the chunks of one decode step, one per stream, leave in one
+  TLS record and one socket write. Nothing that produces frames ever waits on this
   Gateway's socket, so a slow Gateway cannot hold a worker slot that other Gateways need, and
   frames leave in the order they were sent. What the socket has not taken yet waits in the
   transport's buffer, which is bounded: metrics are dropped (they are snapshots) once it holds
@@ -50,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, InvalidState
+from websockets.protocol import State
 
 from optimanode.errors import RequestError
 from optimanode.protocol import (
@@ -185,22 +188,42 @@ class Session:
 
     def send(self, msg: NodeToGateway, *, droppable: bool = False) -> None:
         """Write one frame now; never waits (see the module docstring for what a full buffer means)."""
-        if self.closing:
+        if self._hold(msg, droppable):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the frames ``_hold`` kept back (and anything websockets itself has pending).
+
+        One transport write for all of them (websockets' ``send_data`` would write each frame on
+        its own: a TLS record and a socket send per frame). While the connection is open its
+        outgoing data holds no end-of-stream marker; otherwise websockets' own path handles it.
+        """
+        ws = self.ws
+        if ws.protocol.state is not State.OPEN:
+            ws.send_data()
             return
+        pending = ws.protocol.data_to_send()
+        if pending:
+            ws.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def _hold(self, msg: NodeToGateway, droppable: bool) -> bool:
+        """Encode a frame into the connection's outgoing data, not written yet; False if refused."""
+        if self.closing:
+            return False
         buffered = self.ws.transport.get_write_buffer_size()
         if droppable and buffered * 2 >= self.send_buffer_bytes:
             self.metrics_dropped += 1
-            return
+            return False
         if buffered >= self.send_buffer_bytes:
             log.warning("gateway %s does not read its frames (%d bytes waiting); closing its session",
                         self.gateway_id, buffered)
             self.abort(CLOSE_TOO_SLOW, "send buffer overflow: the gateway does not read its frames")
-            return
+            return False
         try:
             self.ws.protocol.send_binary(encode_link(msg))
         except InvalidState:
-            return  # the connection is closing: the frame has nowhere to go, and run() is ending
-        self.ws.send_data()
+            return False  # the connection is closing: the frame has nowhere to go, and run() is ending
+        return True
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -263,13 +286,16 @@ class Session:
         req.task = asyncio.create_task(self._infer(req, msg), name=f"gateway-infer-{req.node_rid}")
 
     async def _infer(self, req: _Request, msg: Infer) -> None:
-        gateway_id, send = msg.id, self.send
+        gateway_id, hold = msg.id, self._hold
 
         def on_chunk(out: Chunk) -> None:
-            send(TokenChunk(id=gateway_id, text=out.text, tokens=out.tokens))
+            # Held until the flush after the worker's pipe read: one decode step of a batch is
+            # one chunk per stream, and they leave as one TLS record and one socket write.
+            hold(TokenChunk(id=gateway_id, text=out.text, tokens=out.tokens), False)
 
         try:
-            done = await self.node.infer_to(msg.model, msg.request, on_chunk, request_id=req.node_rid, by=self.by)
+            done = await self.node.infer_to(msg.model, msg.request, on_chunk, self.flush, request_id=req.node_rid,
+                                            by=self.by)
             self._forget(req)
             self.send(InferDone(id=msg.id, finish_reason=done.finish_reason, usage=done.usage, timings=done.timings))
         except RequestError as exc:
