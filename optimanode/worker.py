@@ -70,7 +70,13 @@ The loop (one iteration = one ``llama_decode``)
        sequence, then, with what is left of ``n_batch``, the next chunk of prompt tokens of the
        sequences still in prompt processing, oldest request first (chunked prefill: a long
        prompt is spread over several steps of at most ``n_batch`` tokens, so the streams that
-       are generating still get a token every step). Tokens are ordered by sequence id: a
+       are generating still get a token every step). On the CPU only the oldest request's
+       prompt goes into a step: there a step costs about one pass over the weights (W) plus a
+       per-token compute (c) that is large, so k prompts of p tokens evaluated together give
+       every one of them its first token after W + k·c·p, while one per step gives the i-th
+       its first token after i·(W + c·p): the same time for the last, much sooner for the
+       others whenever c·p > W (a few tokens on a CPU; SmolLM2 on 2 cores: W ≈ 9 ms,
+       c ≈ 3 ms). With layers on a GPU, c is small and prompts share steps up to ``n_batch``. Tokens are ordered by sequence id: a
        micro-batch takes consecutive ids in batch order. Logits are asked for only where a token
        will be sampled: each generating token, and the last prompt token of a sequence whose
        prompt completes in this batch.
@@ -587,6 +593,9 @@ class Engine:
                                              or llama_cpp.llama_model_is_hybrid(self.model))
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.n_batch = llama_cpp.llama_n_batch(self.ctx)
+        # Prompt processing on the CPU is compute-bound (see step d of the module docstring): one
+        # request's prompt per step. Offloaded to a GPU, prompts are cheap per token: fill n_batch.
+        self.one_prompt_per_step = not (settings.n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload())
         # Each sequence has its own n_ctx_seq cells (n_ctx / parallel, rounded up to 256).
         self.window = llama_cpp.llama_n_ctx_seq(self.ctx)
         self.slots = [_Slot(seq=i) for i in range(parallel)]
@@ -857,8 +866,8 @@ class Engine:
                 plan.append(slot)
         prefill = sorted((s for s in self.slots if s.run is not None and s.run.pending < 0),
                          key=lambda s: s.run.order)  # type: ignore[union-attr]
-        for slot in prefill:
-            if budget <= 0:
+        for i, slot in enumerate(prefill):
+            if budget <= 0 or (i and self.one_prompt_per_step):
                 break
             run = slot.run
             assert run is not None

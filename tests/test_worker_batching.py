@@ -117,6 +117,23 @@ def test_batched_greedy_outputs_equal_each_prompts_solo_output(worker: Worker) -
         assert text_of(chunks) == alone[i], (PROMPTS[i], text_of(chunks), alone[i])
 
 
+def test_on_the_cpu_prompts_that_arrive_together_are_evaluated_one_per_step(worker: Worker) -> None:
+    """Each request gets its first token one step after the one before it, not all after every
+    prompt: the first request's second chunk (its next step) comes before the next first chunk."""
+    ids = [f"pp{i}" for i in range(3)]
+    frames = b"".join(p.frame(p.Generate(id=i, request=completion(f"{n}. {PROMPTS[2]}", max_tokens=8)))
+                      for n, i in enumerate(ids))
+    worker.send_raw(frames)  # one write: the worker takes all three in the same step
+    order: list[Any] = []
+    got = collect_all(worker, ids, order=order)
+    assert all(isinstance(done, p.Done) for _, done in got.values())
+    firsts = [next(k for k, m in enumerate(order) if m.id == i) for i in ids]
+    assert firsts == sorted(firsts), firsts  # in arrival order
+    for before, after in zip(ids, ids[1:]):
+        between = order[firsts[ids.index(before)] + 1:firsts[ids.index(after)]]
+        assert any(m.id == before for m in between), [m.id for m in order[:12]]
+
+
 def test_requests_beyond_the_slots_wait_and_are_all_served(worker: Worker) -> None:
     reqs = {f"many{i}": completion(f"Item {i}: a list of fruits:", max_tokens=12) for i in range(PARALLEL + 2)}
     alone = {i: solo(worker, r, f"{i}-solo") for i, r in reqs.items()}
