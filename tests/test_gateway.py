@@ -47,7 +47,7 @@ from optimanode.errors import ConfigError
 from optimanode.gateway import keys, tls
 from optimanode.gateway.handshake import FailureLimiter, check_welcome, make_hello
 from optimanode.gateway.server import GatewayServer
-from optimanode.gateway.session import Session
+from optimanode.gateway.session import Session, binary_frame_header
 from optimanode.node import Node
 from optimanode.protocol import (
     Ack,
@@ -484,6 +484,15 @@ async def test_a_gateway_that_does_not_read_is_closed_and_never_blocks_the_produ
             async with asyncio.timeout(10):
                 await finished.wait()
             assert session.ws.protocol.close_sent is not None and session.ws.protocol.close_sent.code == 4009
+
+
+async def test_the_session_frames_binary_messages_as_websockets_does():
+    from websockets.frames import Frame, Opcode
+
+    for n in (0, 1, 125, 126, 127, 1000, 65535, 65536, 70000):
+        payload = bytes(range(256)) * (n // 256) + bytes(n % 256)
+        ours = binary_frame_header(n) + payload
+        assert ours == Frame(Opcode.BINARY, payload).serialize(mask=False, extensions=[]), n
 
 
 def fake_report() -> MetricsReport:

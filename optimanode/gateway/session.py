@@ -20,10 +20,10 @@ How it works:
   the Node journals every change before it returns, so the reply is sent only after that.
 * **Metrics.** ``Subscribe`` starts a task that sends ``Metrics`` at once and then every
   ``interval_s`` on a fixed schedule (no drift); a new Subscribe replaces it, ``Unsubscribe`` ends it.
-* **Sending.** ``send`` encodes a frame and hands it to the connection's transport at once,
-  through websockets' Sans-I/O layer (``ws.protocol.send_binary`` then ``ws.send_data``): no
+* **Sending.** ``send`` encodes a frame, puts the WebSocket header on it (a server's binary
+  frame: two to ten bytes, no mask) and hands it to the connection's transport at once: no
   queue, no writer task, no lock and no ``await drain()`` per frame, which is what
-  ``await ws.send`` costs and what a token stream would pay per token (the two hops were a third
+  ``await ws.send`` costs and what a token stream would pay per token (those hops were a third
   of the node's CPU per streamed token). Token chunks are held until the end of the worker pipe
   read that brought them (``flush``): the chunks of one decode step, one per stream, leave in one
   TLS record and one socket write. Nothing that produces frames ever waits on this
@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed, InvalidState
+from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from optimanode.errors import RequestError
@@ -104,6 +104,18 @@ _NAMED_FIELD = re.compile(r"(?:missing required|contains unknown) field `([^`]+)
 _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`")
 
 
+_SHORT_HEADERS = [bytes((0x82, n)) for n in range(126)]
+
+
+def binary_frame_header(n: int) -> bytes:
+    """RFC 6455 header of an unfragmented, unmasked binary frame of ``n`` payload bytes."""
+    if n < 126:
+        return _SHORT_HEADERS[n]
+    if n < 1 << 16:
+        return b"\x82\x7e" + n.to_bytes(2, "big")
+    return b"\x82\x7f" + n.to_bytes(8, "big")
+
+
 @dataclass(eq=False)
 class _Request:
     id: str
@@ -131,6 +143,7 @@ class Session:
         self._requests: dict[str, _Request] = {}
         self._metrics_task: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
+        self._pending: list[bytes] = []  # framed, not yet written (see flush)
 
     # -- the connection's life -------------------------------------------------------------
 
@@ -188,42 +201,43 @@ class Session:
 
     def send(self, msg: NodeToGateway, *, droppable: bool = False) -> None:
         """Write one frame now; never waits (see the module docstring for what a full buffer means)."""
-        if self._hold(msg, droppable):
-            self.flush()
+        if self.closing:
+            return
+        if droppable and self.ws.transport.get_write_buffer_size() * 2 >= self.send_buffer_bytes:
+            self.metrics_dropped += 1
+            return
+        self._hold(msg)
+        self.flush()
+
+    def _hold(self, msg: NodeToGateway) -> None:
+        """Frame one message into the pending list; ``flush`` writes it."""
+        if not self.closing:
+            payload = encode_link(msg)
+            self._pending += (binary_frame_header(len(payload)), payload)
 
     def flush(self) -> None:
-        """Write the frames ``_hold`` kept back (and anything websockets itself has pending).
+        """Write the pending frames with one transport write (one TLS record, one socket send).
 
-        One transport write for all of them (websockets' ``send_data`` would write each frame on
-        its own: a TLS record and a socket send per frame). While the connection is open its
-        outgoing data holds no end-of-stream marker; otherwise websockets' own path handles it.
+        Frames are built here rather than by websockets (``Connection.send`` is a coroutine with a
+        lock and a drain per frame; ``send_data`` writes each frame on its own). Only while the
+        connection is OPEN: once websockets has sent or received a close frame, nothing more goes
+        out from here. websockets' own control frames (pongs, the close) are written by websockets
+        between whole frames, so the two never interleave inside a frame.
         """
-        ws = self.ws
-        if ws.protocol.state is not State.OPEN:
-            ws.send_data()
+        pending = self._pending
+        if not pending:
             return
-        pending = ws.protocol.data_to_send()
-        if pending:
-            ws.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-
-    def _hold(self, msg: NodeToGateway, droppable: bool) -> bool:
-        """Encode a frame into the connection's outgoing data, not written yet; False if refused."""
-        if self.closing:
-            return False
-        buffered = self.ws.transport.get_write_buffer_size()
-        if droppable and buffered * 2 >= self.send_buffer_bytes:
-            self.metrics_dropped += 1
-            return False
+        self._pending = []
+        if self.closing or self.ws.protocol.state is not State.OPEN:
+            return  # the connection is ending: these frames have nowhere to go
+        transport = self.ws.transport
+        buffered = transport.get_write_buffer_size()
         if buffered >= self.send_buffer_bytes:
             log.warning("gateway %s does not read its frames (%d bytes waiting); closing its session",
                         self.gateway_id, buffered)
             self.abort(CLOSE_TOO_SLOW, "send buffer overflow: the gateway does not read its frames")
-            return False
-        try:
-            self.ws.protocol.send_binary(encode_link(msg))
-        except InvalidState:
-            return False  # the connection is closing: the frame has nowhere to go, and run() is ending
-        return True
+            return
+        transport.write(b"".join(pending))
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -291,7 +305,7 @@ class Session:
         def on_chunk(out: Chunk) -> None:
             # Held until the flush after the worker's pipe read: one decode step of a batch is
             # one chunk per stream, and they leave as one TLS record and one socket write.
-            hold(TokenChunk(id=gateway_id, text=out.text, tokens=out.tokens), False)
+            hold(TokenChunk(id=gateway_id, text=out.text, tokens=out.tokens))
 
         try:
             done = await self.node.infer_to(msg.model, msg.request, on_chunk, self.flush, request_id=req.node_rid,
