@@ -42,6 +42,7 @@ from optimanode.protocol import (
     ExecutorStatus,
     InferDone,
     MetricsReport,
+    PREFILL_POLICIES,
     ModelSettings,
     SamplingParams,
     TokenChunk,
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("model")
     for flag in _SETTING_FLAGS:
         conf.add_argument("--" + flag.replace("_", "-"), type=int, dest=flag)
+    conf.add_argument("--prefill", choices=PREFILL_POLICIES, dest="prefill",
+                      help="how waiting prompts share decode steps")
     sub.add_parser("rescan", help="scan the models directory now")
     ev = sub.add_parser("events", help="journal events of a model (or of the whole node)")
     ev.add_argument("model", nargs="?")
@@ -134,7 +137,7 @@ async def _command(c: NodeClient, args: argparse.Namespace) -> int:
         st = await getattr(c, cmd)(args.model)
         _emit(args, st, _status_text)
     elif cmd == "configure":
-        values = {f: getattr(args, f) for f in _SETTING_FLAGS if getattr(args, f) is not None}
+        values = {f: getattr(args, f) for f in (*_SETTING_FLAGS, "prefill") if getattr(args, f) is not None}
         st = await c.configure(args.model, ModelSettings(**values))
         _emit(args, st, _status_text)
     elif cmd == "events":
@@ -215,7 +218,7 @@ def _status_text(m: ExecutorStatus) -> str:
     if m.effective is not None:
         e = m.effective
         lines.append(f"  effective n_ctx={e.n_ctx} n_threads={e.n_threads} n_gpu_layers={e.n_gpu_layers} "
-                     f"n_batch={e.n_batch} parallel={e.parallel}")
+                     f"n_batch={e.n_batch} parallel={e.parallel} prefill={e.prefill}")
     lines.append(f"  pid {m.pid or '-'}, restarts {m.restarts}, served {m.requests_served}, "
                  f"tokens {m.tokens_generated}, running {m.in_flight}/{m.parallel}, queued {m.queue_depth}/{m.queue_size}")
     return "\n".join(lines)

@@ -73,8 +73,10 @@ class ModelDefaults(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     n_batch: int = 512
     # Requests waiting per model beyond those being served; a full queue answers `overloaded`.
     queue_size: int = 16
-    # Requests a worker serves at once (continuous batching is a separate issue; 1 for now).
+    # Requests a worker serves at once (continuous batching: one decode step serves them all).
     parallel: int = 1
+    # How prompts that wait share decode steps: auto, one_per_step or together (docs/configuration.md).
+    prefill: str = "auto"
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -127,6 +129,8 @@ _RULES: dict[str, tuple[str, Any]] = {
     "model_defaults.n_batch": ("an integer >= 1", lambda v: v >= 1),
     "model_defaults.queue_size": ("an integer >= 0", lambda v: v >= 0),
     "model_defaults.parallel": ("an integer >= 1", lambda v: v >= 1),
+    # (protocol.PREFILL_POLICIES; config may not import protocol, a test keeps the two equal)
+    "model_defaults.prefill": ("one of auto, one_per_step, together", lambda v: v in ("auto", "one_per_step", "together")),
     "memory_reserve_mb": ("an integer >= 0", lambda v: v >= 0),
     "drain_deadline_s": ("a number of seconds >= 0", lambda v: v >= 0),
     "log_level": ("one of debug, info, warning, error", lambda v: v in {"debug", "info", "warning", "error"}),

@@ -53,6 +53,7 @@ from optimanode.executors.registry import Registry, ScanResult, sha256_of
 from optimanode.executors.supervisor import Admission, ExitInfo, WorkerProcess
 from optimanode.journal import NODE_STREAM, Event, ExecutorView, Journal
 from optimanode.protocol import (
+    PREFILL_POLICIES,
     Chunk,
     DesiredChanged,
     Done,
@@ -340,6 +341,7 @@ class Node:
             n_gpu_layers=s.n_gpu_layers if s.n_gpu_layers is not None else d.n_gpu_layers,
             n_batch=s.n_batch if s.n_batch is not None else d.n_batch,
             parallel=s.parallel if s.parallel is not None else d.parallel,
+            prefill=s.prefill if s.prefill is not None else d.prefill,
         )
 
     def _queue_size(self, ex: Executor) -> int:
@@ -761,6 +763,7 @@ def check_model_settings(s: ModelSettings) -> None:
         "n_batch": (lambda v: 1 <= v <= 65536, "1..65536"),
         "queue_size": (lambda v: 0 <= v <= 100_000, "0..100000"),
         "parallel": (lambda v: 1 <= v <= 256, "1..256"),
+        "prefill": (lambda v: v in PREFILL_POLICIES, "one of " + ", ".join(PREFILL_POLICIES)),
     }
     for name, (ok, expected) in rules.items():
         v = getattr(s, name)

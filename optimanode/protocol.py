@@ -102,6 +102,13 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, tag="settings"):
     n_gpu_layers: int = 0
     n_batch: int = 512
     parallel: int = 1
+    # How waiting prompts share decode steps (PREFILL_POLICIES; see optimanode/worker.py, step d).
+    prefill: str = "auto"
+
+
+# "auto": one request's prompt per step on the CPU, prompts together when layers are on a GPU;
+# "one_per_step": always one; "together": every waiting prompt in one step, up to n_batch tokens.
+PREFILL_POLICIES = ("auto", "one_per_step", "together")
 
 
 class Generate(msgspec.Struct, frozen=True, kw_only=True, tag="generate"):
@@ -208,6 +215,7 @@ class ModelSettings(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     n_batch: int | None = None
     queue_size: int | None = None
     parallel: int | None = None
+    prefill: str | None = None
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):

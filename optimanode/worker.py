@@ -76,7 +76,12 @@ The loop (one iteration = one ``llama_decode``)
        every one of them its first token after W + k·c·p, while one per step gives the i-th
        its first token after i·(W + c·p): the same time for the last, much sooner for the
        others whenever c·p > W (a few tokens on a CPU; SmolLM2 on 2 cores: W ≈ 9 ms,
-       c ≈ 3 ms). With layers on a GPU, c is small and prompts share steps up to ``n_batch``. Tokens are ordered by sequence id: a
+       c ≈ 3 ms). With layers on a GPU, c is small and prompts share steps up to ``n_batch``.
+       The cost of one per step: the last of several prompts that arrived together gets its
+       first token later (one more pass over the weights per prompt before it, and the started
+       streams' tokens ride in those steps). ``WorkerSettings.prefill`` ("auto", the above;
+       "one_per_step"; "together": every waiting prompt, up to ``n_batch``) lets the operator
+       choose. Tokens are ordered by sequence id: a
        micro-batch takes consecutive ids in batch order. Logits are asked for only where a token
        will be sampled: each generating token, and the last prompt token of a sequence whose
        prompt completes in this batch.
@@ -595,7 +600,8 @@ class Engine:
         self.n_batch = llama_cpp.llama_n_batch(self.ctx)
         # Prompt processing on the CPU is compute-bound (see step d of the module docstring): one
         # request's prompt per step. Offloaded to a GPU, prompts are cheap per token: fill n_batch.
-        self.one_prompt_per_step = not (settings.n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload())
+        on_gpu = settings.n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
+        self.one_prompt_per_step = settings.prefill == "one_per_step" or (settings.prefill == "auto" and not on_gpu)
         # Each sequence has its own n_ctx_seq cells (n_ctx / parallel, rounded up to 256).
         self.window = llama_cpp.llama_n_ctx_seq(self.ctx)
         self.slots = [_Slot(seq=i) for i in range(parallel)]

@@ -53,6 +53,18 @@ def test_an_out_of_range_value_says_what_range_is_expected(tmp_path):
         load_settings(f, environ={})
 
 
+def test_the_prefill_policy_is_one_of_the_protocols(tmp_path):
+    from optimanode.protocol import PREFILL_POLICIES, WorkerSettings
+
+    assert Settings().model_defaults.prefill == WorkerSettings(model_path="m").prefill == "auto"
+    for policy in PREFILL_POLICIES:
+        assert load_settings(environ={}, overrides={"model_defaults.prefill": policy}).model_defaults.prefill == policy
+    f = tmp_path / "node.toml"
+    f.write_text('[model_defaults]\nprefill = "sometimes"\n')
+    with pytest.raises(ConfigError, match=r"model_defaults\.prefill: expected one of auto, one_per_step, together"):
+        load_settings(f, environ={})
+
+
 def test_broken_toml_names_the_file(tmp_path):
     f = tmp_path / "node.toml"
     f.write_text("[listen\nport=1\n")

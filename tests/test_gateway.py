@@ -652,6 +652,10 @@ async def test_errors_carry_stable_codes_and_name_the_problem(started):
         with pytest.raises(RemoteError) as info:
             await c.configure(started.eid, ModelSettings(n_ctx=-5))
         assert info.value.code == "bad_request" and info.value.details["field"] == "n_ctx"
+        with pytest.raises(RemoteError) as info:
+            await c.configure(started.eid, ModelSettings(prefill="sometimes"))
+        assert info.value.code == "bad_request" and info.value.details["field"] == "prefill"
+        assert "one_per_step" in info.value.message
         # Overloaded: no queue, one request running.
         await c.configure(started.eid, ModelSettings(queue_size=0))
         hog = c.infer(started.eid, CompletionRequest(prompt="1, 2,", params=LONG), request_id="hog")

@@ -134,6 +134,25 @@ def test_on_the_cpu_prompts_that_arrive_together_are_evaluated_one_per_step(work
         assert any(m.id == before for m in between), [m.id for m in order[:12]]
 
 
+def test_with_prefill_together_prompts_that_arrive_together_share_one_step(smollm2_path: Path) -> None:
+    """The other policy (``prefill = "together"``): all first tokens come out of the same step."""
+    w = Worker()
+    try:
+        w.send(p.WorkerSettings(model_path=str(smollm2_path), n_ctx=N_CTX, n_threads=1, parallel=PARALLEL,
+                                prefill="together"))
+        assert isinstance(w.recv(timeout=120), p.Ready)
+        ids = [f"pt{i}" for i in range(3)]
+        w.send_raw(b"".join(p.frame(p.Generate(id=i, request=completion(f"{n}. {PROMPTS[2]}", max_tokens=8)))
+                            for n, i in enumerate(ids)))
+        order: list[Any] = []
+        collect_all(w, ids, order=order)
+        assert [m.id for m in order[:3]] == ids, [m.id for m in order[:6]]  # one step: three first chunks
+        w.send(p.Shutdown())
+        assert w.wait(timeout=20) == 0
+    finally:
+        w.kill()
+
+
 def test_requests_beyond_the_slots_wait_and_are_all_served(worker: Worker) -> None:
     reqs = {f"many{i}": completion(f"Item {i}: a list of fruits:", max_tokens=12) for i in range(PARALLEL + 2)}
     alone = {i: solo(worker, r, f"{i}-solo") for i, r in reqs.items()}
