@@ -262,9 +262,15 @@ class WorkerProcess:
     def in_flight(self) -> int:
         return len(self._streams)
 
-    async def generate(self, request_id: str, request: InferenceRequest) -> AsyncIterator[Chunk | Done]:
-        """Stream the worker's answer; raises WorkerCrashed, or RequestError for the worker's Failed."""
-        stream = self._open(request_id, None, None)
+    async def generate(self, request_id: str, request: InferenceRequest, *,
+                       on_chunk: Callable[[Chunk], None] | None = None,
+                       on_flush: Callable[[], None] | None = None) -> AsyncIterator[Chunk | Done]:
+        """Stream the worker's answer; raises WorkerCrashed, or RequestError for the worker's Failed.
+
+        With ``on_chunk``, chunks are not yielded but handed to it from the pipe's read callback,
+        before any task wakes (what ``complete`` does for the Gateway session).
+        """
+        stream = self._open(request_id, on_chunk, on_flush)
         finished = False
         try:
             self._start(request_id, request)
@@ -292,20 +298,12 @@ class WorkerProcess:
         until then and send them together. Callbacks equal to each other are called once.
         Raises as ``generate`` does; cancelling the caller cancels the request at the worker.
         """
-        stream = self._open(request_id, on_chunk, on_flush)
-        finished = False
-        try:
-            self._start(request_id, request)
-            while True:
-                msg = self._settle(await stream.queue.get())
-                if isinstance(msg, Done):
-                    finished = True
-                    return msg
-        except RequestError:
-            finished = True
-            raise
-        finally:
-            self._close(request_id, finished)
+        async with contextlib.aclosing(self.generate(request_id, request, on_chunk=on_chunk,
+                                                     on_flush=on_flush)) as messages:
+            async for msg in messages:
+                assert isinstance(msg, Done)  # chunks went to on_chunk
+                return msg
+        raise AssertionError("generate ended without a Done")  # it returns only after one
 
     def _open(self, request_id: str, sink: Callable[[Chunk], None] | None,
               flush: Callable[[], None] | None) -> _Stream:
