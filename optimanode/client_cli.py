@@ -48,7 +48,8 @@ from optimanode.protocol import (
     TokenChunk,
 )
 
-_SETTING_FLAGS = ("n_ctx", "n_threads", "n_gpu_layers", "n_batch", "queue_size", "parallel")
+_SETTING_FLAGS = ("n_ctx", "n_threads", "n_gpu_layers", "n_batch", "queue_size", "parallel")  # integers
+_SETTINGS = (*_SETTING_FLAGS, "prefill")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +138,7 @@ async def _command(c: NodeClient, args: argparse.Namespace) -> int:
         st = await getattr(c, cmd)(args.model)
         _emit(args, st, _status_text)
     elif cmd == "configure":
-        values = {f: getattr(args, f) for f in (*_SETTING_FLAGS, "prefill") if getattr(args, f) is not None}
+        values = {f: getattr(args, f) for f in _SETTINGS if getattr(args, f) is not None}
         st = await c.configure(args.model, ModelSettings(**values))
         _emit(args, st, _status_text)
     elif cmd == "events":

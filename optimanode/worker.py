@@ -713,7 +713,8 @@ class Engine:
         rc = llama_cpp.llama_decode(self.ctx, b)
         if rc != 0:
             raise RuntimeError(f"warm-up llama_decode returned {rc}")
-        chain = self._sampler(p.SamplingParams(temperature=0.0, top_k=1, repeat_penalty=1.1), tokens)
+        # Both sampling paths once: a chain (the penalty makes _sampler build one) and _argmax.
+        chain = self._sampler(p.SamplingParams(temperature=0.0, repeat_penalty=1.1), tokens)
         llama_cpp.llama_sampler_sample(chain, self.ctx, len(tokens) - 1)
         llama_cpp.llama_sampler_free(chain)
         self._argmax(len(tokens) - 1)

@@ -270,21 +270,32 @@ class WorkerProcess:
         With ``on_chunk``, chunks are not yielded but handed to it from the pipe's read callback,
         before any task wakes (what ``complete`` does for the Gateway session).
         """
-        stream = self._open(request_id, on_chunk, on_flush)
+        if request_id in self._streams:
+            raise NodeFault(f"request id {request_id!r} is already in flight", code="bad_request")
+        stream = self._streams[request_id] = _Stream(on_chunk, on_flush)
         finished = False
         try:
-            self._start(request_id, request)
+            if self.exit.done():
+                raise WorkerCrashed(self.exit.result().describe(), executor=self.executor_id)
+            self._send(Generate(id=request_id, request=request))
             while True:
-                msg = self._settle(await stream.queue.get())
+                msg = await stream.queue.get()
+                if isinstance(msg, RequestError):
+                    finished = True
+                    raise msg
+                if isinstance(msg, Failed):
+                    finished = True
+                    raise RequestError(msg.message, code=msg.code)
                 yield msg
                 if isinstance(msg, Done):
                     finished = True
                     return
-        except RequestError:
-            finished = True
-            raise
         finally:
-            self._close(request_id, finished)
+            self._streams.pop(request_id, None)
+            if not finished and not self.exit.done():
+                # The caller went away (cancelled, disconnected): stop decoding for it.
+                with contextlib.suppress(RequestError):
+                    self._send(Cancel(id=request_id))
 
     async def complete(self, request_id: str, request: InferenceRequest, on_chunk: Callable[[Chunk], None],
                        on_flush: Callable[[], None] | None = None) -> Done:
@@ -304,34 +315,6 @@ class WorkerProcess:
                 assert isinstance(msg, Done)  # chunks went to on_chunk
                 return msg
         raise AssertionError("generate ended without a Done")  # it returns only after one
-
-    def _open(self, request_id: str, sink: Callable[[Chunk], None] | None,
-              flush: Callable[[], None] | None) -> _Stream:
-        if request_id in self._streams:
-            raise NodeFault(f"request id {request_id!r} is already in flight", code="bad_request")
-        stream = self._streams[request_id] = _Stream(sink, flush)
-        return stream
-
-    def _start(self, request_id: str, request: InferenceRequest) -> None:
-        if self.exit.done():
-            raise WorkerCrashed(self.exit.result().describe(), executor=self.executor_id)
-        self._send(Generate(id=request_id, request=request))
-
-    @staticmethod
-    def _settle(msg: Chunk | Done | Failed | RequestError) -> Chunk | Done:
-        """A queued message as the caller sees it: Failed and errors raise."""
-        if isinstance(msg, RequestError):
-            raise msg
-        if isinstance(msg, Failed):
-            raise RequestError(msg.message, code=msg.code)
-        return msg
-
-    def _close(self, request_id: str, finished: bool) -> None:
-        self._streams.pop(request_id, None)
-        if not finished and not self.exit.done():
-            # The caller went away (cancelled, disconnected): stop decoding for it.
-            with contextlib.suppress(RequestError):
-                self._send(Cancel(id=request_id))
 
     def cancel(self, request_id: str) -> None:
         if request_id in self._streams and not self.exit.done():
