@@ -19,6 +19,7 @@ Installs OptimaNode from this checkout as the systemd service "optimanode":
 
 Options:
   --cuda            build llama-cpp-python with CUDA (needs the CUDA toolkit: nvcc on PATH)
+                    (the build flags: tools/build-llama-cpp; OPTIMANODE_LLAMA_AMX=1 opts back in to AMX)
   --nvidia          install the NVIDIA drop-in even if /dev/nvidiactl is not there yet
   --no-nvidia       never install the NVIDIA drop-in
   --models-dir DIR  models directory written to a new settings file (default /srv/optimanode/models)
@@ -31,7 +32,7 @@ Options:
                     setuptools>=68 for building OptimaNode itself
   -h, --help        this text
 
-Other llama.cpp backends are chosen the same way as --cuda, with CMAKE_ARGS (see docs/operations.md):
+Other llama.cpp backends are chosen with OPTIMANODE_LLAMA_CMAKE_ARGS (see docs/operations.md):
   Metal (macOS, the default there), Vulkan -DGGML_VULKAN=on, ROCm/HIP -DGGML_HIP=on, SYCL -DGGML_SYCL=on.
 Uninstall with contrib/uninstall.sh (keeps the journal unless --purge).
 EOF
@@ -139,13 +140,16 @@ rm -rf "$PREFIX/src.old"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet "${pip_source[@]}" --upgrade pip
 say "installing OptimaNode into $VENV (building llama-cpp-python can take several minutes)${WHEELS:+, from $WHEELS only}"
-"$VENV/bin/python" -m pip install --quiet "${pip_source[@]}" --upgrade -e "$PREFIX/src"
-if [ "$CUDA" = 1 ]; then
-  llama_version=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')
-  say "rebuilding llama-cpp-python $llama_version with CUDA"
-  # --no-cache-dir: pip would otherwise reuse the CPU wheel it built a moment ago.
-  CMAKE_ARGS="-DGGML_CUDA=on" "$VENV/bin/python" -m pip install --quiet --no-deps --no-cache-dir \
-    "${pip_source[@]}" --no-binary llama-cpp-python --force-reinstall "llama-cpp-python==$llama_version"
+if [ -z "$WHEELS" ]; then
+  # llama-cpp-python built by tools/build-llama-cpp: the project's one set of build flags (no AMX
+  # kernels; docs/operations.md "The llama.cpp build"), cached under a key of those flags.
+  build_args=()
+  [ "$CUDA" = 1 ] && build_args+=(--cuda)
+  wheel=$(PYTHON="$VENV/bin/python" bash "$PREFIX/src/tools/build-llama-cpp" "${build_args[@]}" | tail -1)
+  "$VENV/bin/python" -m pip install --quiet --force-reinstall --no-deps "$wheel"
+  "$VENV/bin/python" -m pip install --quiet --upgrade "$wheel" -e "$PREFIX/src"
+else
+  "$VENV/bin/python" -m pip install --quiet "${pip_source[@]}" --upgrade -e "$PREFIX/src"
 fi
 # The post-mortem tool: optimanode-inspect-journal --state-dir /var/lib/optimanode timeline
 install -d -m 0755 "$PREFIX/bin"

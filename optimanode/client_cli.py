@@ -43,13 +43,14 @@ from optimanode.protocol import (
     InferDone,
     MetricsReport,
     PREFILL_POLICIES,
+    SAFE_MODES,
     ModelSettings,
     SamplingParams,
     TokenChunk,
 )
 
 _SETTING_FLAGS = ("n_ctx", "n_threads", "n_gpu_layers", "n_batch", "queue_size", "parallel")  # integers
-_SETTINGS = (*_SETTING_FLAGS, "prefill")
+_SETTINGS = (*_SETTING_FLAGS, "prefill", "safe_mode")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         conf.add_argument("--" + flag.replace("_", "-"), type=int, dest=flag)
     conf.add_argument("--prefill", choices=PREFILL_POLICIES, dest="prefill",
                       help="how waiting prompts share decode steps")
+    conf.add_argument("--safe-mode", choices=SAFE_MODES, dest="safe_mode",
+                      help="run without llama.cpp's extra buffer types and persistent threadpool: "
+                           "auto (after a crash while loading), on, off")
     sub.add_parser("rescan", help="scan the models directory now")
     ev = sub.add_parser("events", help="journal events of a model (or of the whole node)")
     ev.add_argument("model", nargs="?")
@@ -205,7 +209,8 @@ def _emit(args: argparse.Namespace, obj: Any, text: Any) -> None:
 def _models_text(models: list[ExecutorStatus]) -> str:
     rows = [("ID", "STATE", "ENABLED", "RUNNING", "QUEUED", "FILE", "REASON")]
     for m in models:
-        rows.append((m.id, m.state, "yes" if m.enabled else "no", f"{m.in_flight}/{m.parallel}",
+        state = m.state + (" (safe mode)" if m.safe_mode else "")
+        rows.append((m.id, state, "yes" if m.enabled else "no", f"{m.in_flight}/{m.parallel}",
                      f"{m.queue_depth}/{m.queue_size}", Path(m.info.path).name, m.reason))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows).rstrip()
@@ -219,7 +224,9 @@ def _status_text(m: ExecutorStatus) -> str:
     if m.effective is not None:
         e = m.effective
         lines.append(f"  effective n_ctx={e.n_ctx} n_threads={e.n_threads} n_gpu_layers={e.n_gpu_layers} "
-                     f"n_batch={e.n_batch} parallel={e.parallel} prefill={e.prefill}")
+                     f"n_batch={e.n_batch} parallel={e.parallel} prefill={e.prefill} safe_mode={e.safe_mode}")
+    if m.safe_mode:
+        lines.append(f"  SAFE MODE {m.safe_mode_reason}")
     lines.append(f"  pid {m.pid or '-'}, restarts {m.restarts}, served {m.requests_served}, "
                  f"tokens {m.tokens_generated}, running {m.in_flight}/{m.parallel}, queued {m.queue_depth}/{m.queue_size}")
     return "\n".join(lines)

@@ -77,6 +77,9 @@ class ModelDefaults(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     parallel: int = 1
     # How prompts that wait share decode steps: auto, one_per_step or together (docs/configuration.md).
     prefill: str = "auto"
+    # auto, on or off: whether a model runs without llama.cpp's extra buffer types (weight
+    # repacking, AMX) and its persistent threadpool (docs/configuration.md, "Safe mode").
+    safe_mode: str = "auto"
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -131,6 +134,8 @@ _RULES: dict[str, tuple[str, Any]] = {
     "model_defaults.parallel": ("an integer >= 1", lambda v: v >= 1),
     # (protocol.PREFILL_POLICIES; config may not import protocol, a test keeps the two equal)
     "model_defaults.prefill": ("one of auto, one_per_step, together", lambda v: v in ("auto", "one_per_step", "together")),
+    # (protocol.SAFE_MODES, kept equal by the same test)
+    "model_defaults.safe_mode": ("one of auto, on, off", lambda v: v in ("auto", "on", "off")),
     "memory_reserve_mb": ("an integer >= 0", lambda v: v >= 0),
     "drain_deadline_s": ("a number of seconds >= 0", lambda v: v >= 0),
     "log_level": ("one of debug, info, warning, error", lambda v: v in {"debug", "info", "warning", "error"}),

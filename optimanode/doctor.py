@@ -11,11 +11,16 @@ except a temporary file created and removed in the state directory (the only hon
 * certificate: the TLS certificate (``listen.cert_file``, else ``<state_dir>/tls/cert.pem``) parses,
   its validity dates, and its SHA-256 fingerprint as ``sha256:AB:CD:...`` (what the Gateway pins).
 * port: ``listen.host:listen.port`` can be bound (it is in use while the node itself runs).
+* cpu: the CPU's model name and the ISA extensions llama.cpp uses that it has (``/proc/cpuinfo``:
+  AVX2, AVX-512, VNNI, AMX...; elsewhere only ``platform.processor()``). A CPU without AVX2 is a
+  warning: llama.cpp runs, much more slowly.
 * nvidia: NVML initialises (driver present), with the GPU count and driver version.
 * llama_cpp: imported *in a subprocess* (``python -c``): only the worker process may load
   llama.cpp, and a broken build can crash the interpreter that imports it. The probe reports the
   version, ``llama_supports_gpu_offload()`` and ``llama_print_system_info()`` (the CPU features
-  and backends the build has).
+  and backends the build has). The build's CPU features are then held against this CPU's flags
+  (``build_cpu_problems``): a warning when the build uses instructions the CPU lacks (built on
+  another machine: SIGILL), or has ggml's AMX kernels on a CPU with AMX (llama.cpp issue 20824).
 
 ``print_checks`` writes them as a table (or JSON) and returns the exit code: 0 when no check
 failed, 1 otherwise.
@@ -27,12 +32,13 @@ import contextlib
 import errno
 import json
 import os
+import platform
 import socket
 import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,6 +47,25 @@ from typing import Any, Literal, TextIO
 from optimanode.config import Settings
 
 Status = Literal["ok", "warn", "fail"]
+
+CPUINFO = Path("/proc/cpuinfo")
+# The /proc/cpuinfo flags llama.cpp's x86 kernels use, in the order the cpu check lists them.
+CPU_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+# A feature llama_print_system_info() reports on (``AVX2 = 1``) → the /proc/cpuinfo flags it executes.
+# ggml reports them from its compile-time macros (-march=native: what the machine that built it
+# has), not from the CPU it runs on; hence the comparison.
+BUILD_NEEDS: dict[str, tuple[str, ...]] = {
+    "SSE3": ("pni",), "SSSE3": ("ssse3",), "AVX": ("avx",), "AVX_VNNI": ("avx_vnni",), "AVX2": ("avx2",),
+    "F16C": ("f16c",), "FMA": ("fma",), "BMI2": ("bmi2",), "AVX512": ("avx512f",),
+    "AVX512_VBMI": ("avx512vbmi",), "AVX512_VNNI": ("avx512_vnni",), "AVX512_BF16": ("avx512_bf16",),
+    "AMX_INT8": ("amx_tile", "amx_int8"), "AMX_BF16": ("amx_tile", "amx_bf16"),
+}
+FIX_AMX = ("ggml's AMX kernels crash on this CPU (llama.cpp issue 20824, segfault in ggml_backend_amx_mul_mat); "
+           "rebuild with tools/build-llama-cpp (it builds without AMX by default), or run the model with "
+           'safe_mode = "on"')
+FIX_FOREIGN_BUILD = ("this llama.cpp build uses instructions this CPU lacks: rebuild on this machine "
+                     "(tools/build-llama-cpp)")
 
 # Certificates expiring sooner than this are a warning: time to plan the re-pin with the Gateway.
 CERT_WARN_DAYS = 30
@@ -76,20 +101,24 @@ class Check:
 
 
 def run_doctor(settings: Settings, *, nvml: Any = None, python: str = sys.executable,
-               env: dict[str, str] | None = None) -> list[Check]:
+               env: dict[str, str] | None = None, cpuinfo: str | None = None) -> list[Check]:
     """Every check, in order. ``nvml`` replaces pynvml (tests pass optimanode.testing.FakeNvml);
-    ``python``/``env`` are the interpreter and environment of the llama_cpp probe."""
+    ``python``/``env`` are the interpreter and environment of the llama_cpp probe; ``cpuinfo``
+    replaces the text of /proc/cpuinfo."""
+    if cpuinfo is None:
+        cpuinfo = read_cpuinfo()
     checks: list[Callable[[], Check]] = [
         lambda: check_models(settings),
         lambda: check_state(settings),
         lambda: check_key(settings),
         lambda: check_certificate(settings),
         lambda: check_port(settings),
+        lambda: check_cpu(cpuinfo),
     ]
     out = [c() for c in checks]
     gpu = check_nvidia(nvml)
     out.append(gpu)
-    out.append(check_llama_cpp(python=python, env=env, gpu_present=gpu.status == "ok"))
+    out.append(check_llama_cpp(python=python, env=env, gpu_present=gpu.status == "ok", cpuinfo=cpuinfo))
     return out
 
 
@@ -228,6 +257,50 @@ def check_port(settings: Settings) -> Check:
     return Check("port", "ok", f"{host}:{port} is free")
 
 
+def read_cpuinfo() -> str:
+    """The text of /proc/cpuinfo; "" where there is none (not Linux)."""
+    try:
+        return CPUINFO.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def cpu_model(cpuinfo: str) -> str:
+    """The first ``model name`` of /proc/cpuinfo's text, else platform.processor() (or the machine)."""
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "model name" and value.strip():
+            return value.strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_flags(cpuinfo: str) -> frozenset[str] | None:
+    """The first ``flags`` line of /proc/cpuinfo's text as a set; None where there is none
+    (not Linux, or not x86: ARM lists ``Features`` instead), which is "unknown", not "none"."""
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            return frozenset(value.split())
+    return None
+
+
+def check_cpu(cpuinfo: str | None = None) -> Check:
+    """The CPU's model and which of CPU_FEATURES it has. ``cpuinfo`` replaces /proc/cpuinfo's text."""
+    if cpuinfo is None:
+        cpuinfo = read_cpuinfo()
+    model = cpu_model(cpuinfo)
+    flags = cpu_flags(cpuinfo)
+    if flags is None:
+        return Check("cpu", "ok", f"{model} (no x86 flags in /proc/cpuinfo: ISA extensions not read)")
+    has = [f for f in CPU_FEATURES if f in flags]
+    detail = f"{model}; {' '.join(has) if has else 'no AVX'}"
+    if "avx2" not in flags:
+        return Check("cpu", "warn", detail + " (no AVX2)",
+                     "llama.cpp is much slower on a CPU without AVX2: offload the models to a GPU "
+                     "(n_gpu_layers) or run the node on a CPU with AVX2")
+    return Check("cpu", "ok", detail)
+
+
 def check_nvidia(nvml: Any = None) -> Check:
     if nvml is None:
         try:
@@ -266,7 +339,9 @@ def check_nvidia(nvml: Any = None) -> Check:
 
 
 def check_llama_cpp(*, python: str = sys.executable, env: dict[str, str] | None = None,
-                    gpu_present: bool = False) -> Check:
+                    gpu_present: bool = False, cpuinfo: str | None = None) -> Check:
+    """Probe llama_cpp in a subprocess (see the module docstring); ``cpuinfo`` replaces the text
+    of /proc/cpuinfo the build's CPU features are held against."""
     try:
         out = subprocess.run([python, "-c", _LLAMA_PROBE], capture_output=True, text=True,
                              timeout=LLAMA_PROBE_TIMEOUT_S, env=env)
@@ -285,31 +360,73 @@ def check_llama_cpp(*, python: str = sys.executable, env: dict[str, str] | None 
     if "error" in info:
         return Check("llama_cpp", "fail", f"llama_cpp cannot be imported: {info['error']}",
                      "pip install llama-cpp-python into the node's environment (docs/operations.md)")
-    features = _features(info.get("system_info", ""))
+    system_info = info.get("system_info", "")
+    features = _features(system_info)
     detail = f"llama-cpp-python {info.get('version')}, GPU offload {'yes' if info.get('gpu_offload') else 'no'}"
     if features:
         detail += f"; {features}"
+    problems = build_cpu_problems(system_info, cpu_flags(read_cpuinfo() if cpuinfo is None else cpuinfo))
     if gpu_present and not info.get("gpu_offload"):
-        return Check("llama_cpp", "warn", detail + " (a GPU is present but this build is CPU only)",
-                     'CMAKE_ARGS="-DGGML_CUDA=on" pip install llama-cpp-python --no-binary llama-cpp-python '
-                     "--force-reinstall --no-cache-dir")
+        problems.append(("a GPU is present but this build is CPU only",
+                         'CMAKE_ARGS="-DGGML_CUDA=on" pip install llama-cpp-python --no-binary llama-cpp-python '
+                         "--force-reinstall --no-cache-dir"))
+    if problems:
+        return Check("llama_cpp", "warn", detail + "".join(f" ({what})" for what, _ in problems),
+                     "; and ".join(fix for _, fix in problems))
     return Check("llama_cpp", "ok", detail)
 
 
-def _features(system_info: str) -> str:
-    """``CPU : SSE3 = 1 | AVX2 = 1 | ...`` → ``CPU: SSE3 AVX2 ...`` (the backends, then the features that are on)."""
-    backends: list[str] = []
-    on: list[str] = []
+def build_cpu_problems(system_info: str, flags: Collection[str] | None) -> list[tuple[str, str]]:
+    """What is wrong with running this llama.cpp build (``llama_print_system_info()``) on a CPU with
+    these /proc/cpuinfo ``flags``, as (what, what to do) pairs; none when the flags are unknown.
+
+    Instructions the build has and the CPU lacks come first (any model dies of SIGILL); then ggml's
+    AMX kernels on a CPU that has AMX (they are used, and crash)."""
+    if flags is None:
+        return []
+    on = _cpu_features_on(system_info)
+    missing = [f for f in on if any(flag not in flags for flag in _needs(f))]
+    problems: list[tuple[str, str]] = []
+    if missing:
+        problems.append((f"built for {' '.join(missing)}, which this CPU lacks", FIX_FOREIGN_BUILD))
+    amx = [f for f in on if f.startswith("AMX") and f not in missing]
+    if amx and "amx_tile" in flags:
+        problems.append((f"{' '.join(amx)} on a CPU with AMX: llama.cpp issue 20824", FIX_AMX))
+    return problems
+
+
+def _needs(feature: str) -> tuple[str, ...]:
+    # An AMX feature this table does not know yet still needs the AMX tiles.
+    return BUILD_NEEDS.get(feature, ("amx_tile",) if feature.startswith("AMX") else ())
+
+
+def _sections(system_info: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """``CUDA : ARCHS = 890 | USE_GRAPHS = 1 | CPU : SSE3 = 1 | ...`` → each backend's (key, value)
+    pairs, in order. Older builds print the CPU's features with no ``CPU :`` head: backend ""."""
+    sections: list[tuple[str, list[tuple[str, str]]]] = [("", [])]
     for part in system_info.split("|"):
         part = part.strip()
         head, colon, rest = part.partition(":")
         if colon and "=" not in head:  # "CUDA : ARCHS = 890 | ..." starts a backend's section
-            backends.append(head.strip())
+            sections.append((head.strip(), []))
             part = rest.strip()
         key, sep, value = part.partition("=")
-        if sep and key.strip() and value.strip() in ("1", "on"):
-            on.append(key.strip())
-    head = "/".join(b for b in backends if b)
+        if sep and key.strip():
+            sections[-1][1].append((key.strip(), value.strip()))
+    return sections
+
+
+def _cpu_features_on(system_info: str) -> list[str]:
+    """The CPU backend's features that are on (``AVX2 = 1``): what the build compiled in."""
+    return [key for backend, pairs in _sections(system_info) if backend in ("", "CPU")
+            for key, value in pairs if value in ("1", "on")]
+
+
+def _features(system_info: str) -> str:
+    """``CPU : SSE3 = 1 | AVX2 = 1 | ...`` → ``CPU: SSE3 AVX2 ...`` (the backends, then the features that are on)."""
+    sections = _sections(system_info)
+    on = [key for _, pairs in sections for key, value in pairs if value in ("1", "on")]
+    head = "/".join(b for b, _ in sections if b)
     return f"{head}: {' '.join(on)}" if head else " ".join(on)
 
 

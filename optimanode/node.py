@@ -12,8 +12,13 @@ How it works:
   changes (``enable``, ``disable``, ``configure``) are journaled before they return.
 * The reconciler tick gathers ``Facts``, calls the pure ``decide``, and applies its actions:
   starting and stopping workers through the supervisor. Worker exits come back through
-  ``_on_worker_exit``, which journals ``crash`` (with exit code, signal, uptime, stderr tail and
-  the backoff) or ``stopped``.
+  ``_on_worker_exit``, which journals ``crash`` (with exit code, signal, uptime, stderr tail,
+  what the worker was doing and the backoff) or ``stopped``.
+* Safe mode (``model_defaults.safe_mode``, per model): a worker that dies of SIGSEGV, SIGBUS or
+  SIGILL before Ready is restarted at once, outside the crash budget, in safe mode (journaled on
+  that crash, ``safe_mode=True``); a safe-mode worker that dies the same way ends the model
+  ``failed`` with a reason an operator can act on. The last transition that sets ``safe_mode``
+  is what a restarted node restores.
 * ``infer`` (an async iterator) and ``infer_to`` (chunks handed to a callback as the worker's pipe
   delivers them: what a Gateway session calls) check the request, the model's state and the
   admission queue, then stream the worker's chunks. Request start and end are journaled in the
@@ -27,6 +32,7 @@ import contextlib
 import logging
 import os
 import random
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -54,6 +60,7 @@ from optimanode.executors.supervisor import Admission, ExitInfo, WorkerProcess
 from optimanode.journal import NODE_STREAM, Event, ExecutorView, Journal
 from optimanode.protocol import (
     PREFILL_POLICIES,
+    SAFE_MODES,
     Chunk,
     DesiredChanged,
     Done,
@@ -76,6 +83,8 @@ from optimanode.protocol import (
 log = logging.getLogger(__name__)
 
 RECONCILE_TICK_S = 1.0
+# What a safe-mode worker runs without (said in the log, the journal and ExecutorStatus).
+SAFE_MODE_OFF = "llama.cpp's extra buffer types (weight repacking, AMX) and the persistent threadpool"
 
 
 @dataclass(eq=False)
@@ -115,6 +124,10 @@ class Executor:
     requests_served: int = 0
     tokens_generated: int = 0
     backend: str = ""
+    # Safe mode as "auto" decides it: on after a worker died of a fatal signal before Ready, and
+    # then as the last worker that loaded ran (the journal's last Transition.safe_mode), and why.
+    safe: bool = False
+    safe_reason: str = ""
 
     @property
     def state(self) -> str:
@@ -178,7 +191,9 @@ class Node:
         for view in views.values():
             ex = Executor(id=view.id, life=Lifecycle(view.id, view.state), info=view.info,
                           enabled=view.enabled, settings=view.settings)
-            ex.crash_times = [e.ts for e in recent if e.stream == view.id and getattr(e.body, "trigger", "") == "crash"]
+            # (The crash that turned safe mode on is a diagnosis, not part of a crash loop.)
+            ex.crash_times = [e.ts for e in recent if e.stream == view.id and getattr(e.body, "trigger", "") == "crash"
+                              and not getattr(e.body, "safe_mode", None)]
             self.executors[view.id] = ex
             self._refresh_admission(ex)
         for ex in self.executors.values():
@@ -186,11 +201,18 @@ class Node:
                 await self._fire(ex, "recover", reason="node restarted; no worker survived it")
             elif ex.state == "crashed":
                 ex.restart_at = now  # its backoff was spent while the node was down
-        # Reasons for states that carry one (invalid, failed, waiting, missing) come from the last transition.
+        # Reasons for states that carry one (invalid, failed, waiting, missing) come from the last
+        # transition; "auto" safe mode from the last transition that set it.
         for ev in await self.journal.read(types=["transition"]):
             ex = self.executors.get(ev.stream)
-            if ex is not None and isinstance(ev.body, Transition) and ev.body.dst == ex.state:
+            if ex is None or not isinstance(ev.body, Transition):
+                continue
+            if ev.body.dst == ex.state:
                 ex.reason = ev.body.reason
+            if ev.body.safe_mode is not None:
+                ex.safe = ev.body.safe_mode
+                if ev.body.trigger == "crash":
+                    ex.safe_reason = ev.body.reason
 
     async def _run(self) -> None:
         try:
@@ -304,9 +326,12 @@ class Node:
         ex = self._get(executor_id)
         await self._desire(ex, True, ex.settings, by)
         if ex.state == "failed":
-            # Re-enabling is how an operator says "try again": the crash budget starts afresh.
+            # Re-enabling is how an operator says "try again": the crash budget starts afresh, and
+            # an automatic safe mode is dropped (the next worker proves whether it is still needed).
             ex.crash_times.clear()
-            await self._fire(ex, "enable", reason=f"re-enabled by {by or 'operator'}")
+            await self._fire(ex, "enable", reason=f"re-enabled by {by or 'operator'}",
+                             safe_mode=False if ex.safe else None)
+            ex.safe, ex.safe_reason = False, ""
         return self.status(executor_id)
 
     async def disable(self, executor_id: str, by: str = "") -> ExecutorStatus:
@@ -342,7 +367,17 @@ class Node:
             n_batch=s.n_batch if s.n_batch is not None else d.n_batch,
             parallel=s.parallel if s.parallel is not None else d.parallel,
             prefill=s.prefill if s.prefill is not None else d.prefill,
+            safe_mode=self._safe_mode(ex) != "",
         )
+
+    def _safe_mode(self, ex: Executor) -> str:
+        """Why the next worker runs in safe mode, or "" when it does not."""
+        mode = ex.settings.safe_mode if ex.settings.safe_mode is not None else self.settings.model_defaults.safe_mode
+        if mode == "on":
+            return "safe_mode = on"
+        if mode == "auto" and ex.safe:
+            return ex.safe_reason or "safe mode since an earlier worker died while loading"
+        return ""
 
     def _queue_size(self, ex: Executor) -> int:
         q = ex.settings.queue_size
@@ -363,6 +398,7 @@ class Node:
             queue_depth=adm.waiting if adm else 0, in_flight=adm.running if adm else 0,
             parallel=adm.parallel if adm else 1, queue_size=adm.queue_size if adm else 0,
             requests_served=ex.requests_served, tokens_generated=ex.tokens_generated, backend=ex.backend,
+            safe_mode=bool(why := self._safe_mode(ex)), safe_mode_reason=why,
         )
 
     def list(self) -> list[ExecutorStatus]:
@@ -671,7 +707,14 @@ class Node:
             return  # it died while loading: _on_worker_exit journals the crash
         if ex.worker is worker and ex.state in ("starting", "restarting"):
             ex.backend = ready.backend
-            await self._fire(ex, "ready", pid=ready.pid, reason=f"loaded in {ready.load_s:.2f} s")
+            warm = (f"warm-up {ready.warmup_s:.2f} s: a {ready.warmup_batch}-token batch, "
+                    f"{ready.warmup_generated} tokens generated, {ready.warmup_seqs} sequence(s) in one step")
+            reason = f"loaded in {ready.load_s:.2f} s ({warm})" + ("; in safe mode" if ready.safe_mode else "")
+            if ready.safe_mode:
+                log.warning("executor %s: running in SAFE MODE (%s): turned off: %s", ex.id,
+                            self._safe_mode(ex) or "safe_mode = on", SAFE_MODE_OFF)
+            await self._fire(ex, "ready", pid=ready.pid, reason=reason, safe_mode=ready.safe_mode)
+            ex.safe = ready.safe_mode
 
     async def _stop_worker(self, ex: Executor, reason: str) -> None:
         worker = ex.worker
@@ -737,7 +780,39 @@ class Node:
         ex.restart_at = now + delay
         what = info.describe() + ("" if info.was_ready else " while loading the model")
         last = next((line for line in reversed(info.stderr_tail) if line.strip()), "")
-        reason = what + (f": {last}" if last and not info.was_ready else "")
+        # After a fatal signal the tail ends in faulthandler's report, not in an explanation.
+        reason = what + (f": {last}" if last and not info.was_ready and not info.fatal_signal else "")
+        details.update(phase=info.phase, batch_tokens=info.batch_tokens, batch_seqs=info.batch_seqs,
+                       requests=list(info.requests))
+        mode = ex.settings.safe_mode if ex.settings.safe_mode is not None else self.settings.model_defaults.safe_mode
+        if info.fatal_signal and not info.was_ready and info.safe_mode:
+            # Safe mode did not help: what is left is the build or the model on this machine.
+            if info.signal == signal.SIGILL:
+                why = "this llama.cpp build uses instructions this CPU lacks: rebuild on this machine (tools/build-llama-cpp)"
+            else:
+                why = (f"its worker died of {info.signal_name()} while loading even in safe mode: a fault in "
+                       "llama.cpp with this model on this machine (the crash event's stderr tail holds every "
+                       "thread's stack); try another build or quantization, then re-enable it")
+            try:
+                await self._fire(ex, "crash", reason=reason, **details)
+                await self._fire(ex, "give_up", reason=why)
+            except JournalError:
+                ex.crash_times, ex.restart_at = before
+                raise
+            log.error("executor %s: failed: %s", ex.id, why)
+            return
+        if info.fatal_signal and not info.was_ready and mode == "auto":
+            # Once, at once, and outside the crash budget: the next worker runs in safe mode.
+            ex.crash_times, ex.restart_at = before[0], now
+            ex.safe, ex.safe_reason = True, f"{reason}; safe mode turns off {SAFE_MODE_OFF}"
+            log.warning("executor %s: %s; restarting it in SAFE MODE: turning off %s", ex.id, reason, SAFE_MODE_OFF)
+            try:
+                await self._fire(ex, "crash", reason=ex.safe_reason, restart_in_s=0.0, safe_mode=True, **details)
+            except JournalError:
+                ex.safe, ex.safe_reason = False, ""
+                ex.crash_times, ex.restart_at = before
+                raise
+            return
         budget_left = n < self.settings.restart.crash_budget
         try:
             await self._fire(ex, "crash", reason=reason, restart_in_s=round(delay, 3) if budget_left else None,
@@ -764,6 +839,7 @@ def check_model_settings(s: ModelSettings) -> None:
         "queue_size": (lambda v: 0 <= v <= 100_000, "0..100000"),
         "parallel": (lambda v: 1 <= v <= 256, "1..256"),
         "prefill": (lambda v: v in PREFILL_POLICIES, "one of " + ", ".join(PREFILL_POLICIES)),
+        "safe_mode": (lambda v: v in SAFE_MODES, "one of " + ", ".join(SAFE_MODES)),
     }
     for name, (ok, expected) in rules.items():
         v = getattr(s, name)

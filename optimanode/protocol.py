@@ -104,11 +104,18 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, tag="settings"):
     parallel: int = 1
     # How waiting prompts share decode steps (PREFILL_POLICIES; see optimanode/worker.py, step d).
     prefill: str = "auto"
+    # Safe mode: the model is loaded without llama.cpp's extra buffer types (weight repacking,
+    # AMX) and the context keeps llama.cpp's default threadpool; the node sets it after a worker
+    # died of a fatal signal while loading (SAFE_MODES, docs/operations.md).
+    safe_mode: bool = False
 
 
 # "auto": one request's prompt per step on the CPU, prompts together when layers are on a GPU;
 # "one_per_step": always one; "together": every waiting prompt in one step, up to n_batch tokens.
 PREFILL_POLICIES = ("auto", "one_per_step", "together")
+# "auto": normal, and safe mode after a worker died of SIGSEGV/SIGBUS/SIGILL before Ready;
+# "on": always safe mode; "off": never (a fatal signal is a crash like any other).
+SAFE_MODES = ("auto", "on", "off")
 
 
 class Generate(msgspec.Struct, frozen=True, kw_only=True, tag="generate"):
@@ -141,6 +148,13 @@ class Ready(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
     # What llama.cpp was built with, e.g. "cpu" or "cuda"; reported to operators.
     backend: str = "cpu"
     chat_template: bool = False
+    # The warm-up that proved the kernels before Ready: the longest batch it decoded (tokens),
+    # the tokens it generated, the most sequences in one step, and its seconds.
+    warmup_batch: int = 0
+    warmup_generated: int = 0
+    warmup_seqs: int = 0
+    warmup_s: float = 0.0
+    safe_mode: bool = False
 
 
 class Pong(msgspec.Struct, frozen=True, kw_only=True, tag="pong"):
@@ -174,6 +188,9 @@ FromWorker = Ready | Pong | Chunk | Done | Failed
 
 FRAME_HEADER = struct.Struct(">I")
 MAX_FRAME = 16 * 1024 * 1024
+# The worker's black box (optimanode/worker.py, _BlackBox): a file of this size shared with the
+# supervisor, holding what the worker is doing, read after it died.
+BLACKBOX_SIZE = 4096
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)
@@ -216,6 +233,7 @@ class ModelSettings(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     queue_size: int | None = None
     parallel: int | None = None
     prefill: str | None = None
+    safe_mode: str | None = None
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -267,6 +285,16 @@ class Transition(msgspec.Struct, frozen=True, kw_only=True, tag="transition"):
     uptime_s: float | None = None
     stderr_tail: list[str] = []
     restart_in_s: float | None = None
+    # What the worker was doing when it died (its black box; crash transitions only): the phase
+    # ("loading", "warm-up", "prompt evaluation", "generation", "idle"), the tokens and sequences
+    # of the llama_decode step in progress, and the ids of the requests in that step.
+    phase: str = ""
+    batch_tokens: int | None = None
+    batch_seqs: int | None = None
+    requests: list[str] = []
+    # Set where safe mode changes or is confirmed: True on the crash that turns it on and on the
+    # ready of a safe-mode worker, False on an enable (which clears it) and a normal ready.
+    safe_mode: bool | None = None
 
 
 class DesiredChanged(msgspec.Struct, frozen=True, kw_only=True, tag="desired"):
@@ -369,6 +397,10 @@ class ExecutorStatus(msgspec.Struct, frozen=True, kw_only=True):
     requests_served: int = 0
     tokens_generated: int = 0
     backend: str = ""
+    # The worker runs (or will start) in safe mode, and why (the crash that turned it on, or the
+    # setting).
+    safe_mode: bool = False
+    safe_mode_reason: str = ""
 
 
 # ---------------------------------------------------------------------------------------------

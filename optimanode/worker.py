@@ -18,9 +18,19 @@ Start-up
     The first frame must be a ``WorkerSettings``. The reader thread starts before the model
     loads, so pings are answered and EOF is noticed while loading. The context gets a persistent
     ggml CPU threadpool, as llama-server's does (``_Threadpool``: about 5 % more tokens/s for one
-    stream than llama.cpp's pool-per-decode default). The model is loaded, one
-    token is evaluated and sampled as a warm-up (``Ready`` means able to generate), and then
-    ``Ready`` is sent.
+    stream than llama.cpp's pool-per-decode default). The model is loaded and
+    warmed up (``Engine._warm_up``: one full micro-batch of prompt, four generated tokens, a step
+    of two sequences, both sampling paths), so that a kernel that crashes does so while the node
+    still calls the model ``starting``, never on a request; then ``Ready`` is sent, with what the
+    warm-up ran. ``WorkerSettings.safe_mode`` loads the model without llama.cpp's extra buffer
+    types (repacked weights, AMX) and keeps llama.cpp's default threadpool: the node sets it after
+    a worker died of a fatal signal while loading.
+
+Crash evidence
+    ``faulthandler`` writes every thread's Python stack to stderr on SIGSEGV, SIGBUS, SIGILL,
+    SIGFPE and SIGABRT (the node keeps stderr's tail in the crash event), and ``_BlackBox`` keeps
+    what the worker is doing (phase, the decode step's tokens, sequences and request ids) in a
+    page shared with the supervisor, which reads it after the process died.
 
 Threads
     * The reader thread reads frames: ``Ping`` is answered with ``Pong`` at once (even while a
@@ -154,6 +164,7 @@ from __future__ import annotations
 import codecs
 import collections
 import ctypes
+import faulthandler
 import os
 import queue
 import secrets
@@ -182,6 +193,13 @@ PENALTY_LAST_N = 64
 COALESCE_S = 0.001
 # One stderr line per finished request (slot, prompt tokens reused/evaluated, outcome).
 TRACE = os.environ.get("OPTIMANODE_WORKER_TRACE", "") not in ("", "0")
+# The warm-up (Engine._warm_up): the longest prompt batch it decodes, the tokens it generates, and
+# the text its prompt is made of.
+WARMUP_MAX_BATCH = 512
+WARMUP_GENERATE = 4
+WARMUP_TEXT = (b"The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with "
+               b"a single step; numbers like 3.14159, 2718 and 42 mix with words, punctuation and code: "
+               b"def f(x): return x * 2\n")
 
 # stderr for our own lines: a private copy, made in main(), so that nothing a library does to fd 2
 # can hide a load failure's explanation.
@@ -195,6 +213,68 @@ def _log(msg: str) -> None:
         os.write(_err_fd, f"optimanode.worker: {msg}\n".encode("utf-8", "replace"))
     except OSError:
         pass
+
+
+class _BlackBox:
+    """What the worker is doing, written where the supervisor can read it after a crash.
+
+    The supervisor passes an unlinked file of BLACKBOX_SIZE bytes as an inherited descriptor
+    (``OPTIMANODE_WORKER_BLACKBOX_FD``); the worker maps it and, before each ``llama_decode``,
+    writes one record: ``D`` (in llama_decode) or ``A`` (after it), the phase, the batch's tokens
+    and sequences, and the ids of the requests in it (tab-separated, NUL-terminated). A fatal
+    signal leaves the last record in the page cache, so the crash event can say "SIGSEGV in
+    llama_decode during prompt evaluation of a 31-token batch, request X" without the dead
+    process writing anything. One small memory write a step; no record when there is no fd
+    (a worker started by hand, or Windows).
+    """
+
+    def __init__(self) -> None:
+        self._map: Any = None
+
+    def open_from_env(self) -> None:
+        fd = os.environ.get("OPTIMANODE_WORKER_BLACKBOX_FD", "")
+        if not fd.isdigit():
+            return
+        import mmap
+
+        try:
+            self._map = mmap.mmap(int(fd), p.BLACKBOX_SIZE)
+        except (OSError, ValueError) as exc:
+            _log(f"no black box ({exc})")
+
+    def enter(self, phase: str, tokens: int, seqs: int, requests: Iterable[str]) -> None:
+        m = self._map
+        if m is None:
+            return
+        rec = f"D\t{phase}\t{tokens}\t{seqs}\t{','.join(requests)}".encode("utf-8", "replace")
+        rec = rec[: p.BLACKBOX_SIZE - 1] + b"\0"
+        m[: len(rec)] = rec
+
+    def leave(self) -> None:
+        if self._map is not None:
+            self._map[0] = 65  # "A": llama_decode returned; what follows is sampling and streaming
+
+
+_blackbox = _BlackBox()
+
+
+def _fault_injection(safe_mode: bool) -> None:
+    """Tests only: ``OPTIMANODE_TEST_FAULT`` makes the warm-up die of a real signal.
+
+    ``warmup-segv`` (a read of address 0), ``warmup-sigill`` or ``warmup-sigbus``; with the suffix
+    ``-always`` also in safe mode, otherwise only outside it (the shape of the AMX fault, which
+    safe mode avoids). Unset in production: the check is one dictionary look-up per load.
+    """
+    fault = os.environ.get("OPTIMANODE_TEST_FAULT", "")
+    if not fault.startswith("warmup-") or (safe_mode and not fault.endswith("-always")):
+        return
+    kind = fault.removeprefix("warmup-").removesuffix("-always")
+    _log(f"OPTIMANODE_TEST_FAULT={fault}: dying of {kind} in the warm-up")
+    if kind == "segv":
+        ctypes.string_at(0)  # a real invalid read: SIGSEGV
+    sig = {"sigill": signal.SIGILL, "sigbus": signal.SIGBUS}.get(kind)
+    if sig is not None:
+        os.kill(os.getpid(), sig)
 
 
 @llama_cpp.llama_log_callback
@@ -485,10 +565,10 @@ class _Threadpool:
     turns it off (for comparisons).
     """
 
-    def __init__(self, ctx: Any, n_threads: int) -> None:
+    def __init__(self, ctx: Any, n_threads: int, enabled: bool = True) -> None:
         self.handle: int | None = None
         self._free: Any = None
-        if os.environ.get("OPTIMANODE_WORKER_THREADPOOL", "1") == "0":
+        if not enabled or os.environ.get("OPTIMANODE_WORKER_THREADPOOL", "1") == "0":
             return
         try:
             self._attach(ctx, n_threads)
@@ -557,6 +637,10 @@ class Engine:
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = settings.n_gpu_layers
+        # Safe mode: no extra buffer types (the CPU "repack" and AMX buffers, what llama-server's
+        # --no-repack turns off): the weights stay in the file's layout and the plain kernels run.
+        self.safe_mode = settings.safe_mode
+        mparams.use_extra_bufts = not settings.safe_mode
         self.model = llama_cpp.llama_model_load_from_file(settings.model_path.encode("utf-8"), mparams)
         if not self.model:
             raise RuntimeError("llama_model_load_from_file failed")
@@ -590,7 +674,8 @@ class Engine:
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             raise RuntimeError("llama_init_from_model failed")
-        self.threadpool = _Threadpool(self.ctx, settings.n_threads)
+        # Safe mode keeps llama.cpp's default (per-decode) threadpool.
+        self.threadpool = _Threadpool(self.ctx, settings.n_threads, enabled=not settings.safe_mode)
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         # Sequences are moved between slots only where a move is a plain copy of KV cells
         # (llama_kv_cache across streams); a recurrent state is shared, not copied, by seq_cp.
@@ -619,7 +704,9 @@ class Engine:
                 bos_token=self._token_text(llama_cpp.llama_vocab_bos(self.vocab)),
                 add_generation_prompt=True,
             )
-        self._warm_up()
+        t0 = time.monotonic()
+        self.warmup = self._warm_up()
+        self.warmup_s = time.monotonic() - t0
 
     def close(self) -> None:
         if self.batch is not None:
@@ -703,22 +790,67 @@ class Engine:
                 llama_cpp.llama_sampler_accept(chain, token)
         return chain
 
-    def _warm_up(self) -> None:
-        tokens = self.tokenize(b"Hi", add_bos=True, special=False)
+    def _warm_up(self) -> tuple[int, int, int]:
+        """Run every kernel a request will run before Ready, so that one that crashes does so here.
+
+        A 2-token warm-up once declared a model ready whose first real prompt then crashed
+        (ggml's AMX kernels on Sapphire Rapids take another path for large batches): so the
+        warm-up decodes one full micro-batch of prompt (``n_batch``, at most WARMUP_MAX_BATCH,
+        spread over several sequences where one slot's window is smaller), generates
+        WARMUP_GENERATE tokens one at a time (the single-row kernels), with ``parallel > 1``
+        decodes one step of two sequences at once, samples through both paths (a chain and
+        ``_argmax``), and clears the cells. Returns (prompt batch tokens, generated tokens, most
+        sequences in one step).
+        """
         b = self.batch
         assert b is not None
-        for i, t in enumerate(tokens):
-            b.token[i], b.pos[i], b.seq_id[i][0], b.logits[i] = t, i, 0, i == len(tokens) - 1
-        b.n_tokens = len(tokens)
-        rc = llama_cpp.llama_decode(self.ctx, b)
-        if rc != 0:
-            raise RuntimeError(f"warm-up llama_decode returned {rc}")
+        target = min(self.n_batch, WARMUP_MAX_BATCH)
+        room = max(1, self.window - WARMUP_GENERATE - 2)  # cells one sequence may fill here
+        text = self.tokenize(WARMUP_TEXT, add_bos=False, special=False) or [0]
+        bos = llama_cpp.llama_vocab_bos(self.vocab)
+        pos = [0] * len(self.slots)
+        rows: list[int] = []
+        n = 0
+        for seq in range(len(self.slots)):
+            take = min(room, target - n)
+            if take <= 0:
+                break
+            for k in range(take):
+                t = bos if k == 0 and bos >= 0 else text[k % len(text)]
+                b.token[n], b.pos[n], b.seq_id[n][0], b.logits[n] = t, k, seq, k == take - 1
+                n += 1
+            pos[seq] = take
+            rows.append(n - 1)
+        b.n_tokens = n
+        self._decode_checked(n, len(rows), "warm-up", fault=True)
         # Both sampling paths once: a chain (the penalty makes _sampler build one) and _argmax.
-        chain = self._sampler(p.SamplingParams(temperature=0.0, repeat_penalty=1.1), tokens)
-        llama_cpp.llama_sampler_sample(chain, self.ctx, len(tokens) - 1)
+        chain = self._sampler(p.SamplingParams(temperature=0.0, repeat_penalty=1.1), text[:8])
+        llama_cpp.llama_sampler_sample(chain, self.ctx, rows[0])
         llama_cpp.llama_sampler_free(chain)
-        self._argmax(len(tokens) - 1)
-        llama_cpp.llama_memory_seq_rm(self.mem, 0, -1, -1)
+        last = [self._argmax(r) for r in rows]
+        most = len(rows)
+        for step in range(WARMUP_GENERATE):
+            # The last step decodes two sequences at once where there are two slots.
+            seqs = [0, 1] if step == WARMUP_GENERATE - 1 and len(self.slots) > 1 else [0]
+            for i, seq in enumerate(seqs):
+                t = last[seq] if seq < len(last) else max(bos, 0)
+                b.token[i], b.pos[i], b.seq_id[i][0], b.logits[i] = t, pos[seq], seq, 1
+                pos[seq] += 1
+            b.n_tokens = len(seqs)
+            self._decode_checked(len(seqs), len(seqs), "warm-up")
+            last = [self._argmax(i) for i in range(len(seqs))]
+            most = max(most, len(seqs))
+        llama_cpp.llama_memory_clear(self.mem, True)
+        return n, WARMUP_GENERATE, most
+
+    def _decode_checked(self, n_tokens: int, n_seqs: int, phase: str, fault: bool = False) -> None:
+        _blackbox.enter(phase, n_tokens, n_seqs, ())
+        if fault:
+            _fault_injection(self.safe_mode)
+        rc = llama_cpp.llama_decode(self.ctx, self.batch)
+        _blackbox.leave()
+        if rc != 0:
+            raise RuntimeError(f"{phase} llama_decode of {n_tokens} tokens returned {rc}")
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -925,7 +1057,12 @@ class Engine:
     def _decode(self, plan: list[_Slot]) -> None:
         """Decode the plan's tokens with one llama_decode, then sample."""
         self._fill(plan)
-        rc = llama_cpp.llama_decode(self.ctx, self.batch)
+        b = self.batch
+        assert b is not None
+        _blackbox.enter("prompt evaluation" if any(s.run.chunk for s in plan) else "generation",  # type: ignore[union-attr]
+                        b.n_tokens, len(plan), (s.run.job.id for s in plan))  # type: ignore[union-attr]
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        _blackbox.leave()
         if rc == 0:
             self._commit(plan)
         elif rc == 1 and len(plan) > 1:
@@ -1076,6 +1213,10 @@ def main() -> int:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     llama_cpp.llama_log_set(_on_llama_log, ctypes.c_void_p(0))
+    # A fatal signal (SIGSEGV in a kernel, say) prints every thread's Python stack into the
+    # stderr tail the crash event keeps, before the process dies of that same signal.
+    faulthandler.enable(file=_err_fd, all_threads=True)
+    _blackbox.open_from_env()
     writer = _Writer(out)
 
     try:
@@ -1096,6 +1237,7 @@ def main() -> int:
     threading.Thread(target=_reader, args=(0, writer, jobs), name="reader", daemon=True).start()
 
     t0 = time.monotonic()
+    _blackbox.enter("loading", 0, 0, ())
     if not os.path.isfile(settings.model_path):
         _log(f"cannot load model {settings.model_path}: no such file")
         return EXIT_LOAD
@@ -1106,8 +1248,15 @@ def main() -> int:
         reason = _llama_errors[0] if _llama_errors else f"{type(exc).__name__}: {exc}"
         _log(f"cannot load model {settings.model_path}: {reason}")
         return EXIT_LOAD
+    warm_batch, warm_generated, warm_seqs = engine.warmup
+    if settings.safe_mode:
+        _log("safe mode: loaded without extra buffer types (weight repacking, AMX) and with "
+             "llama.cpp's default threadpool")
+    _blackbox.enter("idle", 0, 0, ())
     writer.send(p.Ready(pid=os.getpid(), n_ctx=engine.n_ctx, load_s=time.monotonic() - t0,
-                        backend=_backend(), chat_template=engine.chat is not None))
+                        backend=_backend(), chat_template=engine.chat is not None,
+                        warmup_batch=warm_batch, warmup_generated=warm_generated, warmup_seqs=warm_seqs,
+                        warmup_s=engine.warmup_s, safe_mode=settings.safe_mode))
     engine.serve(jobs)
     # Shutdown: every request taken has been answered (cancelled ones with Done).
     engine.close()

@@ -65,6 +65,18 @@ def test_the_prefill_policy_is_one_of_the_protocols(tmp_path):
         load_settings(f, environ={})
 
 
+def test_the_safe_mode_setting_is_one_of_the_protocols(tmp_path):
+    from optimanode.protocol import SAFE_MODES
+
+    assert Settings().model_defaults.safe_mode == "auto"
+    for mode in SAFE_MODES:
+        assert load_settings(environ={}, overrides={"model_defaults.safe_mode": mode}).model_defaults.safe_mode == mode
+    f = tmp_path / "node.toml"
+    f.write_text('[model_defaults]\nsafe_mode = "maybe"\n')
+    with pytest.raises(ConfigError, match=r"model_defaults\.safe_mode: expected one of auto, on, off"):
+        load_settings(f, environ={})
+
+
 def test_broken_toml_names_the_file(tmp_path):
     f = tmp_path / "node.toml"
     f.write_text("[listen\nport=1\n")

@@ -2,7 +2,9 @@
 
 NVIDIA is exercised through ``optimanode.testing.FakeNvml`` (a machine with GPUs, and one without
 the driver); llama_cpp through real subprocesses: this environment's interpreter (the real
-llama-cpp-python) and the same interpreter with a broken ``llama_cpp`` put first on its path.
+llama-cpp-python) and the same interpreter with a broken (or fake) ``llama_cpp`` put first on its
+path. The CPU through /proc/cpuinfo texts of a Sapphire Rapids Xeon (AMX), an EPYC (AVX2 only) and
+a Sandy Bridge Xeon (AVX, no AVX2), and this machine's own.
 """
 
 from __future__ import annotations
@@ -20,14 +22,18 @@ import pytest
 
 from optimanode.config import load_settings
 from optimanode.doctor import (
+    FIX_AMX,
     Check,
+    build_cpu_problems,
     check_certificate,
+    check_cpu,
     check_key,
     check_llama_cpp,
     check_models,
     check_nvidia,
     check_port,
     check_state,
+    cpu_flags,
     print_checks,
     run_doctor,
 )
@@ -185,6 +191,143 @@ def test_port_free_ok_and_in_use_fails(tmp_path):
     assert c.status == "fail"  # TEST-NET-1: not an address of this machine
 
 
+# -- cpu ------------------------------------------------------------------------------------------
+
+# Two processors of each, as /proc/cpuinfo has them (flags abridged, in the kernel's order).
+SAPPHIRE_RAPIDS = "".join(f"""processor\t: {i}
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse \
+sse2 ss ht syscall nx pdpe1gb rdtscp lm constant_tsc pni pclmulqdq ssse3 fma cx16 pcid sse4_1 sse4_2 \
+x2apic movbe popcnt aes xsave avx f16c rdrand hypervisor lahf_lm abm 3dnowprefetch fsgsbase bmi1 avx2 \
+smep bmi2 erms invpcid avx512f avx512dq rdseed adx smap avx512ifma clflushopt clwb avx512cd sha_ni \
+avx512bw avx512vl xsaveopt xsavec xgetbv1 xsaves avx_vnni avx512_bf16 wbnoinvd arat avx512vbmi umip \
+pku ospke waitpkg avx512_vbmi2 gfni vaes vpclmulqdq avx512_vnni avx512_bitalg avx512_vpopcntdq rdpid \
+movdiri movdir64b fsrm md_clear serialize tsxldtrk amx_bf16 avx512_fp16 amx_tile amx_int8 flush_l1d \
+arch_capabilities
+
+""" for i in range(2))
+EPYC_MILAN = "".join(f"""processor\t: {i}
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC 7763 64-Core Processor
+flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse \
+sse2 ht syscall nx mmxext fxsr_opt pdpe1gb rdtscp lm constant_tsc rep_good nopl nonstop_tsc cpuid \
+extd_apicid pni pclmulqdq ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic movbe popcnt aes xsave avx f16c \
+rdrand hypervisor lahf_lm cmp_legacy cr8_legacy abm sse4a misalignsse 3dnowprefetch osvw topoext \
+fsgsbase bmi1 avx2 smep bmi2 erms invpcid rdseed adx smap clflushopt clwb sha_ni xsaveopt xsavec \
+xgetbv1 xsaves clzero xsaveerptr wbnoinvd arat npt nrip_save umip pku ospke vaes vpclmulqdq rdpid fsrm
+
+""" for i in range(2))
+SANDY_BRIDGE = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) CPU E5-2670 0 @ 2.60GHz
+flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep sse sse2 ht syscall nx lm pni pclmulqdq ssse3 \
+cx16 sse4_1 sse4_2 x2apic popcnt aes xsave avx hypervisor lahf_lm
+
+"""
+# llama_print_system_info() of a build made on a Sapphire Rapids (-march=native, AMX left on),
+# CUDA first as the backend registry lists it, and the same build made without AMX.
+SPR_BUILD = ("CUDA : ARCHS = 900 | USE_GRAPHS = 1 | PEER_MAX_BATCH_SIZE = 128 | CPU : SSE3 = 1 | SSSE3 = 1 | "
+             "AVX = 1 | AVX_VNNI = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | AVX512 = 1 | AVX512_VBMI = 1 | "
+             "AVX512_VNNI = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 |")
+SPR_BUILD_NO_AMX = SPR_BUILD.replace("AMX_INT8 = 1 | ", "")
+ZEN3_BUILD = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | LLAMAFILE = 1 | "
+              "OPENMP = 1 | REPACK = 1 |")
+
+
+def test_cpu_on_a_sapphire_rapids_names_it_and_its_amx():
+    c = check_cpu(SAPPHIRE_RAPIDS)
+    assert c.status == "ok", c
+    # Every feature of the list, in the list's order (not the kernel's).
+    assert c.detail == ("Intel(R) Xeon(R) Platinum 8480+; avx avx2 fma f16c avx512f avx512bw avx512vl "
+                        "avx512_vnni avx512_bf16 avx_vnni amx_tile amx_int8 amx_bf16")
+
+
+def test_cpu_on_an_epyc_with_avx2_only():
+    c = check_cpu(EPYC_MILAN)
+    assert c.status == "ok", c
+    assert c.detail == "AMD EPYC 7763 64-Core Processor; avx avx2 fma f16c"
+    assert "avx512" not in c.detail and "amx" not in c.detail
+
+
+def test_cpu_without_avx2_warns_that_llama_cpp_is_slow():
+    c = check_cpu(SANDY_BRIDGE)
+    assert c.status == "warn" and c.detail.startswith("Intel(R) Xeon(R) CPU E5-2670 0 @ 2.60GHz; avx ")
+    assert "(no AVX2)" in c.detail and "without AVX2" in c.fix and "slower" in c.fix
+
+
+def test_cpu_without_a_flags_line_reports_the_model_and_does_not_warn():
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes sha1 sha2 crc32\nmodel name\t: Neoverse-V2\n"
+    c = check_cpu(arm)
+    assert c.status == "ok" and c.detail.startswith("Neoverse-V2 ") and "not read" in c.detail
+    assert cpu_flags(arm) is None  # unknown, which is not "none": the build is not held against it
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="/proc/cpuinfo is Linux's")
+def test_cpu_on_this_machine_names_its_model():
+    text = Path("/proc/cpuinfo").read_text()
+    model = next((ln.partition(":")[2].strip() for ln in text.splitlines() if ln.startswith("model name")), None)
+    if model is None:
+        pytest.skip("this CPU's /proc/cpuinfo has no model name (not x86)")
+    c = check_cpu()
+    assert c.detail.startswith(model + ";"), c
+    flags = cpu_flags(text)
+    assert flags is not None and ("avx2" in c.detail.split()) == ("avx2" in flags)
+
+
+def test_an_amx_build_on_an_amx_cpu_warns_of_issue_20824():
+    problems = build_cpu_problems(SPR_BUILD, cpu_flags(SAPPHIRE_RAPIDS))
+    assert problems == [("AMX_INT8 on a CPU with AMX: llama.cpp issue 20824", FIX_AMX)]
+    assert "ggml_backend_amx_mul_mat" in FIX_AMX and "tools/build-llama-cpp" in FIX_AMX and 'safe_mode = "on"' in FIX_AMX
+    # Any AMX feature, not only the one ggml reports today.
+    assert build_cpu_problems("CPU : AVX2 = 1 | AMX_FP16 = 1 |", cpu_flags(SAPPHIRE_RAPIDS))[0][1] == FIX_AMX
+
+
+def test_a_build_without_amx_on_an_amx_cpu_is_fine():
+    assert build_cpu_problems(SPR_BUILD_NO_AMX, cpu_flags(SAPPHIRE_RAPIDS)) == []
+    assert build_cpu_problems(ZEN3_BUILD, cpu_flags(EPYC_MILAN)) == []
+    # AMX_INT8 = 0 (older builds print the features that are off too, with no "CPU :" head) is off.
+    assert build_cpu_problems("AVX = 1 | AVX2 = 1 | AVX512 = 0 | AMX_INT8 = 0 |", cpu_flags(SAPPHIRE_RAPIDS)) == []
+
+
+def test_a_build_from_another_machine_warns_to_rebuild_here():
+    problems = build_cpu_problems(SPR_BUILD, cpu_flags(EPYC_MILAN))
+    assert len(problems) == 1, problems  # not issue 20824: this CPU has no AMX to run those kernels on
+    what, fix = problems[0]
+    assert what == "built for AVX_VNNI AVX512 AVX512_VBMI AVX512_VNNI AVX512_BF16 AMX_INT8, which this CPU lacks"
+    assert "rebuild on this machine" in fix and "tools/build-llama-cpp" in fix
+    assert build_cpu_problems(ZEN3_BUILD, cpu_flags(SANDY_BRIDGE))[0][0].startswith("built for AVX2 F16C FMA BMI2,")
+    # Unknown flags (no /proc/cpuinfo) are no evidence of anything.
+    assert build_cpu_problems(SPR_BUILD, None) == []
+
+
+def test_llama_cpp_check_holds_the_build_against_the_cpu(tmp_path):
+    (tmp_path / "llama_cpp.py").write_text(
+        "__version__ = '0.3.99'\n"
+        "def llama_supports_gpu_offload():\n    return True\n"
+        f"def llama_print_system_info():\n    return {SPR_BUILD.encode()!r}\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    c = check_llama_cpp(env=env, cpuinfo=SAPPHIRE_RAPIDS)
+    assert c.status == "warn" and "issue 20824" in c.detail and "AMX_INT8" in c.detail and c.fix == FIX_AMX
+    assert c.detail.startswith("llama-cpp-python 0.3.99, GPU offload yes; CUDA/CPU: ")
+    c = check_llama_cpp(env=env, cpuinfo=EPYC_MILAN)
+    assert c.status == "warn" and "rebuild on this machine" in c.fix and "20824" not in c.fix
+    # Two problems at once: both named, both fixes given.
+    (tmp_path / "llama_cpp.py").write_text(
+        "def llama_supports_gpu_offload():\n    return False\n"
+        f"def llama_print_system_info():\n    return {SPR_BUILD.encode()!r}\n")
+    c = check_llama_cpp(env=env, cpuinfo=SAPPHIRE_RAPIDS, gpu_present=True)
+    assert c.status == "warn" and "20824" in c.detail and "CPU only" in c.detail
+    assert "20824" in c.fix and "GGML_CUDA" in c.fix
+    (tmp_path / "llama_cpp.py").write_text(
+        f"def llama_print_system_info():\n    return {SPR_BUILD_NO_AMX.encode()!r}\n")
+    assert check_llama_cpp(env=env, cpuinfo=SAPPHIRE_RAPIDS).status == "ok"
+
+
 # -- nvidia ---------------------------------------------------------------------------------------
 
 
@@ -241,7 +384,10 @@ def test_run_doctor_and_its_exit_code(tmp_path):
         port = probe.getsockname()[1]
     s = settings_for(tmp_path, **{"listen.host": "127.0.0.1", "listen.port": str(port)})
     checks = run_doctor(s, nvml=FakeNvml.without_driver())
-    assert [c.name for c in checks] == ["models", "state", "key", "certificate", "port", "nvidia", "llama_cpp"]
+    assert [c.name for c in checks] == ["models", "state", "key", "certificate", "port", "cpu", "nvidia",
+                                        "llama_cpp"]
+    checks = run_doctor(s, nvml=FakeNvml.without_driver(), cpuinfo=EPYC_MILAN)
+    assert checks[5].detail.startswith("AMD EPYC 7763 ")
     buf = io.StringIO()
     assert print_checks(checks, buf) == 1  # models missing, no key
     assert "FAIL  models" in buf.getvalue() and "→ create one: optimanode keygen" in buf.getvalue()

@@ -7,7 +7,9 @@ How it works:
   in the callback that receives the bytes (``_FrameReader``, a pipe protocol: no task to wake per
   token) and routed by request id to per-request queues; a heartbeat task pings and kills a
   worker that stops answering (a stopped or wedged process counts as a crash); a stderr task
-  keeps the last lines for the crash event.
+  keeps the last lines for the crash event. Each worker inherits a small unlinked file (a memfd
+  on Linux), its black box, where it notes what it is doing before every ``llama_decode``; after
+  the process ended, ``read_blackbox`` gives the phase, batch and request ids to ``ExitInfo``.
 * When the process ends, for whatever reason, every request still in flight on it gets a
   ``WorkerCrashed`` error at once (exit code or signal in its details): nothing waits on a dead
   worker. Then ``on_exit`` tells the node, which journals the crash or the stop.
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 
 from optimanode.errors import NodeFault, Overloaded, RequestError, WorkerCrashed
 from optimanode.protocol import (
+    BLACKBOX_SIZE,
     FRAME_HEADER,
     MAX_FRAME,
     Cancel,
@@ -52,7 +55,8 @@ from optimanode.protocol import (
 
 log = logging.getLogger(__name__)
 
-STDERR_TAIL_LINES = 20
+# Room for the worker's faulthandler report (every thread's stack) after a fatal signal.
+STDERR_TAIL_LINES = 40
 
 
 @dataclass(frozen=True)
@@ -66,17 +70,85 @@ class ExitInfo:
     killed_for: str = ""
     # The worker had said Ready before it ended.
     was_ready: bool = False
+    # Its black box (optimanode/worker.py, _BlackBox): the phase it was in, whether it was inside
+    # llama_decode, that step's tokens and sequences, and the requests in it.
+    phase: str = ""
+    in_decode: bool = False
+    batch_tokens: int | None = None
+    batch_seqs: int | None = None
+    requests: tuple[str, ...] = ()
+    # The worker ran in safe mode (WorkerSettings.safe_mode).
+    safe_mode: bool = False
+
+    @property
+    def fatal_signal(self) -> bool:
+        """Died of a fault in native code (a kernel, a bad instruction), not of a kill or an exit."""
+        return self.signal in FATAL_SIGNALS and not self.killed_for
+
+    def signal_name(self) -> str:
+        try:
+            return signal.Signals(self.signal or 0).name
+        except ValueError:
+            return f"signal {self.signal}"
 
     def describe(self) -> str:
-        if self.signal is not None:
-            try:
-                name = signal.Signals(self.signal).name
-            except ValueError:
-                name = f"signal {self.signal}"
-            what = f"killed by {name}"
+        what = f"killed by {self.signal_name()}" if self.signal is not None else f"exited with code {self.exit_code}"
+        return f"worker {self.pid} {what}" + self.doing() + (f" ({self.killed_for})" if self.killed_for else "")
+
+    def doing(self) -> str:
+        """" in llama_decode during prompt evaluation of a 31-token batch (request X)", or ""."""
+        if not self.phase or self.phase == "idle" or not self.signal:
+            return ""
+        if self.batch_tokens:
+            where = "in llama_decode" if self.in_decode else "after llama_decode"
+            seqs = f" of {self.batch_seqs} sequences" if (self.batch_seqs or 0) > 1 else ""
+            text = f" {where} during {self.phase} of a {self.batch_tokens}-token batch{seqs}"
         else:
-            what = f"exited with code {self.exit_code}"
-        return f"worker {self.pid} {what}" + (f" ({self.killed_for})" if self.killed_for else "")
+            text = f" during {self.phase}"
+        if self.requests:
+            text += f" (request{'s' if len(self.requests) > 1 else ''} {', '.join(self.requests)})"
+        return text
+
+
+# The signals of a fault in native code: what safe mode may avoid (docs/operations.md).
+FATAL_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL})
+
+
+def read_blackbox(fd: int) -> dict[str, object]:
+    """The last record a worker wrote into its black box (empty when it wrote none)."""
+    try:
+        raw = os.pread(fd, BLACKBOX_SIZE, 0)
+    except OSError:
+        return {}
+    fields = raw.split(b"\0", 1)[0].decode("utf-8", "replace").split("\t")
+    if len(fields) != 5 or fields[0] not in ("D", "A"):
+        return {}
+    state, phase, tokens, seqs, requests = fields
+    return dict(in_decode=state == "D", phase=phase,
+                batch_tokens=int(tokens) if tokens.isdigit() and tokens != "0" else None,
+                batch_seqs=int(seqs) if seqs.isdigit() and seqs != "0" else None,
+                requests=tuple(r for r in requests.split(",") if r))
+
+
+def _blackbox_file() -> int | None:
+    """An unlinked, zero-filled file of BLACKBOX_SIZE bytes for a worker's black box (None: no room)."""
+    if sys.platform == "win32":  # no pass_fds there; the crash event goes without it
+        return None
+    try:
+        fd = os.memfd_create("optimanode-blackbox") if hasattr(os, "memfd_create") else _tmpfile_fd()
+        os.ftruncate(fd, BLACKBOX_SIZE)
+        return fd
+    except OSError as exc:
+        log.warning("no black box for a worker: %s", exc)
+        return None
+
+
+def _tmpfile_fd() -> int:
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="optimanode-blackbox-")
+    os.unlink(path)
+    return fd
 
 
 class WorkerProcess:
@@ -103,6 +175,7 @@ class WorkerProcess:
         self._frames: _FrameReader
         self._flushes: set[Callable[[], None]] = set()
         self.tokens_out = 0
+        self._blackbox: int | None = None
 
     @classmethod
     async def spawn(cls, executor_id: str, settings: WorkerSettings,
@@ -118,18 +191,26 @@ class WorkerProcess:
         # cut and routed in the callback that receives the bytes, with no reader task to wake per
         # token (that hop was a fifth of the node's CPU per streamed token).
         out_r, out_w = os.pipe()
+        box = _blackbox_file()
+        pass_fds: tuple[int, ...] = ()
+        if box is not None:
+            env["OPTIMANODE_WORKER_BLACKBOX_FD"] = str(box)
+            pass_fds = (box,)
         try:
             proc = await asyncio.create_subprocess_exec(
                 python, "-m", "optimanode.worker",
                 stdin=asyncio.subprocess.PIPE, stdout=out_w, stderr=asyncio.subprocess.PIPE,
-                env=env, start_new_session=False,
+                env=env, start_new_session=False, pass_fds=pass_fds,
             )
         except BaseException:
             os.close(out_r)
+            if box is not None:
+                os.close(box)
             raise
         finally:
             os.close(out_w)
         worker = cls(executor_id, settings, proc, on_exit, heartbeat_interval_s, heartbeat_timeout_s)
+        worker._blackbox = box
         try:
             _, worker._frames = await loop.connect_read_pipe(lambda: _FrameReader(worker),
                                                              os.fdopen(out_r, "rb", buffering=0))
@@ -232,10 +313,16 @@ class WorkerProcess:
         self._frames.close()
         for t in self._tasks:
             t.cancel()
+        box: dict[str, object] = {}
+        if self._blackbox is not None:
+            box = read_blackbox(self._blackbox)
+            os.close(self._blackbox)
+            self._blackbox = None
         info = ExitInfo(
             pid=self.pid, exit_code=rc if rc >= 0 else None, signal=-rc if rc < 0 else None,
             uptime_s=round(time.monotonic() - self.started_at, 3), stderr_tail=list(self.stderr_tail),
             killed_for=self._killed_for, was_ready=self.ready.done() and not self.ready.cancelled(),
+            safe_mode=self.settings.safe_mode, **box,  # type: ignore[arg-type]
         )
         err = WorkerCrashed(info.describe(), executor=self.executor_id, exit_code=info.exit_code,
                             signal=info.signal)
