@@ -33,6 +33,10 @@ class Listen(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # TLS certificate and private key; "" means generated on first start under <state_dir>/tls/.
     cert_file: str = ""
     cert_key_file: str = ""
+    # A connection must finish TCP, TLS and the HTTP upgrade within open_timeout_s of its accept,
+    # then send its authenticated hello within hello_timeout_s: slow or idle peers are cut.
+    open_timeout_s: float = 10.0
+    hello_timeout_s: float = 5.0
 
 
 class Scan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -116,6 +120,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 _RULES: dict[str, tuple[str, Any]] = {
     # key: (expectation, predicate) checked after types are right
     "listen.port": ("an integer from 1 to 65535", lambda v: 1 <= v <= 65535),
+    "listen.open_timeout_s": ("a number of seconds > 0", lambda v: v > 0),
+    "listen.hello_timeout_s": ("a number of seconds > 0", lambda v: v > 0),
     "scan.interval_s": ("a number of seconds > 0", lambda v: v > 0),
     "restart.backoff_base_s": ("a number of seconds > 0", lambda v: v > 0),
     "restart.backoff_cap_s": ("a number of seconds > 0", lambda v: v > 0),

@@ -110,3 +110,16 @@ def test_every_key_is_documented():
     doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
     missing = [k for k in KNOWN_KEYS if f"`{k}`" not in doc]
     assert missing == []
+
+
+def test_the_link_timeouts_are_settings_the_server_uses(tmp_path):
+    from optimanode.gateway.server import GatewayServer
+
+    s = load_settings(environ={}, overrides={"listen.open_timeout_s": "3", "listen.hello_timeout_s": "1.5",
+                                             "state_dir": str(tmp_path)})
+    server = GatewayServer(None, s, lambda: None, "n")  # type: ignore[arg-type]
+    assert (server.open_timeout_s, server.handshake_timeout_s) == (3.0, 1.5)
+    default = GatewayServer(None, Settings(state_dir=str(tmp_path)), lambda: None, "n")  # type: ignore[arg-type]
+    assert (default.open_timeout_s, default.handshake_timeout_s) == (10.0, 5.0)
+    with pytest.raises(ConfigError, match=r"listen\.hello_timeout_s: expected a number of seconds > 0"):
+        load_settings(environ={}, overrides={"listen.hello_timeout_s": "0"})

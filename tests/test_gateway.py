@@ -51,22 +51,24 @@ from optimanode.gateway.session import Session, binary_frame_header
 from optimanode.node import Node
 from optimanode.protocol import (
     Ack,
+    CancelInfer,
+    Challenge,
     ChatMessage,
     ChatRequest,
-    Challenge,
     Chunk,
     CompletionRequest,
     CpuReport,
     Error,
     ExecutorMetrics,
     Hello,
+    Infer,
     InferDone,
     ListModels,
     MemoryReport,
     Metrics,
     MetricsReport,
-    Models,
     ModelSettings,
+    Models,
     NodeToGateway,
     SamplingParams,
     Subscribe,
@@ -353,6 +355,41 @@ async def test_a_frame_before_authentication_closes_the_connection(light):
     await recv(ws)
     await ws.send(b"\xc1 not messagepack")
     assert await until_closed(ws) == [] and ws.close_code == 4400
+
+
+async def test_frames_that_break_the_rules_before_the_handshake_get_the_documented_close(light):
+    # docs/protocol.md, "Frames that break the rules": the "before the handshake" column.
+    ws = await raw_connect(light)
+    assert isinstance(await recv(ws), Challenge)
+    await ws.send("a text hello")
+    assert await until_closed(ws) == [] and ws.close_code == 4400
+    assert ws.close_reason == "expected a binary frame holding a MessagePack hello"
+    ws = await raw_connect(light)
+    assert isinstance(await recv(ws), Challenge)
+    await ws.send(msgspec.msgpack.encode({"type": "hello", "gateway_id": "g", "version": 1}))
+    assert await until_closed(ws) == [] and ws.close_code == 4400
+    assert ws.close_reason.startswith("bad hello: Object missing required field")
+    ws = await raw_connect(light)
+    assert isinstance(await recv(ws), Challenge)
+    await ws.send(msgspec.msgpack.encode({"type": "nope", "id": "x"}))
+    assert await until_closed(ws) == [] and ws.close_code == 4400 and ws.close_reason.startswith("bad hello")
+
+
+async def test_the_pinning_recipe_in_the_protocol_doc_works(light):
+    text = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    start = text.index("```python\n", text.index("create_connection")) + len("```python\n")
+    recipe = "\n".join(line.removeprefix("  ") for line in text[start:text.index("```", start)].splitlines())
+    scope: dict[str, object] = {}
+    exec(compile(recipe, "docs/protocol.md", "exec"), scope)  # noqa: S102 - the doc's own code
+    open_link = scope["open_link"]
+    ws = await open_link(f"wss://127.0.0.1:{light.port}", light.fingerprint)  # type: ignore[operator]
+    try:
+        assert isinstance(await recv(ws), Challenge)  # the right pin: the node speaks
+    finally:
+        await ws.close()
+    wrong = "sha256:" + ":".join(["00"] * 32)
+    with pytest.raises(Exception):
+        await open_link(f"wss://127.0.0.1:{light.port}", wrong)  # type: ignore[operator]
 
 
 async def test_the_handshake_has_a_deadline(light):
@@ -700,9 +737,41 @@ async def test_frames_that_do_not_decode_get_bad_request_naming_the_field_and_th
         await ws.send("a text frame")
         err = await recv(ws)
         assert isinstance(err, Error) and err.code == "bad_request" and "binary" in err.message
+        assert err.id == "" and err.details == {"field": "frame"}
+        # A float where an int is expected is refused; an int where a float is expected is taken.
+        await ws.send(enc({"type": "infer", "id": "f1", "model": started.eid,
+                           "request": {"type": "completion", "prompt": "x", "params": {"max_tokens": 2.0}}}))
+        err = await recv(ws)
+        assert isinstance(err, Error) and err.id == "f1" and err.details["field"] == "request.params.max_tokens"
+        await ws.send(enc({"type": "infer", "id": "f2", "model": started.eid,
+                           "request": {"type": "completion", "prompt": "x",
+                                       "params": {"max_tokens": 2, "temperature": 0, "top_p": 1}}}))
+        while not isinstance(msg := await recv(ws, timeout=60), InferDone | Error):
+            pass
+        assert isinstance(msg, InferDone) and msg.id == "f2", msg
         await ws.send(encode_link(ListModels(id="still-here")))
         models = await recv(ws)
         assert isinstance(models, Models) and models.id == "still-here"
+    finally:
+        await ws.close()
+
+
+async def test_a_reused_in_flight_id_is_refused_without_ending_the_stream_that_owns_it(started):
+    ws = await raw_session(started.server, started.key)
+    try:
+        first = Infer(id="d1", model=started.eid, request=CompletionRequest(prompt="1, 2,", params=LONG))
+        await ws.send(encode_link(first))
+        await ws.send(encode_link(Infer(id="d1", model=started.eid, request=CompletionRequest(prompt="x"))))
+        seen: list[NodeToGateway] = []
+        while not any(isinstance(m, Error) for m in seen):
+            seen.append(await recv(ws, timeout=60))
+        err = next(m for m in seen if isinstance(m, Error))
+        assert err.id == "" and err.code == "bad_request"
+        assert err.details == {"field": "id", "duplicate_id": "d1"}
+        await ws.send(encode_link(CancelInfer(id="d1")))
+        while not isinstance(msg := await recv(ws, timeout=60), InferDone):
+            assert isinstance(msg, TokenChunk) and msg.id == "d1", msg
+        assert msg.id == "d1" and msg.finish_reason == "cancelled"
     finally:
         await ws.close()
 

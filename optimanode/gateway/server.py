@@ -13,8 +13,10 @@ How it works:
   an address can be turned away at TCP accept, before any handshake work. An address locked out
   by the ``FailureLimiter`` (too many failed handshakes) is closed at once with 4008, the first
   ``POLITE_REFUSALS`` times in a lockout; after that its connections are dropped at accept.
-  Otherwise the node sends its Challenge and the whole handshake must finish within
-  ``handshake_timeout_s`` (4002 otherwise). The first frame must be a Hello (any
+  TCP, TLS and the HTTP upgrade must finish within ``listen.open_timeout_s`` (10 s; the
+  connection is cut otherwise, with no close code: there is no WebSocket yet). Then the node
+  sends its Challenge and the authenticated Hello must follow within ``listen.hello_timeout_s``
+  (5 s; 4002 otherwise). The first frame must be a Hello (any
   other message: 4001; a frame that does not decode: 4400); a wrong MAC is 4001, an unoffered
   version 4003. Every failure counts against the remote address; nothing but the handshake is
   read before it succeeds. The keys are re-read when the key files change (rotation needs no restart).
@@ -67,7 +69,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_FRAME_BYTES = 1 << 20
-HANDSHAKE_TIMEOUT_S = 5.0
 PING_INTERVAL_S = 20.0
 PING_TIMEOUT_S = 20.0
 SEND_BUFFER_BYTES = 4 << 20  # per session, what the socket has not taken yet (Session.send)
@@ -168,7 +169,7 @@ class GatewayServer:
     def __init__(self, node: Node, settings: Settings, sample: Callable[[], MetricsReport], node_id: str, *,
                  host: str | None = None, port: int | None = None,
                  insecure_plaintext_for_development: bool = False,
-                 handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+                 handshake_timeout_s: float | None = None,
                  limiter: FailureLimiter | None = None,
                  max_frame_bytes: int = MAX_FRAME_BYTES,
                  ping_interval_s: float | None = PING_INTERVAL_S,
@@ -179,7 +180,8 @@ class GatewayServer:
         self.host = settings.listen.host if host is None else host
         self._port = settings.listen.port if port is None else port
         self.insecure = insecure_plaintext_for_development
-        self.handshake_timeout_s = handshake_timeout_s
+        self.handshake_timeout_s = settings.listen.hello_timeout_s if handshake_timeout_s is None else handshake_timeout_s
+        self.open_timeout_s = settings.listen.open_timeout_s
         self.limiter = limiter or FailureLimiter()
         self.max_frame_bytes = max_frame_bytes
         self.ping_interval_s, self.ping_timeout_s = ping_interval_s, ping_timeout_s
@@ -216,9 +218,9 @@ class GatewayServer:
             # TLS is done per connection by the gated connection class, after the lockout check.
             self._server = await serve(
                 self._handle, self.host, self._port, compression=None, max_size=self.max_frame_bytes,
-                ping_interval=self.ping_interval_s, ping_timeout=self.ping_timeout_s, open_timeout=10,
+                ping_interval=self.ping_interval_s, ping_timeout=self.ping_timeout_s, open_timeout=self.open_timeout_s,
                 close_timeout=5, server_header=None, logger=logging.getLogger("optimanode.gateway.websockets"),
-                create_connection=_gated_connection(self._admit, ctx, 10.0, self._tls_tasks))
+                create_connection=_gated_connection(self._admit, ctx, self.open_timeout_s, self._tls_tasks))
         except OSError as exc:
             # A port in use or an address not on this machine is the operator's to fix: one line
             # (the service exits with 3), not a traceback.

@@ -288,7 +288,8 @@ class Session:
             self.send(Error(id=msg.id, code="shutting_down", message="the node is shutting down"))
             return
         if msg.id in self._requests:
-            self.send(Error(id=msg.id, code="bad_request", details={"field": "id"},
+            # id "": this refusal must not read as the end of the stream that owns the id.
+            self.send(Error(id="", code="bad_request", details={"field": "id", "duplicate_id": msg.id},
                             message=f"request id {msg.id!r} is already in flight on this connection"))
             return
         if len(self._requests) >= MAX_IN_FLIGHT:
