@@ -11,7 +11,8 @@ Usage: contrib/install.sh [options]
 
 Installs OptimaNode from this checkout as the systemd service "optimanode":
   - the system user and group optimanode (no login, home /var/lib/optimanode)
-  - /opt/optimanode/src (a copy of this checkout) installed into /opt/optimanode/venv with llama-cpp-python
+  - /opt/optimanode/src (a copy of this checkout), built as a wheel and installed into /opt/optimanode/venv
+    with llama-cpp-python
   - /etc/optimanode/optimanode.toml (only if absent) and /etc/optimanode/access.key (only if absent, 0600)
   - /srv/optimanode/models (models, read-only for the service) and /var/lib/optimanode (journal, state)
   - /etc/systemd/system/optimanode.service (+ the nvidia.conf drop-in on NVIDIA machines)
@@ -124,9 +125,10 @@ if ! getent passwd optimanode >/dev/null; then
   say "created the system user optimanode"
 fi
 
-# 3. A copy of the source in /opt/optimanode/src, installed into the virtual environment. Editable,
-# because the journal's migrations/ and tools/ live beside the package, not in it (a wheel of this
-# version would leave them out); the copy makes /opt independent of this checkout.
+# 3. A copy of the source in /opt/optimanode/src (the installed optimanode-inspect-journal runs its
+# tools/inspect-journal), and OptimaNode installed into the virtual environment from a wheel built
+# from that copy: the wheel carries the package and the journal's migrations (package data), so the
+# environment needs neither this checkout nor the copy.
 install -d -m 0755 "$PREFIX"
 rm -rf "$PREFIX/src.new"
 install -d -m 0755 "$PREFIX/src.new"
@@ -140,6 +142,14 @@ rm -rf "$PREFIX/src.old"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet "${pip_source[@]}" --upgrade pip
 say "installing OptimaNode into $VENV (building llama-cpp-python can take several minutes)${WHEELS:+, from $WHEELS only}"
+# The wheel is built in a scratch copy, so the build leaves nothing (build/, *.egg-info) in
+# /opt/optimanode/src; with --wheels, its build backend (setuptools>=68) comes from DIR too.
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+cp -a "$PREFIX/src" "$scratch/src"
+"$VENV/bin/python" -m pip wheel --quiet "${pip_source[@]}" --no-deps --wheel-dir "$scratch/dist" "$scratch/src"
+node_wheel=("$scratch"/dist/optimanode-*.whl)
+[ -f "${node_wheel[0]}" ] || { echo "install.sh: building the OptimaNode wheel gave no $scratch/dist/optimanode-*.whl" >&2; exit 1; }
 if [ -z "$WHEELS" ]; then
   # llama-cpp-python built by tools/build-llama-cpp: the project's one set of build flags (no AMX
   # kernels; docs/operations.md "The llama.cpp build"), cached under a key of those flags.
@@ -147,10 +157,13 @@ if [ -z "$WHEELS" ]; then
   [ "$CUDA" = 1 ] && build_args+=(--cuda)
   wheel=$(PYTHON="$VENV/bin/python" bash "$PREFIX/src/tools/build-llama-cpp" "${build_args[@]}" | tail -1)
   "$VENV/bin/python" -m pip install --quiet --force-reinstall --no-deps "$wheel"
-  "$VENV/bin/python" -m pip install --quiet --upgrade "$wheel" -e "$PREFIX/src"
+  "$VENV/bin/python" -m pip install --quiet --upgrade "$wheel" "${node_wheel[0]}"
 else
-  "$VENV/bin/python" -m pip install --quiet "${pip_source[@]}" --upgrade -e "$PREFIX/src"
+  "$VENV/bin/python" -m pip install --quiet "${pip_source[@]}" --upgrade "${node_wheel[0]}"
 fi
+# pip keeps an installed version equal to the wheel's (an upgrade whose version number did not
+# change): put this wheel's code in place whatever was there, an older editable install included.
+"$VENV/bin/python" -m pip install --quiet --force-reinstall --no-deps "${node_wheel[0]}"
 # The post-mortem tool: optimanode-inspect-journal --state-dir /var/lib/optimanode timeline
 install -d -m 0755 "$PREFIX/bin"
 printf '#!/bin/sh\nexec "%s" "%s" "$@"\n' "$VENV/bin/python" "$PREFIX/src/tools/inspect-journal" \

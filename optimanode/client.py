@@ -1,21 +1,27 @@
 """The Gateway side of the Gateway link: connect to nodes, infer, control models, watch metrics.
 
-Written from docs/protocol.md alone (it imports only ``optimanode.protocol`` and
-``optimanode.errors``, never the node or the server), so it doubles as the reference Gateway.
+Written from docs/protocol.md, never importing the node or the server: it imports
+``optimanode.protocol``, ``optimanode.errors`` and ``optimanode.link``, the link core the node's
+side drives too (the handshake arithmetic, its state, the WebSocket mechanics over websockets'
+Sans-I/O protocol), so the two ends cannot drift apart; the independent reference is the
+documented test vector and frames, checked as data by tests/test_handshake.py.
 
 How it works:
 
-* ``NodeClient.connect(url, key, fingerprint=...)`` opens a TLS WebSocket with the node's
-  certificate *pinned*: the TLS context verifies nothing itself (``CERT_NONE``, no system CAs, no
-  host name check) and the connection checks the SHA-256 of the peer certificate's DER bytes as
-  soon as TLS is up, before a single byte of HTTP is sent; a mismatch aborts the connection and
-  raises ``FingerprintMismatch`` with both fingerprints. Then the mutual handshake: answer the
-  Challenge with a Hello whose MAC proves the key, and check the node's Welcome MAC (a node that
-  cannot produce it does not hold the key: ``NodeAuthFailed``). The key never leaves this process.
-* Every frame is decoded as the connection parses it (``_LinkConnection``: no task wakes per
-  frame) and routed by ``id`` to the queue of the call waiting for it, so any number of
-  inferences and control calls share the connection; a reader task notices the connection's end. Every Metrics
-  frame also updates ``latest_metrics``, which ``NodePool`` ranks nodes by.
+* ``NodeClient.connect(url, key, fingerprint=...)`` opens a TCP connection with TLS whose context
+  verifies nothing itself (``CERT_NONE``, no system CAs, no host name check): the certificate is
+  *pinned* instead. ``_GatewayConnection`` (the Gateway's asyncio adapter of ``optimanode.link``)
+  checks the SHA-256 of the peer certificate's DER bytes in ``connection_made``, which asyncio
+  calls once TLS is up and before anything is written; only when it matches is the HTTP upgrade
+  request written. A mismatch aborts the connection with nothing sent and raises
+  ``FingerprintMismatch`` with both fingerprints. Then the mutual handshake (``GatewayHandshake``):
+  answer the Challenge with a Hello whose MAC proves the key, and check the node's Welcome MAC (a
+  node that cannot produce it does not hold the key: ``NodeAuthFailed``). The key never leaves
+  this process. TCP, TLS and the upgrade share ``open_timeout``; the handshake gets as long again.
+* Every frame is decoded as the connection parses it (from the read callback: no task wakes per
+  frame) and routed by ``id`` to the queue of the call waiting for it, so any number of inferences
+  and control calls share the connection; the connection's end wakes every waiting call. Every
+  Metrics frame also updates ``latest_metrics``, which ``NodePool`` ranks nodes by.
 * ``infer`` is an async iterator of ``TokenChunk`` ... ``InferDone``; an ``Error`` frame raises
   ``RemoteError`` with the node's stable ``code``, ``message`` and ``details``. Leaving the loop
   early (``break``, cancellation) sends ``CancelInfer`` for it.
@@ -35,26 +41,31 @@ import hashlib
 import hmac
 import itertools
 import logging
-import secrets
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
-from websockets.frames import DATA_OPCODES, Frame, Opcode
 
 from optimanode.errors import OptimaNodeError, RequestError
+from optimanode.link import (
+    LABEL_GATEWAY,
+    LABEL_NODE,
+    MAX_GATEWAY_INCOMING,
+    GatewayHandshake,
+    HandshakeError,
+    Link,
+    LinkProtocol,
+    format_fingerprint,
+    mac,
+    parse_fingerprint,
+)
 from optimanode.protocol import (
     CLOSE_UNAUTHORIZED,
-    CLOSE_VERSION_UNSUPPORTED,
-    NONCE_BYTES,
-    PROTOCOL_VERSIONS,
     Ack,
     CancelInfer,
-    Challenge,
     Configure,
     Disable,
     Enable,
@@ -64,7 +75,6 @@ from optimanode.protocol import (
     ExecutorStatus,
     GatewayToNode,
     GetModel,
-    Hello,
     Infer,
     InferDone,
     InferenceRequest,
@@ -87,11 +97,15 @@ from optimanode.protocol import (
 
 log = logging.getLogger(__name__)
 
-LABEL_GATEWAY = b"optimanode/v1 gateway"
-LABEL_NODE = b"optimanode/v1 node"
+# Re-exported: Gateways written against this module (tools, tests) compute MACs with these.
+__all__ = ["LABEL_GATEWAY", "LABEL_NODE", "ClientError", "ConnectionFailed", "ConnectionLost", "FingerprintMismatch",
+           "NoNodeAvailable", "NodeAuthFailed", "NodeClient", "NodePool", "RemoteError", "format_fingerprint", "mac",
+           "normalize_fingerprint"]
+
 # Node → Gateway frames can be large (a model list, 1000 journal events); the node's own limit
 # on what it receives is smaller (Welcome.max_frame_bytes).
-MAX_INCOMING_FRAME = 16 << 20
+MAX_INCOMING_FRAME = MAX_GATEWAY_INCOMING
+normalize_fingerprint = parse_fingerprint
 RETRY_ELSEWHERE = frozenset({"overloaded", "model_not_running", "unknown_model", "shutting_down"})
 
 _R = TypeVar("_R")
@@ -150,89 +164,97 @@ class _Lost:
         self.code, self.reason = code, reason
 
 
-def normalize_fingerprint(fingerprint: str) -> bytes:
-    """The 32 digest bytes from ``sha256:AB:CD:...`` (colons, case and the prefix are optional)."""
-    text = fingerprint.strip()
-    if text.lower().startswith("sha256:"):
-        text = text[7:]
-    text = text.replace(":", "").replace(" ", "")
-    try:
-        digest = bytes.fromhex(text)
-    except ValueError:
-        digest = b""
-    if len(digest) != 32:
-        raise ValueError(f"not a SHA-256 certificate fingerprint: {fingerprint!r} (expected sha256:AB:CD:... "
-                         "as `optimanode fingerprint` prints it)")
-    return digest
+class _Closed:
+    """What the handshake's inbox gets when the connection ends."""
 
 
-def format_fingerprint(digest: bytes) -> str:
-    h = digest.hex().upper()
-    return "sha256:" + ":".join(h[i:i + 2] for i in range(0, len(h), 2))
+_CLOSED = _Closed()
 
 
-def mac(key: bytes, label: bytes, nonce_n: bytes, nonce_g: bytes, gateway_id: str, node_id: str, version: int) -> bytes:
-    """HMAC-SHA256(key, label || each field as 4-byte big-endian length + bytes), docs/protocol.md."""
-    fields = (nonce_n, nonce_g, gateway_id.encode(), node_id.encode(), version.to_bytes(4, "big"))
-    msg = label + b"".join(len(f).to_bytes(4, "big") + f for f in fields)
-    return hmac.new(key, msg, hashlib.sha256).digest()
+class _GatewayConnection(LinkProtocol):
+    """The Gateway's asyncio adapter of the link core: pin, upgrade, then frames to ``on_message``.
 
-
-class _LinkConnection(ClientConnection):
-    """A client connection that can hand whole binary messages to ``frame_sink`` as they are parsed.
-
-    websockets' own path puts every message in an assembler that a reader task awaits; for a token
-    stream that is a task wake per token before the frame is even decoded. With ``frame_sink`` set
-    (after the handshake, which reads with ``recv``), a complete binary message goes straight from
-    the socket's read callback to the sink. Anything else (text, control frames, and every data
-    frame from the first fragmented message on, so that order is kept) takes websockets' path.
+    ``connection_made`` runs once TLS is up and before anything was written: the pin is checked
+    there, and only then is the HTTP upgrade request written. Until the handshake is done, messages
+    wait in ``inbox``; then ``NodeClient`` takes them over from the read callback.
     """
 
-    frame_sink: Callable[[bytes], None] | None = None
+    def __init__(self, link: Link, pin: bytes | None) -> None:
+        super().__init__(link)
+        self.pin: bytes | None = pin
+        self.seen_pin: bytes | None = None  # the SHA-256 of the certificate the node showed
+        self.opened: asyncio.Future[None] = self.loop.create_future()
+        self.inbox: asyncio.Queue[bytes | bytearray | str | _Closed] = asyncio.Queue()
+        self.on_message = self.on_text = self.inbox.put_nowait
+        self.lost_callback: Callable[[], None] | None = None
 
-    def process_event(self, event: Any) -> None:
-        sink = self.frame_sink
-        if sink is not None and isinstance(event, Frame):
-            if event.opcode is Opcode.BINARY and event.fin:
-                sink(event.data)
-                return
-            if event.opcode is Opcode.CONT or (event.opcode in DATA_OPCODES and not event.fin):
-                self.frame_sink = None
-        super().process_event(event)
-
-
-def _pinned_connection(expected: bytes, seen: list[bytes]) -> type[ClientConnection]:
-    class PinnedConnection(_LinkConnection):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)
-            # Called once TLS is up and before the HTTP upgrade is written: the check comes first.
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.attach(transport)
+        if self.pin is not None:
             sslobj = transport.get_extra_info("ssl_object")
             der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
-            got = hashlib.sha256(der).digest() if der else b""
-            seen.append(got)
-            if not hmac.compare_digest(got, expected):
-                transport.abort()
+            self.seen_pin = hashlib.sha256(der).digest() if der else b""
+            if not hmac.compare_digest(self.seen_pin, self.pin):
+                transport.abort()  # nothing was written: an unpinned peer gets not one byte
+                return
+        self.link.upgrade()
+        self.flush()
 
-    return PinnedConnection
+    def on_open(self) -> None:
+        if not self.opened.done():
+            self.opened.set_result(None)
+
+    def on_closed(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(str(self.link.handshake_exc or exc or "connection closed")))
+            self.opened.exception()  # retrieved: connect() may have stopped waiting already
+        self.inbox.put_nowait(_CLOSED)
+        if self.lost_callback is not None:
+            self.lost_callback()
+
+    async def next_message(self, what: str) -> bytes | bytearray | str:
+        """The next message of the handshake; ConnectionFailed when the node closes instead."""
+        m = await self.inbox.get()
+        if isinstance(m, _Closed):
+            code, reason = self.link.close_info()
+            hint = " (wrong access key?)" if code == CLOSE_UNAUTHORIZED else ""
+            raise ConnectionFailed(f"the node closed the connection while this client waited for {what}: "
+                                   f"{code} {reason}{hint}", close_code=code, reason=reason)
+        return m
+
+    async def shut(self, code: int = 1000, reason: str = "") -> None:
+        """Close and wait (bounded by ``close_timeout_s``) for the connection to end."""
+        self.close(code, reason)
+        await self.wait_closed()
 
 
 class NodeClient:
     """One authenticated session with one node. Use ``await NodeClient.connect(...)``."""
 
-    def __init__(self, ws: ClientConnection, *, url: str, node_id: str, gateway_id: str, version: int,
+    def __init__(self, conn: _GatewayConnection, *, url: str, node_id: str, gateway_id: str, version: int,
                  max_frame_bytes: int, call_timeout: float) -> None:
         self.url, self.node_id, self.gateway_id, self.version = url, node_id, gateway_id, version
         self.max_frame_bytes = max_frame_bytes
         self.call_timeout = call_timeout
         self.latest_metrics: MetricsReport | None = None
         self.metrics_seq = 0
-        self._ws = ws
+        self._conn = conn
         self._waiting: dict[str, asyncio.Queue[Any]] = {}
         self._ids = itertools.count(1)
         self._lost: _Lost | None = None
         self._metrics_event = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
-        self._reader = asyncio.create_task(self._read_loop(), name=f"node-client-{node_id}")
+        # From here on every message goes from the read callback straight to _on_data; what came
+        # with the Welcome (nothing, as the node waits for a request) is taken first.
+        while not conn.inbox.empty():
+            m = conn.inbox.get_nowait()
+            if not isinstance(m, (str, _Closed)):
+                self._on_data(m)
+        conn.on_message, conn.on_text = self._on_data, _ignore_text
+        conn.lost_callback = self._connection_lost
+        if conn.closed.done():
+            self._connection_lost()
 
     # -- connecting ------------------------------------------------------------------------
 
@@ -245,49 +267,59 @@ class NodeClient:
         if len(key) != 32:
             raise ValueError("the access key is 32 bytes")
         gateway_id = (gateway_id or f"gateway@{socket.gethostname()}")[:128]
-        kwargs: dict[str, Any] = {}
-        seen: list[bytes] = []
-        expected = b""
+        ctx: ssl.SSLContext | None = None
+        pin: bytes | None = None
         if url.startswith("wss://"):
             if not fingerprint:
                 raise ValueError("a wss:// node needs the fingerprint of its certificate "
                                  "(`optimanode fingerprint` on the node prints it)")
-            expected = normalize_fingerprint(fingerprint)
+            pin = parse_fingerprint(fingerprint)
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             # The pin is the trust: no CA chain, no host name (a node is reached by any address).
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
-            kwargs.update(ssl=ctx, create_connection=_pinned_connection(expected, seen))
         elif url.startswith("ws://"):
             if not insecure_plaintext_for_development:
                 raise ValueError("ws:// is plaintext: pass insecure_plaintext_for_development=True (development only)")
             log.warning("connecting to %s WITHOUT TLS (development only)", url)
-            kwargs.update(create_connection=_LinkConnection)
         else:
             raise ValueError(f"not a node URL: {url!r} (expected wss://host:8022)")
-        try:
-            ws = await connect(url, compression=None, max_size=MAX_INCOMING_FRAME, open_timeout=open_timeout,
-                               ping_interval=ping_interval, ping_timeout=ping_timeout, close_timeout=5,
-                               proxy=None, **kwargs)
-        except Exception as exc:
-            if seen and seen[-1] != expected:
-                raise FingerprintMismatch(format_fingerprint(expected), format_fingerprint(seen[-1])) from None
-            raise ConnectionFailed(f"cannot connect to {url}: {type(exc).__name__}: {exc}") from exc
-        if expected and (not seen or seen[-1] != expected):  # belt and braces: never talk past a bad pin
-            await ws.close()
-            raise FingerprintMismatch(format_fingerprint(expected), format_fingerprint(seen[-1] if seen else b""))
+        link = Link.client(url, max_size=MAX_INCOMING_FRAME, ping_interval_s=ping_interval, ping_timeout_s=ping_timeout)
+        where = urlsplit(url)
+        host, port = where.hostname or "", where.port or (443 if ctx is not None else 80)
+        loop = asyncio.get_running_loop()
+        conn: _GatewayConnection | None = None
+
+        def factory() -> _GatewayConnection:
+            nonlocal conn
+            conn = _GatewayConnection(link, pin)
+            return conn
+
         try:
             async with asyncio.timeout(open_timeout):
-                challenge, hello, welcome = await _handshake(ws, key, gateway_id)
+                await loop.create_connection(factory, host, port, ssl=ctx, server_hostname=host if ctx else None)
+                assert conn is not None
+                await conn.opened
+        except Exception as exc:
+            if conn is not None:
+                conn.abort()
+                if pin is not None and conn.seen_pin is not None and conn.seen_pin != pin:
+                    raise FingerprintMismatch(format_fingerprint(pin), format_fingerprint(conn.seen_pin)) from None
+            if isinstance(exc, TimeoutError):
+                raise ConnectionFailed(f"cannot connect to {url}: no WebSocket within {open_timeout:g} s") from None
+            raise ConnectionFailed(f"cannot connect to {url}: {type(exc).__name__}: {exc}") from exc
+        try:
+            async with asyncio.timeout(open_timeout):
+                welcome = await _handshake(conn, GatewayHandshake(key, gateway_id))
         except TimeoutError:
-            await ws.close()
+            await conn.shut()
             raise ConnectionFailed(f"{url}: the handshake did not finish within {open_timeout:g} s") from None
         except BaseException:
             with contextlib.suppress(Exception):
-                await ws.close()
+                await conn.shut()
             raise
-        return cls(ws, url=url, node_id=challenge.node_id, gateway_id=gateway_id, version=hello.version,
+        return cls(conn, url=url, node_id=welcome.node_id, gateway_id=gateway_id, version=welcome.version,
                    max_frame_bytes=welcome.max_frame_bytes, call_timeout=call_timeout)
 
     # -- plumbing --------------------------------------------------------------------------
@@ -297,9 +329,7 @@ class NodeClient:
         return self._lost is not None
 
     async def close(self) -> None:
-        await self._ws.close()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        await self._conn.shut()
 
     async def __aenter__(self) -> NodeClient:
         return self
@@ -307,23 +337,14 @@ class NodeClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _read_loop(self) -> None:
-        # Most frames arrive through _on_data, called by the connection as they are parsed; this
-        # loop gets the rest (see _LinkConnection) and notices the end of the connection.
-        if isinstance(self._ws, _LinkConnection):
-            self._ws.frame_sink = self._on_data
-        try:
-            async for data in self._ws:
-                if not isinstance(data, str):
-                    self._on_data(data)
-        except ConnectionClosed:
-            pass
-        finally:
-            self._lost = _Lost(self._ws.close_code, self._ws.close_reason or "")
+    def _connection_lost(self) -> None:
+        if self._lost is None:
+            code, reason = self._conn.link.close_info()
+            self._lost = _Lost(code, reason)
             for q in self._waiting.values():
                 q.put_nowait(self._lost)
 
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, data: bytes | bytearray) -> None:
         try:
             msg = decode_from_node(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -359,10 +380,10 @@ class NodeClient:
         """Send one frame as it is (for callers speaking the protocol directly)."""
         if self._lost is not None:
             raise ConnectionLost(self._lost.code, self._lost.reason)
-        try:
-            await self._ws.send(encode_link(msg))
-        except ConnectionClosed as exc:
-            raise ConnectionLost(exc.rcvd.code if exc.rcvd else None, exc.rcvd.reason if exc.rcvd else "") from None
+        conn = self._conn
+        if not conn.send(encode_link(msg)):  # closing: the close frame is on its way
+            raise ConnectionLost(*conn.link.close_info())
+        await conn.drain()  # waits only while the socket does not take what was written
 
     def _send_later(self, msg: GatewayToNode) -> None:
         async def go() -> None:
@@ -483,47 +504,22 @@ class NodeClient:
         return self.latest_metrics
 
 
-async def _handshake(ws: ClientConnection, key: bytes, gateway_id: str) -> tuple[Challenge, Hello, Welcome]:
+async def _handshake(conn: _GatewayConnection, handshake: GatewayHandshake) -> Welcome:
     """Challenge → Hello → Welcome, checking the node's proof; ConnectionFailed otherwise."""
+    try:
+        hello = handshake.receive_challenge(await conn.next_message("its challenge"))
+        conn.send(hello)
+        return handshake.receive_welcome(await conn.next_message("its welcome"))
+    except HandshakeError as exc:
+        await conn.shut(exc.close_code, exc.reason)
+        if exc.close_code == CLOSE_UNAUTHORIZED:
+            raise NodeAuthFailed("the node did not prove it holds the access key (its welcome MAC is wrong)",
+                                 close_code=exc.close_code) from None
+        raise ConnectionFailed(exc.reason, close_code=exc.close_code if exc.close_code != 1000 else None) from None
 
-    async def recv(what: str) -> NodeToGateway:
-        try:
-            data = await ws.recv()
-        except ConnectionClosed as exc:
-            code = exc.rcvd.code if exc.rcvd else None
-            reason = exc.rcvd.reason if exc.rcvd else ""
-            hint = " (wrong access key?)" if code == CLOSE_UNAUTHORIZED else ""
-            raise ConnectionFailed(f"the node closed the connection while this client waited for {what}: "
-                                   f"{code} {reason}{hint}", close_code=code, reason=reason) from None
-        if isinstance(data, str):
-            raise ConnectionFailed(f"expected a binary {what} frame, got text")
-        try:
-            return decode_from_node(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ConnectionFailed(f"the node's {what} does not decode: {exc}") from None
 
-    challenge = await recv("its challenge")
-    if not isinstance(challenge, Challenge):
-        raise ConnectionFailed(f"expected a challenge, got {type(challenge).__name__}")
-    common = set(challenge.versions) & set(PROTOCOL_VERSIONS)
-    if not common:
-        await ws.close(CLOSE_VERSION_UNSUPPORTED, "no common protocol version")
-        raise ConnectionFailed(f"the node speaks protocol versions {challenge.versions}, this client "
-                               f"{list(PROTOCOL_VERSIONS)}", close_code=CLOSE_VERSION_UNSUPPORTED)
-    version = max(common)
-    nonce_g = secrets.token_bytes(NONCE_BYTES)
-    hello = Hello(version=version, gateway_id=gateway_id, nonce_g=nonce_g,
-                  mac_g=mac(key, LABEL_GATEWAY, challenge.nonce_n, nonce_g, gateway_id, challenge.node_id, version))
-    await ws.send(encode_link(hello))
-    welcome = await recv("its welcome")
-    if not isinstance(welcome, Welcome):
-        raise ConnectionFailed(f"expected a welcome, got {type(welcome).__name__}")
-    want = mac(key, LABEL_NODE, challenge.nonce_n, nonce_g, gateway_id, challenge.node_id, version)
-    if welcome.version != version or welcome.node_id != challenge.node_id or not hmac.compare_digest(want, welcome.mac_n):
-        await ws.close(CLOSE_UNAUTHORIZED, "the node did not prove it holds the access key")
-        raise NodeAuthFailed("the node did not prove it holds the access key (its welcome MAC is wrong)",
-                             close_code=CLOSE_UNAUTHORIZED)
-    return challenge, hello, welcome
+def _ignore_text(text: str) -> None:
+    return None  # text frames are not part of the protocol; the node sends none
 
 
 class NodePool:

@@ -12,14 +12,29 @@ prefix: ``restart.crash_budget`` → ``OPTIMANODE_RESTART_CRASH_BUDGET``.
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
+from optimanode.constraints import (
+    Fraction,
+    NBatch,
+    NCtx,
+    NGpuLayers,
+    NThreads,
+    Parallel,
+    Port,
+    Prefill,
+    QueueSize,
+    SafeMode,
+    Seconds,
+    SecondsOrZero,
+    explain,
+    unwrap,
+)
 from optimanode.errors import ConfigError
 
 ENV_PREFIX = "OPTIMANODE_"
@@ -27,7 +42,7 @@ ENV_PREFIX = "OPTIMANODE_"
 
 class Listen(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     host: str = "0.0.0.0"
-    port: int = 8022
+    port: Port = 8022
     # The node access key (a shared secret with the Gateway); "" means <state_dir>/access.key.
     key_file: str = ""
     # TLS certificate and private key; "" means generated on first start under <state_dir>/tls/.
@@ -35,13 +50,13 @@ class Listen(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     cert_key_file: str = ""
     # A connection must finish TCP, TLS and the HTTP upgrade within open_timeout_s of its accept,
     # then send its authenticated hello within hello_timeout_s: slow or idle peers are cut.
-    open_timeout_s: float = 10.0
-    hello_timeout_s: float = 5.0
+    open_timeout_s: Seconds = 10.0
+    hello_timeout_s: Seconds = 5.0
 
 
 class Scan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Seconds between rescans of models_dir (a rescan can also be asked for at any time).
-    interval_s: float = 30.0
+    interval_s: Seconds = 30.0
     # Newly discovered models start enabled (true) or wait for an operator (false).
     enable_new: bool = False
     # Compute each model's SHA-256 content identity in the background (cached by path, size, mtime).
@@ -50,51 +65,51 @@ class Scan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
 
 class Restart(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # First delay after a crash; doubles with each crash in the window, up to backoff_cap_s.
-    backoff_base_s: float = 1.0
-    backoff_cap_s: float = 60.0
+    backoff_base_s: Seconds = 1.0
+    backoff_cap_s: Seconds = 60.0
     # Each delay is stretched by a random fraction up to this, so crashed models do not restart in lockstep.
-    jitter: float = 0.2
+    jitter: Fraction = 0.2
     # crash_budget crashes within crash_window_s move the executor to `failed` until an operator acts:
     # a model that cannot stay up should not burn the CPU re-loading itself forever.
-    crash_budget: int = 5
-    crash_window_s: float = 300.0
+    crash_budget: Annotated[int, msgspec.Meta(ge=1, description="an integer >= 1")] = 5
+    crash_window_s: Seconds = 300.0
     # A worker that answers no heartbeat for heartbeat_timeout_s is killed and counts as a crash.
-    heartbeat_interval_s: float = 1.0
-    heartbeat_timeout_s: float = 10.0
+    heartbeat_interval_s: Seconds = 1.0
+    heartbeat_timeout_s: Seconds = 10.0
     # How long a loading worker may take before it counts as crashed.
-    load_timeout_s: float = 300.0
+    load_timeout_s: Seconds = 300.0
     # Stop: SIGTERM, then SIGKILL after this many seconds.
-    stop_grace_s: float = 5.0
+    stop_grace_s: SecondsOrZero = 5.0
 
 
 class ModelDefaults(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Context window in tokens; 0 means the model's own training context.
-    n_ctx: int = 2048
+    n_ctx: NCtx = 2048
     # CPU threads for decoding; 0 means every core the node may use.
-    n_threads: int = 0
+    n_threads: NThreads = 0
     # Layers offloaded to the GPU (0: CPU only, -1: all).
-    n_gpu_layers: int = 0
-    n_batch: int = 512
+    n_gpu_layers: NGpuLayers = 0
+    n_batch: NBatch = 512
     # Requests waiting per model beyond those being served; a full queue answers `overloaded`.
-    queue_size: int = 16
+    queue_size: QueueSize = 16
     # Requests a worker serves at once (continuous batching: one decode step serves them all).
-    parallel: int = 1
+    parallel: Parallel = 1
     # How prompts that wait share decode steps: auto, one_per_step or together (docs/configuration.md).
-    prefill: str = "auto"
+    prefill: Prefill = "auto"
     # auto, on or off: whether a model runs without llama.cpp's extra buffer types (weight
     # repacking, AMX) and its persistent threadpool (docs/configuration.md, "Safe mode").
-    safe_mode: str = "auto"
+    safe_mode: SafeMode = "auto"
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     models_dir: str = "./models"
     # Holds the journal (journal.sqlite3), the access key and the generated certificate.
     state_dir: str = "./state"
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Memory kept free for the rest of the machine when deciding whether a model fits.
-    memory_reserve_mb: int = 512
+    memory_reserve_mb: Annotated[int, msgspec.Meta(ge=0, description="an integer >= 0")] = 512
     # On SIGTERM, running requests may finish for this long; then they are cancelled (shutting_down).
-    drain_deadline_s: float = 30.0
+    drain_deadline_s: SecondsOrZero = 30.0
     listen: Listen = msgspec.field(default_factory=Listen)
     scan: Scan = msgspec.field(default_factory=Scan)
     restart: Restart = msgspec.field(default_factory=Restart)
@@ -117,37 +132,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return Path(self.listen.key_file) if self.listen.key_file else self.state_path / "access.key"
 
 
-_RULES: dict[str, tuple[str, Any]] = {
-    # key: (expectation, predicate) checked after types are right
-    "listen.port": ("an integer from 1 to 65535", lambda v: 1 <= v <= 65535),
-    "listen.open_timeout_s": ("a number of seconds > 0", lambda v: v > 0),
-    "listen.hello_timeout_s": ("a number of seconds > 0", lambda v: v > 0),
-    "scan.interval_s": ("a number of seconds > 0", lambda v: v > 0),
-    "restart.backoff_base_s": ("a number of seconds > 0", lambda v: v > 0),
-    "restart.backoff_cap_s": ("a number of seconds > 0", lambda v: v > 0),
-    "restart.jitter": ("a fraction from 0 to 1", lambda v: 0 <= v <= 1),
-    "restart.crash_budget": ("an integer >= 1", lambda v: v >= 1),
-    "restart.crash_window_s": ("a number of seconds > 0", lambda v: v > 0),
-    "restart.heartbeat_interval_s": ("a number of seconds > 0", lambda v: v > 0),
-    "restart.heartbeat_timeout_s": ("a number of seconds > 0", lambda v: v > 0),
-    "restart.load_timeout_s": ("a number of seconds > 0", lambda v: v > 0),
-    "restart.stop_grace_s": ("a number of seconds >= 0", lambda v: v >= 0),
-    "model_defaults.n_ctx": ("an integer >= 0", lambda v: v >= 0),
-    "model_defaults.n_threads": ("an integer >= 0", lambda v: v >= 0),
-    "model_defaults.n_gpu_layers": ("an integer >= -1", lambda v: v >= -1),
-    "model_defaults.n_batch": ("an integer >= 1", lambda v: v >= 1),
-    "model_defaults.queue_size": ("an integer >= 0", lambda v: v >= 0),
-    "model_defaults.parallel": ("an integer >= 1", lambda v: v >= 1),
-    # (protocol.PREFILL_POLICIES; config may not import protocol, a test keeps the two equal)
-    "model_defaults.prefill": ("one of auto, one_per_step, together", lambda v: v in ("auto", "one_per_step", "together")),
-    # (protocol.SAFE_MODES, kept equal by the same test)
-    "model_defaults.safe_mode": ("one of auto, on, off", lambda v: v in ("auto", "on", "off")),
-    "memory_reserve_mb": ("an integer >= 0", lambda v: v >= 0),
-    "drain_deadline_s": ("a number of seconds >= 0", lambda v: v >= 0),
-    "log_level": ("one of debug, info, warning, error", lambda v: v in {"debug", "info", "warning", "error"}),
-}
 
-_MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
 
 
 def _known_keys() -> dict[str, Any]:
@@ -190,7 +175,7 @@ def _coerce(source: str, key: str, raw: str) -> Any:
     """Turn a string from the environment or the command line into the key's type."""
     if key not in KNOWN_KEYS:
         raise ConfigError(source, key, "a known key (see docs/configuration.md)")
-    typ = KNOWN_KEYS[key]
+    typ = unwrap(KNOWN_KEYS[key])
     try:
         if typ is bool:
             low = raw.strip().lower()
@@ -209,24 +194,18 @@ def _coerce(source: str, key: str, raw: str) -> Any:
 
 
 def _validate(tree: dict[str, Any], source: str) -> Settings:
+    """The settings of ``tree``; a value that breaks its type's limits is a ConfigError naming it."""
     try:
-        settings = msgspec.convert(tree, Settings)
+        return msgspec.convert(tree, Settings)
     except msgspec.ValidationError as exc:
-        m = _MSGSPEC_PATH.match(str(exc))
-        msg, path = (m.group("msg"), m.group("path") or "") if m else (str(exc), "")
-        key = path.lstrip(".") or "(top level)"
-        if msg.startswith("Object contains unknown field"):
-            unknown = msg.split("`")[1]
-            key = f"{key}.{unknown}" if path else unknown
-            msg = "a known key (see docs/configuration.md)"
-        raise ConfigError(source, key, msg.replace("Expected ", "")) from None
-    for key, (expectation, ok) in _RULES.items():
-        value: Any = settings
-        for part in key.split("."):
-            value = getattr(value, part)
-        if not ok(value):
-            raise ConfigError(source, key, expectation, value)
-    return settings
+        path, expected = explain(exc, Settings)
+        if expected == "a known field":
+            expected = "a known key (see docs/configuration.md)"
+        got: Any = tree
+        for part in path.split(".") if path else ():
+            got = got.get(part) if isinstance(got, dict) else None
+        raise ConfigError(source, path or "(top level)", expected,
+                          got if path and expected != "a known key (see docs/configuration.md)" else None) from None
 
 
 def load_settings(

@@ -12,6 +12,8 @@ The tree::
         └── NodeFault               we could not serve (worker_crashed, overloaded, internal, ...)
 
 ``RequestError.code`` values are part of the protocol (docs/protocol.md); never rename one.
+``BY_CODE`` is the one table from a code to its class; ``error_for`` builds the error a code names
+(a worker's ``Failed``, say).
 """
 
 from __future__ import annotations
@@ -85,6 +87,14 @@ class ModelNotRunning(PeerError):
     code = "model_not_running"
 
 
+class ContextOverflow(PeerError):
+    code = "context_overflow"
+
+
+class Unauthorized(PeerError):
+    code = "unauthorized"
+
+
 class NodeFault(RequestError):
     """We could not serve the request; trying again later may succeed."""
 
@@ -105,3 +115,16 @@ class Cancelled(NodeFault):
 
 class ShuttingDown(NodeFault):
     code = "shutting_down"
+
+
+BY_CODE: dict[str, type[RequestError]] = {
+    cls.code: cls
+    for cls in (BadRequest, UnknownModel, ModelNotRunning, ContextOverflow, Unauthorized, NodeFault, Overloaded,
+                WorkerCrashed, Cancelled, ShuttingDown)
+}
+
+
+def error_for(code: str, message: str, **details: Any) -> RequestError:
+    """The RequestError of ``code``; an unknown code (a newer peer's) is a NodeFault keeping that code."""
+    cls = BY_CODE.get(code)
+    return cls(message, **details) if cls is not None else NodeFault(message, code=code, **details)

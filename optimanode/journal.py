@@ -5,7 +5,8 @@ How it works:
 * One SQLite file in WAL mode, opened through aiosqlite, ``synchronous=FULL``: a commit is on disk
   before ``append`` returns, so nothing is acknowledged to anyone before it is durable.
 * Schema from numbered ``migrations/NNNN_name.sql`` files, each applied once inside a transaction
-  and recorded in ``schema_migrations``.
+  and recorded in ``schema_migrations``. The wheel ships them as the package data
+  ``optimanode.migrations``, read through importlib.resources.
 * Appends go through one writer task that commits whatever is waiting as one transaction
   (group commit): one fsync serves many concurrent appends, and the order of ``seq`` is the order
   of the queue.
@@ -22,12 +23,14 @@ rolls back whole and its callers see the error (a full disk loses nothing that w
 from __future__ import annotations
 
 import asyncio
-import json
+import fnmatch
+import importlib.resources
 import os
 import shutil
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +45,34 @@ from optimanode.protocol import (
     ModelInfo,
     ModelSettings,
     Registered,
+    State,
     Transition,
     decode_event,
     encode_event,
 )
 
 NODE_STREAM = "node"
-DEFAULT_MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_PACKAGE = "optimanode.migrations"
+MIGRATION_FILES = "[0-9][0-9][0-9][0-9]_*.sql"
+
+
+def _default_migrations() -> Traversable:
+    """The journal's SQL files. Installed from a wheel they are the package data
+    ``optimanode.migrations`` (pyproject.toml maps the checkout's top-level ``migrations/`` onto that
+    package). Run from a checkout (an editable install, or the checkout on ``sys.path``), that
+    package cannot be imported: setuptools' editable finder maps only directories with an
+    ``__init__.py``. There the files are read where the wheel takes them from. An installed package
+    without them gets the place they should be, and opening a journal says that none are there."""
+    try:
+        return importlib.resources.files(MIGRATIONS_PACKAGE)
+    except ModuleNotFoundError:
+        package = Path(__file__).resolve().parent
+        if (package.parent / "pyproject.toml").is_file():  # a checkout, never site-packages
+            return package.parent / "migrations"
+        return package / "migrations"
+
+
+DEFAULT_MIGRATIONS = _default_migrations()
 # Rows per fetchmany during replay: large enough that the fetch loop costs nothing per row.
 REPLAY_FETCH_ROWS = 4096
 
@@ -70,7 +94,7 @@ class ExecutorView(msgspec.Struct, frozen=True, kw_only=True):
 
     id: str
     path: str
-    state: str
+    state: State
     enabled: bool
     settings: ModelSettings
     info: ModelInfo
@@ -129,26 +153,39 @@ def _row_event(path: Path, row: Sequence[Any]) -> Event:
     return Event(seq=seq, ts=ts, stream=stream, version=version, body=_decode(path, seq, data))
 
 
+def replay_views(db: sqlite3.Connection, path: Path, *, indexed: bool = True) -> dict[str, ExecutorView]:
+    """Every executor's view folded from the events alone, over an open sqlite3 connection.
+
+    The fold behind ``Journal.replay`` (which runs it on a thread, on a connection of its own) and
+    ``tools/inspect-journal`` (inside its read-only snapshot): ``project`` over the state events in
+    seq order. Synchronous; it only reads. ``path`` names the file in the JournalError raised for a
+    row that does not decode. ``indexed=False`` is for a journal no node has opened since migration
+    0002 (a reader that must not migrate it): the same rows, without the index.
+    """
+    views: dict[str, ExecutorView] = {}
+    # INDEXED BY: the partial index of migration 0002 holds exactly these rows in seq order
+    # (its WHERE must match this one, literally); the planner would otherwise read events_type
+    # and sort the result.
+    cur = db.execute(f"SELECT seq, stream, data FROM events{' INDEXED BY events_state' if indexed else ''}"
+                     f" WHERE stream != '{NODE_STREAM}'"
+                     " AND type IN ('registered', 'transition', 'desired', 'hashed') ORDER BY seq")
+    cur.arraysize = REPLAY_FETCH_ROWS
+    while rows := cur.fetchmany():
+        for seq, stream, data in rows:
+            new = project(views.get(stream), stream, seq, _decode(path, seq, data))
+            if new is not None:
+                views[stream] = new
+    return views
+
+
 def _replay(path: Path) -> dict[str, ExecutorView]:
     """The fold behind ``Journal.replay``, synchronous (it runs on a thread)."""
-    views: dict[str, ExecutorView] = {}
     db = sqlite3.connect(path, isolation_level=None)
     try:
         db.execute("PRAGMA query_only = ON")
-        # INDEXED BY: the partial index of migration 0002 holds exactly these rows in seq order
-        # (its WHERE must match this one, literally); the planner would otherwise read events_type
-        # and sort the result.
-        cur = db.execute(f"SELECT seq, stream, data FROM events INDEXED BY events_state WHERE stream != '{NODE_STREAM}'"
-                         " AND type IN ('registered', 'transition', 'desired', 'hashed') ORDER BY seq")
-        cur.arraysize = REPLAY_FETCH_ROWS
-        while rows := cur.fetchmany():
-            for seq, stream, data in rows:
-                new = project(views.get(stream), stream, seq, _decode(path, seq, data))
-                if new is not None:
-                    views[stream] = new
+        return replay_views(db, path)
     finally:
         db.close()
-    return views
 
 
 class Journal:
@@ -167,7 +204,7 @@ class Journal:
     # -- opening ---------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: str | os.PathLike[str], migrations: Path = DEFAULT_MIGRATIONS) -> Journal:
+    async def open(cls, path: str | os.PathLike[str], migrations: Traversable = DEFAULT_MIGRATIONS) -> Journal:
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,7 +225,7 @@ class Journal:
         journal._writer = asyncio.get_running_loop().create_task(journal._write_loop(), name="journal-writer")
         return journal
 
-    async def _prepare(self, migrations: Path) -> None:
+    async def _prepare(self, migrations: Traversable) -> None:
         db = self._db
         mode = await (await db.execute("PRAGMA journal_mode=WAL")).fetchone()
         if mode is None or mode[0].lower() != "wal":
@@ -315,13 +352,9 @@ class Journal:
         return dict(self._views)
 
     async def _load_projection(self) -> dict[str, ExecutorView]:
-        rows = await (await self._db.execute(
-            "SELECT id, path, state, enabled, settings, info, last_seq FROM executors")).fetchall()
+        rows = await (await self._db.execute(PROJECTION_SELECT)).fetchall()
         try:
-            return {r[0]: ExecutorView(id=r[0], path=r[1], state=r[2], enabled=bool(r[3]),
-                                       settings=msgspec.json.decode(r[4], type=ModelSettings),
-                                       info=msgspec.json.decode(r[5], type=ModelInfo), last_seq=r[6])
-                    for r in rows}
+            return {r[0]: view_from_row(r) for r in rows}
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise _unreadable(self.path, "the executors projection", exc) from exc
 
@@ -360,6 +393,18 @@ class Journal:
         await self._db.close()
 
 
+# The executors projection table, as view_from_row reads it (shared with tools/inspect-journal).
+PROJECTION_SELECT = "SELECT id, path, state, enabled, settings, info, last_seq FROM executors"
+
+
+def view_from_row(row: Sequence[Any]) -> ExecutorView:
+    """One row of PROJECTION_SELECT as an ExecutorView (the inverse of ``_view_row``); a settings or
+    info column that does not decode raises msgspec's DecodeError or ValidationError."""
+    return ExecutorView(id=row[0], path=row[1], state=row[2], enabled=bool(row[3]),
+                        settings=msgspec.json.decode(row[4], type=ModelSettings),
+                        info=msgspec.json.decode(row[5], type=ModelInfo), last_seq=row[6])
+
+
 def _view_row(v: ExecutorView) -> tuple[Any, ...]:
     return (v.id, v.path, v.state, int(v.enabled), msgspec.json.encode(v.settings).decode(),
             msgspec.json.encode(v.info).decode(), v.last_seq)
@@ -391,12 +436,19 @@ def select_events(*, stream: str | None = None, types: Sequence[str] | None = No
     return sql, args
 
 
-async def apply_migrations(db: aiosqlite.Connection, migrations: Path) -> list[int]:
-    """Apply each numbered SQL file not yet recorded, in order, each in its own transaction."""
+async def apply_migrations(db: aiosqlite.Connection, migrations: Traversable) -> list[int]:
+    """Apply each numbered SQL file not yet recorded, in order, each in its own transaction.
+
+    ``migrations`` is a directory: a Path, or what importlib.resources gives for a package."""
     await db.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
                      "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
     done = {r[0] for r in await (await db.execute("SELECT version FROM schema_migrations")).fetchall()}
-    files = sorted(migrations.glob("[0-9][0-9][0-9][0-9]_*.sql"))
+    try:
+        entries = list(migrations.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        entries = []
+    files = sorted((f for f in entries if fnmatch.fnmatchcase(f.name, MIGRATION_FILES) and f.is_file()),
+                   key=lambda f: f.name)
     if not files:
         raise JournalError(f"no migrations found in {migrations}")
     applied = []
@@ -433,9 +485,3 @@ def _split_sql(sql: str) -> list[str]:
     if buf.strip():
         out.append(buf.strip())
     return out
-
-
-def event_to_json(ev: Event) -> dict[str, Any]:
-    """A plain dict for JSON output (tools and the Gateway link)."""
-    return {"seq": ev.seq, "ts": ev.ts, "stream": ev.stream, "version": ev.version, "type": ev.type,
-            "data": json.loads(encode_event(ev.body))}

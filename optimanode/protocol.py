@@ -19,41 +19,43 @@ get defaults, a field's type never changes, a tag is never reused.
 from __future__ import annotations
 
 import struct
+import typing
 from typing import Annotated, Any, Literal
 
 import msgspec
+
+from optimanode.constraints import (
+    PREFILL_POLICIES,
+    SAFE_MODES,
+    NBatch,
+    NCtx,
+    NGpuLayers,
+    NThreads,
+    Parallel,
+    Prefill,
+    QueueSize,
+    SafeMode,
+)
+
+# PREFILL_POLICIES and SAFE_MODES are the protocol's names for those choices too (re-exported).
 
 # ---------------------------------------------------------------------------------------------
 # Requests
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    max_tokens: int = 256
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
+    # The limits are on the types (optimanode/constraints.py): checked while decoding.
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=1_000_000, description="1..1000000")] = 256
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=100, description="0..100")] = 0.8
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1, description="a number in (0, 1]")] = 0.95
+    top_k: Annotated[int, msgspec.Meta(ge=0, description=">= 0")] = 40
+    min_p: Annotated[float, msgspec.Meta(ge=0, le=1, description="0..1")] = 0.05
+    repeat_penalty: Annotated[float, msgspec.Meta(gt=0, le=10, description="a number in (0, 10]")] = 1.0
     # None: a fresh random seed per request; an int makes sampling repeatable.
     seed: int | None = None
-    stop: list[str] = []
-
-    def check(self) -> None:
-        """Raise ValueError naming the field when a value is out of range."""
-        if not 1 <= self.max_tokens <= 1_000_000:
-            raise ValueError("max_tokens: expected 1..1000000")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError("temperature: expected 0..100")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p: expected a number in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k: expected >= 0")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError("min_p: expected 0..1")
-        if not 0.0 < self.repeat_penalty <= 10.0:
-            raise ValueError("repeat_penalty: expected a number in (0, 10]")
-        if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
-            raise ValueError("stop: expected at most 16 non-empty strings of at most 256 characters")
+    stop: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=256)]],
+                    msgspec.Meta(max_length=16, description="at most 16 non-empty strings of at most 256 "
+                                                            "characters")] = []
 
 
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -87,7 +89,18 @@ class Timings(msgspec.Struct, frozen=True, kw_only=True):
     total_s: float
 
 
+# An executor's states and the triggers between them (optimanode/executors/lifecycle.py has the
+# table; docs/architecture.md draws it).
+State = Literal["discovered", "enabled", "waiting", "starting", "running", "stopping", "crashed", "restarting",
+                "failed", "invalid", "missing"]
+Trigger = Literal["enable", "disable", "hold", "start", "ready", "crash", "restart", "give_up", "stop", "stopped",
+                  "invalidate", "vanish", "rediscover", "recover"]
+# Why a stream ended.
 FinishReason = Literal["stop", "length", "cancelled"]
+# Error codes, stable: a Gateway acts on them. Never rename one (errors.py maps each to its class).
+ErrorCode = Literal["unknown_model", "model_not_running", "overloaded", "bad_request", "worker_crashed",
+                    "context_overflow", "unauthorized", "internal", "shutting_down", "cancelled"]
+ERROR_CODES: frozenset[str] = frozenset(typing.get_args(ErrorCode))
 
 # ---------------------------------------------------------------------------------------------
 # Worker pipe: supervisor → worker
@@ -102,20 +115,12 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, tag="settings"):
     n_gpu_layers: int = 0
     n_batch: int = 512
     parallel: int = 1
-    # How waiting prompts share decode steps (PREFILL_POLICIES; see optimanode/worker.py, step d).
-    prefill: str = "auto"
+    # How waiting prompts share decode steps (see docs/architecture.md, the worker's step d).
+    prefill: Prefill = "auto"
     # Safe mode: the model is loaded without llama.cpp's extra buffer types (weight repacking,
     # AMX) and the context keeps llama.cpp's default threadpool; the node sets it after a worker
     # died of a fatal signal while loading (SAFE_MODES, docs/operations.md).
     safe_mode: bool = False
-
-
-# "auto": one request's prompt per step on the CPU, prompts together when layers are on a GPU;
-# "one_per_step": always one; "together": every waiting prompt in one step, up to n_batch tokens.
-PREFILL_POLICIES = ("auto", "one_per_step", "together")
-# "auto": normal, and safe mode after a worker died of SIGSEGV/SIGBUS/SIGILL before Ready;
-# "on": always safe mode; "off": never (a fatal signal is a crash like any other).
-SAFE_MODES = ("auto", "on", "off")
 
 
 class Generate(msgspec.Struct, frozen=True, kw_only=True, tag="generate"):
@@ -170,14 +175,14 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True, tag="chunk"):
 
 class Done(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
     id: str
-    finish_reason: str
+    finish_reason: FinishReason
     usage: Usage
     timings: Timings
 
 
 class Failed(msgspec.Struct, frozen=True, kw_only=True, tag="failed"):
     id: str
-    code: str
+    code: ErrorCode
     message: str
 
 
@@ -224,16 +229,19 @@ def decode_from_worker(body: bytes) -> FromWorker:
 
 
 class ModelSettings(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """Per-model overrides of Settings.model_defaults; None means "use the default"."""
+    """Per-model overrides of Settings.model_defaults; None means "use the default".
 
-    n_ctx: int | None = None
-    n_threads: int | None = None
-    n_gpu_layers: int | None = None
-    n_batch: int | None = None
-    queue_size: int | None = None
-    parallel: int | None = None
-    prefill: str | None = None
-    safe_mode: str | None = None
+    Unknown keys are not forbidden here (a journal written by a newer node must still replay);
+    the Gateway session refuses them in a Configure (gateway/session.py, ``_unknown_settings``)."""
+
+    n_ctx: NCtx | None = None
+    n_threads: NThreads | None = None
+    n_gpu_layers: NGpuLayers | None = None
+    n_batch: NBatch | None = None
+    queue_size: QueueSize | None = None
+    parallel: Parallel | None = None
+    prefill: Prefill | None = None
+    safe_mode: SafeMode | None = None
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -275,9 +283,9 @@ class Registered(msgspec.Struct, frozen=True, kw_only=True, tag="registered"):
 
 
 class Transition(msgspec.Struct, frozen=True, kw_only=True, tag="transition"):
-    trigger: str
-    src: str
-    dst: str
+    trigger: Trigger
+    src: State
+    dst: State
     reason: str = ""
     pid: int | None = None
     exit_code: int | None = None
@@ -354,12 +362,6 @@ EventBody = (
     | TaskExited
 )
 
-EVENT_TYPES: dict[str, type] = {
-    cls.__struct_config__.tag: cls  # type: ignore[misc]
-    for cls in (Registered, Transition, DesiredChanged, Hashed, RequestStarted, RequestFinished,
-                NodeStarted, NodeStopped, TaskExited)
-}
-
 _json_encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(EventBody)
 
@@ -378,7 +380,7 @@ def decode_event(data: bytes | str) -> EventBody:
 
 class ExecutorStatus(msgspec.Struct, frozen=True, kw_only=True):
     id: str
-    state: str
+    state: State
     enabled: bool
     # Why it is in this state, when there is a why (invalid, waiting, failed, crashed, missing).
     reason: str = ""
@@ -439,7 +441,7 @@ class GpuReport(msgspec.Struct, frozen=True, kw_only=True):
 
 class ExecutorMetrics(msgspec.Struct, frozen=True, kw_only=True):
     id: str
-    state: str
+    state: State
     pid: int | None = None
     rss_bytes: int | None = None
     cpu_percent: float | None = None
@@ -499,13 +501,6 @@ CLOSE_VERSION_UNSUPPORTED = 4003  # Hello chose a version the node did not offer
 CLOSE_RATE_LIMITED = 4008        # too many failed handshakes from this address lately
 CLOSE_TOO_SLOW = 4009            # the Gateway does not read its frames; its send buffer overflowed
 CLOSE_BAD_FRAME = 4400           # a handshake frame that does not decode (text, malformed, wrong fields)
-
-# Error codes, stable: a Gateway acts on them. Never rename one.
-ERROR_CODES: frozenset[str] = frozenset({
-    "unknown_model", "model_not_running", "overloaded", "bad_request", "worker_crashed",
-    "context_overflow", "unauthorized", "internal", "shutting_down", "cancelled",
-})
-
 
 # -- handshake -------------------------------------------------------------------------------
 
@@ -618,8 +613,7 @@ class TokenChunk(msgspec.Struct, frozen=True, kw_only=True, tag="chunk"):
 
 class InferDone(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
     id: str
-    # "stop", "length" or "cancelled".
-    finish_reason: str
+    finish_reason: FinishReason
     usage: Usage
     timings: Timings
 
@@ -627,7 +621,7 @@ class InferDone(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
 class Error(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
     # The id of the request that failed; "" when the frame had none (it did not decode).
     id: str = ""
-    code: str
+    code: ErrorCode
     message: str = ""
     details: dict[str, str | int] = {}
 

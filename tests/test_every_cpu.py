@@ -9,7 +9,6 @@ fault. Everything else is real: the SmolLM2 model, worker processes, signals and
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
 import queue
@@ -27,20 +26,12 @@ from optimanode.executors.supervisor import ExitInfo, WorkerProcess, read_blackb
 from optimanode.node import Node
 from optimanode.protocol import CompletionRequest, ModelSettings, SamplingParams
 
-from test_node import collect, make_settings, only_id
+from test_node import collect, make_settings, models, only_id  # noqa: F401 - models is a fixture
 
 REPO = Path(__file__).resolve().parent.parent
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-def models(tmp_path: Path, smollm2_path: Path) -> Path:
-    d = tmp_path / "models"
-    d.mkdir()
-    (d / "smollm2.gguf").symlink_to(smollm2_path)
-    return d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,7 +42,7 @@ def _engine_batches(model: Path, monkeypatch: Any, **settings: Any) -> tuple[Any
     """An Engine built with a llama_decode that records each batch: (tokens, sequence ids)."""
     import llama_cpp
 
-    from optimanode import worker as wk
+    from optimanode.worker.engine import Engine
 
     seen: list[tuple[int, set[int]]] = []
     real = llama_cpp.llama_decode
@@ -61,7 +52,7 @@ def _engine_batches(model: Path, monkeypatch: Any, **settings: Any) -> tuple[Any
         return real(ctx, batch)
 
     monkeypatch.setattr(llama_cpp, "llama_decode", recording)
-    engine = wk.Engine(p.WorkerSettings(model_path=str(model), n_threads=2, **settings), lambda msgs: None)
+    engine = Engine(p.WorkerSettings(model_path=str(model), n_threads=2, **settings), lambda msgs: None)
     monkeypatch.setattr(llama_cpp, "llama_decode", real)
     return engine, seen
 
@@ -105,7 +96,8 @@ def test_a_micro_batch_wider_than_one_slot_is_spread_over_several(smollm2_path: 
 def test_safe_mode_loads_without_extra_buffer_types_or_threadpool(smollm2_path: Path, monkeypatch: Any) -> None:
     import llama_cpp
 
-    from optimanode import worker as wk
+    from optimanode.worker.engine import Engine
+    from optimanode.worker.jobs import _Job, _Jobs
 
     real = llama_cpp.llama_model_load_from_file
     asked: list[bool] = []
@@ -118,15 +110,15 @@ def test_safe_mode_loads_without_extra_buffer_types_or_threadpool(smollm2_path: 
     outputs = {}
     for safe in (False, True):
         sent: queue.Queue[Any] = queue.Queue()
-        engine = wk.Engine(p.WorkerSettings(model_path=str(smollm2_path), n_ctx=512, n_threads=2, safe_mode=safe),
-                           lambda msgs: [sent.put(m) for m in msgs])
+        engine = Engine(p.WorkerSettings(model_path=str(smollm2_path), n_ctx=512, n_threads=2, safe_mode=safe),
+                        lambda msgs: [sent.put(m) for m in msgs])
         try:
             assert engine.threadpool is not None and (engine.threadpool.handle is None) == safe
-            jobs = wk._Jobs()
+            jobs = _Jobs()
             loop = threading.Thread(target=engine.serve, args=(jobs,), daemon=True)
             loop.start()
-            assert jobs.add(wk._Job(id="s", request=CompletionRequest(prompt="The capital of France is",
-                                                                     params=GREEDY)))
+            assert jobs.add(_Job(id="s", request=CompletionRequest(prompt="The capital of France is",
+                                                                  params=GREEDY)))
             text = ""
             while not isinstance(msg := sent.get(timeout=120), p.Done | p.Failed):
                 text += msg.text

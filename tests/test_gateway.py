@@ -47,7 +47,6 @@ from optimanode.errors import ConfigError
 from optimanode.gateway import keys, tls
 from optimanode.gateway.handshake import FailureLimiter, check_welcome, make_hello
 from optimanode.gateway.server import GatewayServer
-from optimanode.gateway.session import Session, binary_frame_header
 from optimanode.node import Node
 from optimanode.protocol import (
     Ack,
@@ -484,26 +483,28 @@ async def test_plaintext_only_with_the_explicit_flag(tmp_path, caplog):
         await server.stop()
 
 
-async def test_a_gateway_that_does_not_read_is_closed_and_never_blocks_the_producers():
+async def test_a_gateway_that_does_not_read_is_closed_and_never_blocks_the_producers(tmp_path):
     """The send policy on its own, on a real connection whose peer stops reading, with a small buffer."""
     limit = 256 * 1024
-    served: asyncio.Future[tuple[Session, asyncio.Task[None]]] = asyncio.get_running_loop().create_future()
-    finished = asyncio.Event()
-
-    async def handler(ws) -> None:
-        session = Session(ws=ws, node=None, gateway_id="slow", sample=no_sample,  # type: ignore[arg-type]
-                          send_buffer_bytes=limit)
-        run = asyncio.create_task(session.run())
-        served.set_result((session, run))
-        await run
-        finished.set()
-
-    async with ws_serve(handler, "127.0.0.1", 0, compression=None, close_timeout=1) as server:
-        port = server.sockets[0].getsockname()[1]
+    settings = make_settings(tmp_path)
+    server = GatewayServer(None, settings, no_sample, "slow-node", host="127.0.0.1", port=0,  # type: ignore[arg-type]
+                           insecure_plaintext_for_development=True, send_buffer_bytes=limit)
+    await server.start()
+    try:
+        key = keys.read_key(settings.key_path)
         # max_queue=1: once a frame waits unread, websockets stops reading the socket, as a stuck
         # Gateway would; the kernel's buffers fill, then the node's transport buffer.
-        async with ws_connect(f"ws://127.0.0.1:{port}", compression=None, max_queue=1, close_timeout=1):
-            session, run = await served
+        async with ws_connect(f"ws://127.0.0.1:{server.port}", compression=None, max_queue=1, close_timeout=1,
+                              proxy=None) as ws:
+            challenge = await recv(ws)
+            assert isinstance(challenge, Challenge)
+            hello = make_hello(key, challenge, "slow")
+            await ws.send(encode_link(hello))
+            check_welcome(key, challenge, hello, await recv(ws))  # type: ignore[arg-type]
+            await eventually(lambda: server.sessions, what="the session")
+            (session,) = server.sessions
+            transport = session.conn.transport
+            assert transport is not None
             big = Error(code="internal", message="x" * 16384)
             t0 = time.monotonic()
             dropped_while_alive = False
@@ -511,25 +512,19 @@ async def test_a_gateway_that_does_not_read_is_closed_and_never_blocks_the_produ
                 if session.closing:
                     break
                 session.send(big)  # never waits
-                if session.ws.transport.get_write_buffer_size() * 2 >= limit and not session.closing:
+                if transport.get_write_buffer_size() * 2 >= limit and not session.closing:
                     session.send(Metrics(id="m", report=fake_report()), droppable=True)
                     dropped_while_alive = session.metrics_dropped > 0 and not session.closing
                 await asyncio.sleep(0)  # let the peer's loop run: it still reads nothing
             assert time.monotonic() - t0 < 5
             assert dropped_while_alive  # half full: a snapshot is dropped, the session lives
             assert session.closing
-            async with asyncio.timeout(10):
-                await finished.wait()
-            assert session.ws.protocol.close_sent is not None and session.ws.protocol.close_sent.code == 4009
-
-
-async def test_the_session_frames_binary_messages_as_websockets_does():
-    from websockets.frames import Frame, Opcode
-
-    for n in (0, 1, 125, 126, 127, 1000, 65535, 65536, 70000):
-        payload = bytes(range(256)) * (n // 256) + bytes(n % 256)
-        ours = binary_frame_header(n) + payload
-        assert ours == Frame(Opcode.BINARY, payload).serialize(mask=False, extensions=[]), n
+            # It does not take the close frame either: the connection is cut 2 s later.
+            await eventually(lambda: session not in server.sessions, timeout=10, what="the session ended")
+            close_sent = session.conn.link.protocol.close_sent
+            assert close_sent is not None and close_sent.code == 4009
+    finally:
+        await server.stop()
 
 
 def fake_report() -> MetricsReport:
@@ -597,7 +592,7 @@ async def test_the_chunks_of_one_decode_step_leave_in_one_socket_write(tmp_path,
             c = await client(env)
             try:
                 (session,) = server.sessions
-                transport = session.ws.transport
+                transport = session.conn.transport
                 writes = 0
                 write = transport.write
 
@@ -650,7 +645,7 @@ async def test_a_disconnect_cancels_the_gateways_running_requests(started):
     stream = a.infer(started.eid, CompletionRequest(prompt="1, 2,", params=LONG), request_id="drop-me")
     assert isinstance(await anext(stream), TokenChunk)
     assert started.node.status(started.eid).in_flight == 1
-    a._ws.transport.abort()  # the Gateway vanishes, no closing handshake
+    a._conn.transport.abort()  # the Gateway vanishes, no closing handshake
     # The worker is freed at once, not after the 300 tokens (most of a minute here).
     await eventually(lambda: started.node.status(started.eid).in_flight == 0, timeout=10, what="the worker freed")
     b = await client(started, "gw-next")
@@ -685,13 +680,13 @@ async def test_errors_carry_stable_codes_and_name_the_problem(started):
         assert info.value.code == "model_not_running" and info.value.details["state"] == "discovered"
         with pytest.raises(RemoteError) as info:
             await anext(c.infer(started.eid, CompletionRequest(prompt="x", params=SamplingParams(top_p=0))))
-        assert info.value.code == "bad_request" and info.value.details["field"] == "top_p"
+        assert info.value.code == "bad_request" and info.value.details["field"] == "request.params.top_p"
         with pytest.raises(RemoteError) as info:
             await c.configure(started.eid, ModelSettings(n_ctx=-5))
-        assert info.value.code == "bad_request" and info.value.details["field"] == "n_ctx"
+        assert info.value.code == "bad_request" and info.value.details["field"] == "settings.n_ctx"
         with pytest.raises(RemoteError) as info:
             await c.configure(started.eid, ModelSettings(prefill="sometimes"))
-        assert info.value.code == "bad_request" and info.value.details["field"] == "prefill"
+        assert info.value.code == "bad_request" and info.value.details["field"] == "settings.prefill"
         assert "one_per_step" in info.value.message
         # Overloaded: no queue, one request running.
         await c.configure(started.eid, ModelSettings(queue_size=0))

@@ -322,6 +322,49 @@ def test_state_check_fails_with_exit_1_after_tampering_with_the_executors_table(
     assert {"executor": B, "field": "state", "replay": "failed", "table": "running"} in diffs
 
 
+async def test_state_and_crashes_read_a_journal_from_before_the_replay_index(tmp_path: Path,
+                                                                             clock: list[float]) -> None:
+    """A journal no node has opened since migration 0002 has no events_state index, and the tool
+    must not migrate it: the node's replay reads the same rows without the index."""
+    old = tmp_path / "old-migrations"
+    old.mkdir()
+    (old / "0001_initial.sql").write_text((journal_mod.DEFAULT_MIGRATIONS / "0001_initial.sql").read_text())
+    path = tmp_path / "old.sqlite3"
+    j = await Journal.open(path, migrations=old)
+    try:
+        await write_story(j, clock)
+        views = j.views()
+    finally:
+        await j.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'events_state'").fetchone() == (0,)
+    db.close()
+    doc = run_json(path, "state", "--check")
+    assert doc["check"] == {"ok": True, "differences": []}
+    assert {r["executor"]: r["state"] for r in doc["executors"]} == {eid: v.state for eid, v in views.items()}
+    reps = run_json(path, "crashes")["executors"]
+    assert {r["executor"]: r["state"] for r in reps} == {A: "running", B: "failed"}
+    with sqlite3.connect(path) as db:  # still not migrated
+        assert db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'events_state'").fetchone() == (0,)
+    db.close()
+
+
+def test_a_state_event_that_does_not_decode_exits_2_naming_its_seq(journal_path: Path) -> None:
+    """timeline shows such a row raw; state and crashes replay the state as the node does, and stop
+    where the node would, with a one-line message instead of a traceback."""
+    with sqlite3.connect(journal_path) as db:
+        seq = db.execute("INSERT INTO events (ts, stream, version, type, data) VALUES (?, ?, 99, 'transition', ?)",
+                         (NOW, A, '{"type":"transition","trigger":5}')).lastrowid
+    db.close()
+    p = run("--journal", str(journal_path), "timeline", "--limit", "1")
+    assert p.returncode == 0 and '"trigger":5' in p.stdout
+    for cmd in ("state", "crashes"):
+        p = run("--journal", str(journal_path), cmd)
+        assert p.returncode == 2, p.stdout
+        assert p.stderr.startswith("inspect-journal: error:") and f"event seq {seq} " in p.stderr
+        assert p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr
+
+
 # -- follow, live node, safety --------------------------------------------------------------------
 
 

@@ -374,6 +374,12 @@ def test_install_and_uninstall_produce_the_layout_the_operations_guide_describes
         assert re.search(rf"^ok\s+{check}\s", doctor.stdout, re.MULTILINE), f"doctor: {check} not ok:\n{doctor.stdout}"
     inspect = root.run("runuser -u optimanode -- /opt/optimanode/bin/optimanode-inspect-journal --help")
     assert inspect.returncode == 0, inspect.stderr
+    # Installed from a wheel, not editable from the copy: the journal's migrations are package data
+    # in the environment (tests/test_wheel.py checks the wheel itself).
+    first = root.check("cd / && /opt/optimanode/venv/bin/python -c "
+                       "'import optimanode.journal as j; print(j.DEFAULT_MIGRATIONS / \"0001_initial.sql\")'")
+    assert re.fullmatch(r"/opt/optimanode/venv/lib/python3\.\d+/site-packages/optimanode/migrations/0001_initial\.sql",
+                        first.strip()), first
 
     # An upgrade while the service runs: the operator's settings and the key stay, the unit is
     # restarted, and --nvidia adds the drop-in.

@@ -64,3 +64,26 @@ def test_the_happy_path_and_the_crash_path_of_the_design_card():
 def test_an_unknown_initial_state_is_refused():
     with pytest.raises(ValueError):
         Lifecycle("m", "flying")
+
+
+def test_the_table_uses_exactly_the_protocols_states_and_triggers():
+    import typing
+
+    from optimanode.executors.lifecycle import LIVE, LOADING, SERVING, STATES, TRIGGERS, TRANSITIONS
+    from optimanode.protocol import ExecutorStatus, State, Transition, Trigger
+
+    in_table = {s for _, sources, dst in TRANSITIONS for s in (*sources, dst)}
+    assert in_table == set(STATES) == set(typing.get_args(State))
+    assert {t for t, _, _ in TRANSITIONS} == set(TRIGGERS) == set(typing.get_args(Trigger))
+    # No (state, trigger) pair leads to two places.
+    pairs = [(s, t) for t, sources, _ in TRANSITIONS for s in sources]
+    assert len(pairs) == len(set(pairs))
+    assert LOADING < SERVING < LIVE
+    # The wire refuses a state or trigger the table does not know.
+    import msgspec
+
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(b'{"trigger":"explode","src":"running","dst":"crashed"}', type=Transition)
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"id": "x", "state": "sleeping", "enabled": True, "info": {"path": "p", "files": [],
+                         "size_bytes": 1, "mtime_ns": 1}}, ExecutorStatus)

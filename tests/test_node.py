@@ -21,6 +21,7 @@ import pytest
 from optimanode.config import load_settings
 from optimanode.errors import (BadRequest, ModelNotRunning, NodeFault, Overloaded, ShuttingDown, UnknownModel,
                               WorkerCrashed)
+from optimanode.journal import Journal
 from optimanode.node import Node
 from optimanode.protocol import ChatMessage, ChatRequest, Chunk, CompletionRequest, Done, ModelSettings, SamplingParams
 import gguf_files
@@ -430,3 +431,21 @@ async def test_drain_past_the_deadline_cancels_with_shutting_down(tmp_path, mode
         with pytest.raises(ShuttingDown) as info:
             await rest
         assert info.value.code == "shutting_down" and "drain deadline" in info.value.message
+
+
+async def test_the_journal_is_open_before_the_node_is_built_on_it(tmp_path, models):
+    """``Node.open`` opens the journal first; a node given an open journal uses it; an unstarted one says so."""
+    settings = make_settings(tmp_path)
+    node = await Node.open(settings)
+    try:
+        eid = only_id(node)
+        assert node.status(eid).state == "discovered"
+        assert [e.type for e in await node.journal.read(stream="node")] == ["node_started"]
+    finally:
+        await node.stop()
+    journal = await Journal.open(settings.journal_path)
+    async with Node(settings, journal=journal) as again:
+        assert again.journal is journal and only_id(again) == eid
+    unstarted = Node(settings)
+    with pytest.raises(RuntimeError, match="not started"):
+        unstarted.status(eid)

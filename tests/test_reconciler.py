@@ -1,7 +1,10 @@
-"""The reconciler's decision is a pure function of (facts, now, memory, policy)."""
+"""The reconciler's decisions are pure functions: decide of (facts, now, memory, policy), on_exit of a worker's end."""
+
+import signal
 
 from optimanode.config import Restart
-from optimanode.executors.reconciler import Facts, backoff_delay, decide, estimate_bytes
+from optimanode.executors.reconciler import Facts, backoff_delay, decide, estimate_bytes, on_exit, on_spawn_failed
+from optimanode.executors.supervisor import ExitInfo
 from optimanode.protocol import ModelInfo
 
 POLICY = Restart(backoff_base_s=1.0, backoff_cap_s=8.0, jitter=0.5, crash_budget=3, crash_window_s=60.0)
@@ -108,3 +111,67 @@ def test_the_estimate_uses_the_stated_head_widths_when_the_model_has_them():
     info = ModelInfo(path="m", files=["m"], size_bytes=0, mtime_ns=0, block_count=18, embedding_length=640,
                      head_count=4, head_count_kv=1, key_length=256, value_length=256)
     assert estimate_bytes(info, 1000) == 1000 * 18 * 1 * (256 + 256) * 2 + (64 << 20)
+
+
+# -- what a worker's end means: on_exit (no process, no journal) --------------------------------
+
+
+def exited(**kw):
+    base = dict(pid=42, exit_code=None, signal=None, uptime_s=1.0, stderr_tail=[])
+    base.update(kw)
+    return ExitInfo(**base)
+
+
+def test_a_crash_after_ready_backs_off_and_counts_against_the_budget():
+    f = Facts(state="running", enabled=True, crash_times=(1.0, 150.0))
+    d = on_exit(f, exited(signal=signal.SIGKILL, was_ready=True, stderr_tail=["some line"]), 200.0, POLICY, 0.0)
+    # The crash at 1.0 is out of the 60 s window: this is the second crash in it.
+    assert d.crash_times == (150.0, 200.0) and d.restart_at == 202.0 and d.restart_in_s == 2.0
+    assert d.reason == "worker 42 killed by SIGKILL" and not d.give_up and d.safe_mode is None
+    # The budget-th crash in the window: no restart by backoff follows (decide gives up).
+    d = on_exit(Facts(state="running", enabled=True, crash_times=(150.0, 160.0)), exited(exit_code=1, was_ready=True),
+                200.0, POLICY, 0.5)
+    assert len(d.crash_times) == 3 and d.restart_in_s is None
+    assert triggers(decide({"a": Facts(state="crashed", enabled=True, crash_times=d.crash_times,
+                                       restart_at=d.restart_at)}, 200.0, GB, POLICY)) == [("a", "give_up")]
+
+
+def test_a_worker_that_fails_to_load_says_why_from_its_last_stderr_line():
+    d = on_exit(Facts(state="starting", enabled=True), exited(exit_code=3, stderr_tail=["loading", "bad magic", " "]),
+                10.0, POLICY, 0.0)
+    assert d.reason == "worker 42 exited with code 3 while loading the model: bad magic"
+    assert d.restart_in_s == 1.0 and d.crash_times == (10.0,)
+
+
+def test_a_fatal_signal_while_loading_restarts_at_once_in_safe_mode_outside_the_budget():
+    f = Facts(state="starting", enabled=True, crash_times=(5.0,))
+    info = exited(signal=signal.SIGSEGV, stderr_tail=["Fatal Python error: Segmentation fault"], phase="warm-up")
+    d = on_exit(f, info, 10.0, POLICY, 0.9)
+    assert d.safe_mode is True and d.restart_at == 10.0 and d.restart_in_s == 0.0
+    assert d.crash_times == (5.0,)  # a diagnosis, not part of a crash loop
+    assert d.reason.startswith("worker 42 killed by SIGSEGV during warm-up while loading the model; safe mode turns off ")
+    assert "Fatal Python error" not in d.reason  # faulthandler's report is no explanation
+    # With safe mode off it is an ordinary crash; a worker the node killed did not fault.
+    off = on_exit(Facts(state="starting", enabled=True, safe_mode="off"), info, 10.0, POLICY, 0.0)
+    assert off.safe_mode is None and off.restart_in_s == 1.0 and off.crash_times == (10.0,)
+    killed = on_exit(f, exited(signal=signal.SIGSEGV, killed_for="load timeout"), 10.0, POLICY, 0.0)
+    assert killed.safe_mode is None and not killed.give_up
+
+
+def test_a_safe_mode_worker_that_dies_of_a_fatal_signal_while_loading_gives_up_with_a_reason():
+    f = Facts(state="restarting", enabled=True)
+    d = on_exit(f, exited(signal=signal.SIGSEGV, safe_mode=True), 10.0, POLICY, 0.0)
+    assert d.give_up.startswith("its worker died of SIGSEGV while loading even in safe mode")
+    assert d.restart_in_s is None and d.safe_mode is None and d.crash_times == (10.0,)
+    sigill = on_exit(f, exited(signal=signal.SIGILL, safe_mode=True), 10.0, POLICY, 0.0)
+    assert sigill.give_up.startswith("this llama.cpp build uses instructions this CPU lacks")
+    # After Ready a fault is an ordinary crash, safe mode or not.
+    ready = on_exit(f, exited(signal=signal.SIGSEGV, safe_mode=True, was_ready=True), 10.0, POLICY, 0.0)
+    assert not ready.give_up and ready.restart_in_s == 1.0
+
+
+def test_a_worker_that_cannot_be_spawned_is_a_crash_with_backoff():
+    d = on_spawn_failed(Facts(state="starting", enabled=True, crash_times=(9.0,)), "[Errno 12] no memory",
+                        10.0, POLICY, 0.0)
+    assert d.reason == "could not spawn the worker: [Errno 12] no memory"
+    assert d.crash_times == (9.0, 10.0) and d.restart_at == 12.0 and d.restart_in_s is None

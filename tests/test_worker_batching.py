@@ -188,7 +188,7 @@ def test_a_request_joins_a_running_batch_and_leaves_it_early(worker: Worker) -> 
 
 
 def test_runs_counts_runs_of_consecutive_ids() -> None:
-    from optimanode.worker import _runs
+    from optimanode.worker.slots import _runs
 
     assert [_runs(s) for s in ([], [3], [0, 1, 2], [2, 0, 1], [0, 2], [0, 1, 2, 5], [1, 3, 5])] == [0, 1, 1, 1, 2, 2, 3]
 
@@ -328,19 +328,20 @@ def test_a_second_chat_turn_evaluates_only_the_new_tokens(worker: Worker) -> Non
 def test_llama_decode_refusing_one_sequence_fails_only_that_request(smollm2_path: Path, monkeypatch: Any) -> None:
     import llama_cpp
 
-    from optimanode import worker as wk
+    from optimanode.worker.engine import Engine, _on_llama_log
+    from optimanode.worker.jobs import _Job, _Jobs
 
-    llama_cpp.llama_log_set(wk._on_llama_log, ctypes.c_void_p(0))  # errors only, as in the worker
+    llama_cpp.llama_log_set(_on_llama_log, ctypes.c_void_p(0))  # errors only, as in the worker
     sent: queue.Queue[Any] = queue.Queue()
-    engine = wk.Engine(p.WorkerSettings(model_path=str(smollm2_path), n_ctx=768, n_threads=1, parallel=3),
-                       lambda msgs: [sent.put(m) for m in msgs])
-    jobs = wk._Jobs()
+    engine = Engine(p.WorkerSettings(model_path=str(smollm2_path), n_ctx=768, n_threads=1, parallel=3),
+                    lambda msgs: [sent.put(m) for m in msgs])
+    jobs = _Jobs()
     loop = threading.Thread(target=engine.serve, args=(jobs,), daemon=True)
     loop.start()
     try:
         def run(ids_reqs: dict[str, p.InferenceRequest]) -> dict[str, tuple[str, Any]]:
             for i, r in ids_reqs.items():
-                assert jobs.add(wk._Job(id=i, request=r))
+                assert jobs.add(_Job(id=i, request=r))
             out: dict[str, tuple[str, Any]] = {i: ("", None) for i in ids_reqs}
             while any(f is None for _, f in out.values()):
                 msg = sent.get(timeout=60)
@@ -382,19 +383,20 @@ def test_llama_decode_refusing_one_sequence_fails_only_that_request(smollm2_path
 
 def _greedy_with_threadpool(model: Path, monkeypatch: Any, enabled: str) -> tuple[bool, str]:
     """(pool attached?, greedy text) of one in-process engine with OPTIMANODE_WORKER_THREADPOOL=enabled."""
-    from optimanode import worker as wk
+    from optimanode.worker.engine import Engine
+    from optimanode.worker.jobs import _Job, _Jobs
 
     monkeypatch.setenv("OPTIMANODE_WORKER_THREADPOOL", enabled)
     sent: queue.Queue[Any] = queue.Queue()
-    engine = wk.Engine(p.WorkerSettings(model_path=str(model), n_ctx=512, n_threads=2, parallel=1),
-                       lambda msgs: [sent.put(m) for m in msgs])
+    engine = Engine(p.WorkerSettings(model_path=str(model), n_ctx=512, n_threads=2, parallel=1),
+                    lambda msgs: [sent.put(m) for m in msgs])
     try:
         assert engine.threadpool is not None
         attached = engine.threadpool.handle is not None
-        jobs = wk._Jobs()
+        jobs = _Jobs()
         loop = threading.Thread(target=engine.serve, args=(jobs,), daemon=True)
         loop.start()
-        assert jobs.add(wk._Job(id="t", request=completion(PROMPTS[2], max_tokens=24)))
+        assert jobs.add(_Job(id="t", request=completion(PROMPTS[2], max_tokens=24)))
         text = ""
         while not isinstance(msg := sent.get(timeout=120), p.Done | p.Failed):
             text += msg.text

@@ -1,18 +1,30 @@
-"""The reconciler's decision: (desired, observed, now) → actions, as a pure function.
+"""The reconciler's decisions: (desired, observed, now) → actions, and what a worker's exit means.
 
-How it works: the node gathers one ``Facts`` per executor (its lifecycle state, whether the
-operator wants it enabled, its recent crash times, when its backoff ends, its memory estimate,
-whether its running worker is stale) and calls ``decide``. ``decide`` never touches a process,
-a socket or a clock; the node applies the actions it returns (firing lifecycle triggers and
-telling the supervisor), journals them, and calls ``decide`` again on the next tick or when
-something changes. Applying the same decision twice is harmless, because each action names the
-trigger it needs and the state table refuses one that no longer applies.
+How it works: the runtime (``runtime.py``) gathers one ``Facts`` per executor (its lifecycle
+state, whether the operator wants it enabled, its recent crash times, when its backoff ends, its
+memory estimate, whether its running worker is stale, its safe-mode setting) and calls
+``decide``. Nothing here touches a process, a socket, the journal or a clock; the runtime applies
+the actions ``decide`` returns (firing lifecycle triggers, which journals them, and telling the
+supervisor), and calls ``decide`` again on the next tick or when something changes. Applying the
+same decision twice is harmless, because each action names the trigger it needs and the state
+table refuses one that no longer applies.
+
+The whole restart policy lives here. When a worker dies, the runtime asks ``on_exit`` (or
+``on_spawn_failed`` when none could be started) what that means: the crash's reason, the crash
+history and backoff deadline that follow, whether safe mode turns on, or whether the model goes
+straight to ``failed``; ``decide`` then restarts it once the deadline passes, or gives up.
 
 Restart policy (settings ``[restart]``): after the k-th crash within ``crash_window_s`` the
 executor waits ``backoff_delay(k)`` = min(cap, base·2^(k-1))·(1 + jitter·u) before it restarts;
 the ``crash_budget``-th crash in the window moves it to ``failed`` instead, where it stays until
 an operator re-enables it or its file changes. A model that cannot load therefore costs a bounded
 number of loads, spaced further and further apart, and never a busy loop.
+
+Safe mode (``safe_mode = "auto"``, docs/operations.md): a worker that died of SIGSEGV, SIGBUS or
+SIGILL before Ready is restarted at once and outside the crash budget, in safe mode (the crash is
+a diagnosis, not part of a crash loop); a safe-mode worker that dies that way too goes straight to
+``failed``, with a reason an operator can act on (safe mode cannot help a build or a model that
+faults on this machine).
 
 Memory admission: a model starts only when its estimate (weights plus the KV cache for its
 context) fits in what the machine has available, less ``memory_reserve_mb`` and less the
@@ -22,28 +34,35 @@ in ``waiting`` with the reason, and started when memory frees up.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from optimanode.config import Restart
-from optimanode.protocol import ModelInfo
+from optimanode.constraints import SafeMode
+from optimanode.executors.effective import SAFE_MODE_OFF
+from optimanode.executors.lifecycle import LOADING, SERVING
+from optimanode.executors.supervisor import ExitInfo
+from optimanode.protocol import ModelInfo, State, Trigger
 
 
 @dataclass(frozen=True)
 class Facts:
-    state: str
+    state: State
     enabled: bool
     crash_times: tuple[float, ...] = ()
     restart_at: float | None = None
     estimate_bytes: int = 0
     # The running worker was started with other settings or an older file than the desired ones.
     stale: bool = False
+    # The model's safe-mode setting (its own, else the default): what a fatal signal while loading means.
+    safe_mode: SafeMode = "auto"
 
 
 @dataclass(frozen=True)
 class Action:
     executor_id: str
-    trigger: str
+    trigger: Trigger
     reason: str = ""
 
 
@@ -54,8 +73,22 @@ class Decision:
     wake_at: float | None = None
 
 
-LOADING = frozenset({"starting", "restarting"})
-SERVING = frozenset({"starting", "running", "restarting"})
+@dataclass(frozen=True)
+class ExitDecision:
+    """What one worker's end means (``on_exit``, ``on_spawn_failed``): the crash and what follows it."""
+
+    # The crash transition's reason.
+    reason: str
+    # The executor's crash history from this crash on (what ``decide`` counts against the budget).
+    crash_times: tuple[float, ...]
+    # When ``decide`` may restart it.
+    restart_at: float | None
+    # Journaled on the crash: the backoff, or None when no restart by backoff follows.
+    restart_in_s: float | None = None
+    # True: this crash turns safe mode on, and the next worker runs in it.
+    safe_mode: bool | None = None
+    # Not "": straight on to failed (``give_up``), with this reason.
+    give_up: str = ""
 
 
 def backoff_delay(crashes: int, policy: Restart, u: float) -> float:
@@ -104,6 +137,46 @@ def decide(facts: Mapping[str, Facts], now: float, available_bytes: int, policy:
             else:
                 wake_at = f.restart_at if wake_at is None else min(wake_at, f.restart_at)
     return Decision(actions, wake_at)
+
+
+def on_exit(f: Facts, info: ExitInfo, now: float, policy: Restart, u: float) -> ExitDecision:
+    """What a worker that ended on its own (``f.state`` in SERVING) means; ``u`` in [0, 1) is the jitter draw."""
+    crash_times = tuple(t for t in f.crash_times if now - t <= policy.crash_window_s) + (now,)
+    n = len(crash_times)
+    delay = backoff_delay(n, policy, u)
+    reason = crash_reason(info)
+    if info.fatal_signal and not info.was_ready and info.safe_mode:
+        # Safe mode did not help: what is left is the build or the model on this machine.
+        return ExitDecision(reason, crash_times, now + delay, give_up=_safe_mode_failed(info))
+    if info.fatal_signal and not info.was_ready and f.safe_mode == "auto":
+        # Once, at once, and outside the crash budget: the next worker runs in safe mode.
+        return ExitDecision(f"{reason}; safe mode turns off {SAFE_MODE_OFF}", f.crash_times, now,
+                            restart_in_s=0.0, safe_mode=True)
+    return ExitDecision(reason, crash_times, now + delay,
+                        restart_in_s=round(delay, 3) if n < policy.crash_budget else None)
+
+
+def on_spawn_failed(f: Facts, error: str, now: float, policy: Restart, u: float) -> ExitDecision:
+    """No worker could be started (an OSError from the spawn): a crash like any other, without a process."""
+    crash_times = f.crash_times + (now,)
+    return ExitDecision(f"could not spawn the worker: {error}", crash_times,
+                        now + backoff_delay(len(crash_times), policy, u))
+
+
+def crash_reason(info: ExitInfo) -> str:
+    """How the worker ended, and while loading the last thing it said (its own explanation)."""
+    what = info.describe() + ("" if info.was_ready else " while loading the model")
+    last = next((line for line in reversed(info.stderr_tail) if line.strip()), "")
+    # After a fatal signal the tail ends in faulthandler's report, not in an explanation.
+    return what + (f": {last}" if last and not info.was_ready and not info.fatal_signal else "")
+
+
+def _safe_mode_failed(info: ExitInfo) -> str:
+    if info.signal == signal.SIGILL:
+        return "this llama.cpp build uses instructions this CPU lacks: rebuild on this machine (tools/build-llama-cpp)"
+    return (f"its worker died of {info.signal_name()} while loading even in safe mode: a fault in "
+            "llama.cpp with this model on this machine (the crash event's stderr tail holds every "
+            "thread's stack); try another build or quantization, then re-enable it")
 
 
 def _memory_reason(need: int, budget: int) -> str:

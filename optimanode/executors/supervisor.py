@@ -12,13 +12,13 @@ How it works:
   the process ended, ``read_blackbox`` gives the phase, batch and request ids to ``ExitInfo``.
 * When the process ends, for whatever reason, every request still in flight on it gets a
   ``WorkerCrashed`` error at once (exit code or signal in its details): nothing waits on a dead
-  worker. Then ``on_exit`` tells the node, which journals the crash or the stop.
-* Admission is per model: ``parallel`` requests run on the worker at once, ``queue_size`` more
-  may wait; past that a request is refused with ``overloaded`` before it costs anything.
+  worker. Then ``on_exit`` tells the runtime (``runtime.py``), which journals the crash or the
+  stop; nothing comes back here about it.
 * Stop is Shutdown → grace → SIGTERM → SIGKILL, shielded from cancellation so a stop that began
   always ends with the process reaped.
 
-Nothing here decides *whether* to start or stop: that is the reconciler's job.
+Nothing here decides *whether* to start or stop (the reconciler's job), nor whether a request may
+run (admission is inference's, ``optimanode/inference.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from optimanode.errors import NodeFault, Overloaded, RequestError, WorkerCrashed
+from optimanode.errors import NodeFault, RequestError, WorkerCrashed, error_for
 from optimanode.protocol import (
     BLACKBOX_SIZE,
     FRAME_HEADER,
@@ -372,7 +372,7 @@ class WorkerProcess:
                     raise msg
                 if isinstance(msg, Failed):
                     finished = True
-                    raise RequestError(msg.message, code=msg.code)
+                    raise error_for(msg.code, msg.message)
                 yield msg
                 if isinstance(msg, Done):
                     finished = True
@@ -495,31 +495,3 @@ class _FrameReader(asyncio.Protocol):
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
-
-
-class Admission:
-    """Per-model bounded admission: ``parallel`` run at once, ``queue_size`` more wait."""
-
-    def __init__(self, parallel: int, queue_size: int) -> None:
-        self.parallel, self.queue_size = parallel, queue_size
-        self._slots = asyncio.Semaphore(parallel)
-        self.waiting = 0
-        self.running = 0
-
-    @contextlib.asynccontextmanager
-    async def slot(self, executor_id: str) -> AsyncIterator[None]:
-        if self.waiting + self.running >= self.parallel + self.queue_size:
-            raise Overloaded(f"model {executor_id} has {self.running} running and {self.waiting} queued "
-                             f"requests (limit {self.parallel} + {self.queue_size})",
-                             executor=executor_id, queue_depth=self.waiting)
-        self.waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self.waiting -= 1
-        self.running += 1
-        try:
-            yield
-        finally:
-            self.running -= 1
-            self._slots.release()

@@ -3,27 +3,33 @@
 How it works:
 
 * ``start`` makes sure the TLS certificate (gateway/tls.py) and the access key (gateway/keys.py)
-  exist, generating them on first start, then listens with ``websockets.asyncio.server.serve``:
-  TLS (1.2 minimum), no compression (permessage-deflate over secrets invites CRIME-style length
-  leaks, and token frames are tiny anyway), ``max_size`` 1 MiB per incoming frame (a bigger one
-  closes the connection with 1009), keepalive pings every 20 s (a Gateway that stops answering
-  for 20 s more is closed, and its requests cancelled). Plain ``ws://`` is available only with
-  ``insecure_plaintext_for_development=True``, and says so loudly in the log.
-* Each connection: TLS is not the listener's but each connection's (``_gated_connection``), so
-  an address can be turned away at TCP accept, before any handshake work. An address locked out
-  by the ``FailureLimiter`` (too many failed handshakes) is closed at once with 4008, the first
+  exist, generating them on first start, then listens with ``loop.create_server`` and one
+  ``NodeConnection`` per TCP connection: the node's asyncio adapter of the link core
+  (``optimanode.link``: a websockets ``ServerProtocol`` underneath, no extension so no compression,
+  ``max_size`` 1 MiB per incoming message, a bigger one closes the connection with 1009; keepalive
+  pings every 20 s, a Gateway that stops answering for 20 s more is closed, 1011, and its requests
+  cancelled). Plain ``ws://`` is available only with ``insecure_plaintext_for_development=True``,
+  and says so loudly in the log.
+* Each connection: the listener is plain TCP and TLS is each connection's own, so an address can be
+  turned away at TCP accept, before any handshake work. An address locked out by the
+  ``FailureLimiter`` (too many failed handshakes) is closed at once with 4008, the first
   ``POLITE_REFUSALS`` times in a lockout; after that its connections are dropped at accept.
-  TCP, TLS and the HTTP upgrade must finish within ``listen.open_timeout_s`` (10 s; the
-  connection is cut otherwise, with no close code: there is no WebSocket yet). Then the node
-  sends its Challenge and the authenticated Hello must follow within ``listen.hello_timeout_s``
-  (5 s; 4002 otherwise). The first frame must be a Hello (any
-  other message: 4001; a frame that does not decode: 4400); a wrong MAC is 4001, an unoffered
-  version 4003. Every failure counts against the remote address; nothing but the handshake is
-  read before it succeeds. The keys are re-read when the key files change (rotation needs no restart).
-* After the Welcome, a ``Session`` (gateway/session.py) serves the connection. Several Gateways
-  may be connected at once; each has its own session, queue and tasks.
+  Otherwise ``connection_made`` pauses the raw transport and upgrades it with ``loop.start_tls``;
+  bytes that reach the connection between the TLS handshake and the upgrade's return are kept and
+  fed in order. TCP, TLS and the HTTP upgrade must finish within ``listen.open_timeout_s`` (10 s,
+  from the accept; the connection is cut otherwise, with no close code: there is no WebSocket
+  yet). Then the node sends its Challenge and the authenticated Hello must follow within
+  ``listen.hello_timeout_s`` (5 s; 4002 otherwise). ``NodeHandshake`` (optimanode.link) judges the
+  first frame: any other message 4001, a frame that does not decode 4400, a wrong MAC 4001, an
+  unoffered version 4003. Every failure counts against the remote address; nothing but the
+  handshake is read before it succeeds. The keys are re-read when the key files change (rotation
+  needs no restart).
+* After the Welcome, a ``Session`` (gateway/session.py) serves the connection: the connection hands
+  it every message from its read callback (``Session.on_frame``). Several Gateways may be connected
+  at once; each has its own session, queue and tasks.
 * ``stop`` ends every session at once: its running requests get ``shutting_down`` (and are
-  cancelled on the workers), then close code 1001; then the listener closes. For a graceful stop,
+  cancelled on the workers), then close code 1001; connections still in their handshake are closed
+  with 1001 too (or cut, before the upgrade); then the listener closes. For a graceful stop,
   ``await node.drain()`` first (new requests are refused with ``shutting_down`` while running ones
   finish), then ``await server.stop()``, then ``await node.stop()``.
 * Metrics come from the ``sample`` callable (optimanode.metrics.Sampler.sample in the node). Its
@@ -40,38 +46,35 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import msgspec
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
-
 from optimanode.config import Settings
 from optimanode.errors import ConfigError
-from optimanode.gateway.handshake import FailureLimiter, HandshakeError, check_hello, new_challenge
+from optimanode.gateway.handshake import FailureLimiter
 from optimanode.gateway.keys import KeyRing, ensure_key
 from optimanode.gateway.session import Session
 from optimanode.gateway.tls import ensure_certificate, fingerprint_file, server_context
+from optimanode.link import (
+    MAX_FRAME_BYTES,
+    PING_INTERVAL_S,
+    PING_TIMEOUT_S,
+    SEND_BUFFER_BYTES,
+    HandshakeError,
+    Link,
+    LinkProtocol,
+    NodeHandshake,
+)
 from optimanode.protocol import (
-    CLOSE_BAD_FRAME,
     CLOSE_GOING_AWAY,
     CLOSE_HANDSHAKE_TIMEOUT,
     CLOSE_RATE_LIMITED,
-    CLOSE_UNAUTHORIZED,
-    PROTOCOL_VERSIONS,
-    Hello,
     MetricsReport,
-    decode_from_gateway,
-    encode_link,
 )
 
 if TYPE_CHECKING:
     from optimanode.node import Node
 
 log = logging.getLogger(__name__)
+_ws_log = logging.getLogger("optimanode.gateway.websockets")
 
-MAX_FRAME_BYTES = 1 << 20
-PING_INTERVAL_S = 20.0
-PING_TIMEOUT_S = 20.0
-SEND_BUFFER_BYTES = 4 << 20  # per session, what the socket has not taken yet (Session.send)
 SAMPLE_REUSE_S = 0.1
 CLOSE_INTERNAL_ERROR = 1011
 # A locked-out address gets the WebSocket close 4008 ("retry in N s") this many times per lockout;
@@ -80,82 +83,197 @@ CLOSE_INTERNAL_ERROR = 1011
 # what a wrong-key flood costs: docs/reliability.md).
 POLITE_REFUSALS = 3
 
-
-def _reason(text: str) -> str:
-    """A close reason fits in 123 bytes of UTF-8 (RFC 6455 §5.5)."""
-    data = text.encode()
-    return data[:123].decode(errors="ignore") if len(data) > 123 else text
+__all__ = ["MAX_FRAME_BYTES", "PING_INTERVAL_S", "PING_TIMEOUT_S", "POLITE_REFUSALS", "SEND_BUFFER_BYTES",
+           "GatewayServer", "NodeConnection"]
 
 
 def _address(peer: object) -> str:
     return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
 
 
-def _gated_connection(admit: Callable[[str], bool], tls: ssl.SSLContext | None, tls_timeout_s: float,
-                      tasks: set[asyncio.Task[None]]) -> type[ServerConnection]:
-    """A ``ServerConnection`` that asks ``admit(address)`` at TCP accept, then does TLS itself.
+class NodeConnection(LinkProtocol):
+    """One Gateway's TCP connection on the node: the lockout check, TLS, the handshake, then a Session.
 
-    asyncio's own server-side TLS (``ssl=`` on the listener) handshakes before the protocol sees the
-    connection, so a refused peer would still cost a handshake. Here the listener is plain TCP:
-    ``connection_made`` gets the raw transport, drops it when ``admit`` says no, and otherwise
-    pauses it and upgrades it with ``loop.start_tls`` before websockets sees it. Bytes that arrive
-    between the upgrade and websockets' ``connection_made`` are kept and handed over in order.
+    The node's asyncio adapter of ``optimanode.link`` (see the module docstring for the order of
+    things); the Session reads and writes through it.
     """
 
-    class GatedConnection(ServerConnection):
-        _started = False
-        _early: list[bytes] | None = None
+    def __init__(self, server: GatewayServer) -> None:
+        super().__init__(Link.server(max_frame_bytes=server.max_frame_bytes, logger=_ws_log,
+                                     ping_interval_s=server.ping_interval_s, ping_timeout_s=server.ping_timeout_s,
+                                     send_buffer_bytes=server.send_buffer_bytes))
+        self.server = server
+        self.addr = "?"
+        self.session: Session | None = None
+        self._raw: asyncio.Transport | None = None  # the TCP transport, before TLS
+        self._early: list[bytes] | None = None  # bytes that arrived before start_tls returned
+        self._timer: asyncio.TimerHandle | None = None  # the open, then the hello deadline
+        self._handshake: NodeHandshake | None = None
 
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            if not admit(_address(transport.get_extra_info("peername"))):
-                transport.abort()
-                return
-            if tls is None:
-                self._started = True
-                super().connection_made(transport)
-                return
-            assert isinstance(transport, asyncio.Transport)
-            transport.pause_reading()  # start_tls resumes it; a ClientHello must not reach websockets
-            self._early = []
-            task = asyncio.get_running_loop().create_task(self._upgrade(transport), name="gateway-tls")
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+    # -- accept, TLS ------------------------------------------------------------------------
 
-        async def _upgrade(self, transport: asyncio.Transport) -> None:
-            loop = asyncio.get_running_loop()
-            try:
-                secure = await loop.start_tls(transport, self, tls, server_side=True,
-                                              ssl_handshake_timeout=tls_timeout_s)
-            except asyncio.CancelledError:
-                transport.abort()  # the server is stopping
-                raise
-            except Exception as exc:  # noqa: BLE001 - a failed or timed-out TLS handshake: the peer's problem
-                log.debug("TLS handshake from %s failed: %s", _address(transport.get_extra_info("peername")), exc)
-                transport.abort()
-                return
-            if secure is None:
-                transport.abort()
-                return
-            self._started = True
-            early, self._early = self._early or [], None
-            super().connection_made(secure)
-            for data in early:
-                super().data_received(data)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        srv = self.server
+        self.addr = _address(transport.get_extra_info("peername"))
+        if not srv._admit(self.addr):
+            transport.abort()
+            return
+        self._raw = transport
+        srv._connections.add(self)
+        self._timer = self.loop.call_later(srv.open_timeout_s, self._open_timeout)
+        if srv._tls is None:
+            self.attach(transport)
+            return
+        transport.pause_reading()  # start_tls resumes it; a ClientHello must not reach the link
+        self._early = []
+        task = self.loop.create_task(self._upgrade(transport, srv._tls), name="gateway-tls")
+        srv._tls_tasks.add(task)
+        task.add_done_callback(srv._tls_tasks.discard)
 
-        def data_received(self, data: bytes) -> None:
-            if self._early is not None:
-                self._early.append(data)
-            elif self._started:
-                super().data_received(data)
+    async def _upgrade(self, raw: asyncio.Transport, tls: ssl.SSLContext) -> None:
+        try:
+            secure = await self.loop.start_tls(raw, self, tls, server_side=True,
+                                               ssl_handshake_timeout=self.server.open_timeout_s)
+        except asyncio.CancelledError:
+            raw.abort()  # the server is stopping
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failed or timed-out TLS handshake: the peer's problem
+            log.debug("TLS handshake from %s failed: %s", self.addr, exc)
+            raw.abort()
+            self.connection_lost(None)  # asyncio does not say so when TLS never came up
+            return
+        if secure is None:
+            raw.abort()
+            self.connection_lost(None)
+            return
+        early, self._early = self._early or [], None
+        self.attach(secure)
+        for data in early:
+            self.data_received(data)
 
-        def eof_received(self) -> bool | None:
-            return super().eof_received() if self._started else None
+    def data_received(self, data: bytes) -> None:
+        if self._early is not None:
+            self._early.append(data)
+        elif self.transport is not None:
+            super().data_received(data)
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._started:
-                super().connection_lost(exc)
+    def eof_received(self) -> bool | None:
+        return super().eof_received() if self.transport is not None else None
 
-    return GatedConnection
+    def abort(self) -> None:
+        (self.transport or self._raw or _NoTransport).abort()
+
+    def _open_timeout(self) -> None:
+        self._timer = None
+        if not self.link.opened:
+            log.debug("connection from %s did not open (TLS and HTTP upgrade) within %g s", self.addr,
+                      self.server.open_timeout_s)
+            self.abort()
+
+    # -- the WebSocket is open: the handshake -----------------------------------------------
+
+    def on_open(self) -> None:
+        srv = self.server
+        self._cancel_timer()
+        if srv._stopping:
+            self.close(CLOSE_GOING_AWAY, "node shutting down")
+            return
+        wait = srv.limiter.blocked_for(self.addr)
+        if wait > 0:
+            srv._refuse(self.addr, wait)
+            self.close(CLOSE_RATE_LIMITED, f"too many failed handshakes; retry in {math.ceil(wait)} s")
+            return
+        self._handshake = NodeHandshake(srv.node_id, srv.keyring.keys, max_frame_bytes=srv.max_frame_bytes)
+        self.on_message = self.on_text = self._on_handshake_frame
+        self._timer = self.loop.call_later(srv.handshake_timeout_s, self._hello_timeout)
+        self.send(self._handshake.challenge())
+
+    def _fail(self, code: int, reason: str) -> None:
+        """A failed handshake: counted against the address, answered with nothing but the close."""
+        self._handshake = None
+        self.on_message = self.on_text = _drop
+        self._cancel_timer()
+        self.close(code, reason)
+
+    def _hello_timeout(self) -> None:
+        self._timer = None
+        if self._handshake is None:
+            return
+        t = self.server.handshake_timeout_s
+        self.server.limiter.failure(self.addr)
+        log.warning("Gateway handshake from %s did not finish within %g s", self.addr, t)
+        self._fail(CLOSE_HANDSHAKE_TIMEOUT, f"handshake not finished within {t:g} s")
+
+    def _on_handshake_frame(self, data: bytes | bytearray | str) -> None:
+        handshake, srv = self._handshake, self.server
+        if handshake is None:
+            return
+        try:
+            welcome = handshake.receive(data if isinstance(data, str) else bytes(data))
+        except HandshakeError as exc:
+            srv.limiter.failure(self.addr)
+            log.warning("refused a Gateway from %s: %s", self.addr, exc.reason)
+            self._fail(exc.close_code, exc.reason)
+            return
+        except ConfigError as exc:
+            log.error("cannot check Gateway handshakes: %s", exc)
+            self._fail(CLOSE_INTERNAL_ERROR, "the node's access key is misconfigured")
+            return
+        hello = handshake.hello
+        assert hello is not None
+        self._handshake = None
+        self._cancel_timer()
+        srv.limiter.success(self.addr)
+        self.send(welcome)
+        session = Session(conn=self, node=srv.node, gateway_id=hello.gateway_id, sample=srv.sample,
+                          send_buffer_bytes=srv.send_buffer_bytes)
+        self.session = session
+        self.on_message = self.on_text = session.on_frame  # from here on, straight to the session
+        task = self.loop.create_task(self._serve(session), name=f"gateway-session-{session.sid}")
+        srv._session_tasks.add(task)
+        task.add_done_callback(srv._session_tasks.discard)
+
+    async def _serve(self, session: Session) -> None:
+        srv = self.server
+        srv.sessions.add(session)
+        log.info("Gateway %r connected from %s (session %s)", session.gateway_id, self.addr, session.sid)
+        try:
+            await session.run()
+        finally:
+            srv.sessions.discard(session)
+            log.info("Gateway %r disconnected (session %s, close code %s)", session.gateway_id, session.sid,
+                     self.link.close_info()[0])
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def on_closed(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        if self._handshake is not None:  # gone in the middle of the handshake: a failure too
+            self._handshake = None
+            self.server.limiter.failure(self.addr)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._raw is None or self.closed.done():
+            return  # dropped at accept, or already ended
+        self._cancel_timer()
+        self.server._connections.discard(self)
+        super().connection_lost(exc)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class _NoTransport:
+    @staticmethod
+    def abort() -> None:
+        return None
+
+
+def _drop(data: object) -> None:
+    return None
 
 
 class GatewayServer:
@@ -189,7 +307,10 @@ class GatewayServer:
         self.keyring = KeyRing(settings.key_path)
         self.fingerprint: str | None = None
         self.sessions: set[Session] = set()
-        self._server: Server | None = None
+        self._server: asyncio.Server | None = None
+        self._tls: ssl.SSLContext | None = None
+        self._connections: set[NodeConnection] = set()  # every accepted connection not yet lost
+        self._session_tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._sampled: tuple[float, MetricsReport] | None = None
         self._refusals: dict[str, tuple[float, int]] = {}  # address → (lockout end, 4008 closes sent in it)
@@ -212,15 +333,13 @@ class GatewayServer:
             cert, key = ensure_certificate(self.settings, self.node_id)
             ctx = server_context(cert, key)
             self.fingerprint = fingerprint_file(cert)
+        self._tls = ctx
         ensure_key(self.settings.key_path)
         self.keyring.keys()  # a key file with the wrong permissions stops the start, not the first Gateway
         try:
-            # TLS is done per connection by the gated connection class, after the lockout check.
-            self._server = await serve(
-                self._handle, self.host, self._port, compression=None, max_size=self.max_frame_bytes,
-                ping_interval=self.ping_interval_s, ping_timeout=self.ping_timeout_s, open_timeout=self.open_timeout_s,
-                close_timeout=5, server_header=None, logger=logging.getLogger("optimanode.gateway.websockets"),
-                create_connection=_gated_connection(self._admit, ctx, self.open_timeout_s, self._tls_tasks))
+            # Plain TCP: TLS is done per connection (NodeConnection), after the lockout check.
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_server(lambda: NodeConnection(self), self.host or None, self._port)
         except OSError as exc:
             # A port in use or an address not on this machine is the operator's to fix: one line
             # (the service exits with 3), not a traceback.
@@ -238,12 +357,22 @@ class GatewayServer:
         if self.sessions:
             await asyncio.wait([asyncio.ensure_future(s.shutdown()) for s in list(self.sessions)], timeout=timeout)
         if self._server is not None:
-            self._server.close(code=CLOSE_GOING_AWAY, reason="node shutting down")
+            self._server.close()  # no new connections
+        for conn in list(self._connections):
+            conn.close(CLOSE_GOING_AWAY, "node shutting down")  # (one still opening is cut)
+        waiting = [c.closed for c in self._connections if not c.closed.done()]
+        if waiting:
+            _, late = await asyncio.wait(waiting, timeout=timeout)
+            if late:
+                log.warning("%d Gateway connections did not close within %g s; cutting them", len(late), timeout)
+                for conn in list(self._connections):
+                    conn.abort()
+        if self._server is not None:
             try:
                 async with asyncio.timeout(timeout):
                     await self._server.wait_closed()
             except TimeoutError:
-                log.warning("Gateway connections did not close within %g s", timeout)
+                log.warning("the Gateway listener did not close within %g s", timeout)
 
     def sample(self) -> MetricsReport:
         now = time.monotonic()
@@ -281,63 +410,3 @@ class GatewayServer:
         else:
             log.warning("refused a Gateway connection from %s: locked out for %.0f s more after failed handshakes"
                         " (further refusals until then are logged at DEBUG)", addr, wait)
-
-    # -- one connection --------------------------------------------------------------------
-
-    async def _handle(self, ws: ServerConnection) -> None:
-        addr = _address(ws.remote_address)
-        if self._stopping:
-            await ws.close(CLOSE_GOING_AWAY, "node shutting down")
-            return
-        wait = self.limiter.blocked_for(addr)
-        if wait > 0:
-            self._refuse(addr, wait)
-            await ws.close(CLOSE_RATE_LIMITED, f"too many failed handshakes; retry in {math.ceil(wait)} s")
-            return
-        try:
-            async with asyncio.timeout(self.handshake_timeout_s):
-                hello = await self._handshake(ws)
-        except TimeoutError:
-            self.limiter.failure(addr)
-            log.warning("Gateway handshake from %s did not finish within %g s", addr, self.handshake_timeout_s)
-            await ws.close(CLOSE_HANDSHAKE_TIMEOUT, f"handshake not finished within {self.handshake_timeout_s:g} s")
-            return
-        except HandshakeError as exc:
-            self.limiter.failure(addr)
-            log.warning("refused a Gateway from %s: %s", addr, exc.reason)
-            await ws.close(exc.close_code, _reason(exc.reason))
-            return
-        except ConnectionClosed:
-            self.limiter.failure(addr)
-            return
-        except ConfigError as exc:
-            log.error("cannot check Gateway handshakes: %s", exc)
-            await ws.close(CLOSE_INTERNAL_ERROR, "the node's access key is misconfigured")
-            return
-        self.limiter.success(addr)
-        session = Session(ws=ws, node=self.node, gateway_id=hello.gateway_id, sample=self.sample,
-                          send_buffer_bytes=self.send_buffer_bytes)
-        self.sessions.add(session)
-        log.info("Gateway %r connected from %s (session %s)", hello.gateway_id, addr, session.sid)
-        try:
-            await session.run()
-        finally:
-            self.sessions.discard(session)
-            log.info("Gateway %r disconnected (session %s, close code %s)", hello.gateway_id, session.sid,
-                     ws.close_code)
-
-    async def _handshake(self, ws: ServerConnection) -> Hello:
-        challenge = new_challenge(self.node_id, PROTOCOL_VERSIONS)
-        await ws.send(encode_link(challenge))
-        data = await ws.recv()
-        if isinstance(data, str):
-            raise HandshakeError(CLOSE_BAD_FRAME, "expected a binary frame holding a MessagePack hello")
-        try:
-            msg = decode_from_gateway(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise HandshakeError(CLOSE_BAD_FRAME, f"bad hello: {exc}") from None
-        if not isinstance(msg, Hello):
-            raise HandshakeError(CLOSE_UNAUTHORIZED, "unauthorized: the first frame must be a hello")
-        welcome = check_hello(self.keyring.keys(), challenge, msg, max_frame_bytes=self.max_frame_bytes)
-        await ws.send(encode_link(welcome))
-        return msg

@@ -2,8 +2,9 @@
 
 How it works:
 
-* **Reading.** ``run`` reads frames until the connection closes and handles each one without
-  waiting on the node, so a Cancel is seen while inferences stream. A frame that does not decode
+* **Reading.** The connection (gateway/server.py, over ``optimanode.link``) hands each complete
+  message to ``on_frame`` from its read callback; ``on_frame`` never waits on the node, so a Cancel
+  is seen while inferences stream. ``run`` lasts as long as the connection. A frame that does not decode
   (text, not MessagePack, unknown ``type``, a field of the wrong type or out of its range) is
   answered with ``Error(code="bad_request")`` whose ``details.field`` names what was wrong (and
   whose ``id`` is the frame's ``id`` when one can be read from it); the session goes on.
@@ -20,18 +21,19 @@ How it works:
   the Node journals every change before it returns, so the reply is sent only after that.
 * **Metrics.** ``Subscribe`` starts a task that sends ``Metrics`` at once and then every
   ``interval_s`` on a fixed schedule (no drift); a new Subscribe replaces it, ``Unsubscribe`` ends it.
-* **Sending.** ``send`` encodes a frame, puts the WebSocket header on it (a server's binary
-  frame: two to ten bytes, no mask) and hands it to the connection's transport at once: no
-  queue, no writer task, no lock and no ``await drain()`` per frame, which is what
-  ``await ws.send`` costs and what a token stream would pay per token (those hops were a third
-  of the node's CPU per streamed token). Token chunks are held until the end of the worker pipe
-  read that brought them (``flush``): the chunks of one decode step, one per stream, leave in one
-  TLS record and one socket write. Nothing that produces frames ever waits on this
-  Gateway's socket, so a slow Gateway cannot hold a worker slot that other Gateways need, and
-  frames leave in the order they were sent. What the socket has not taken yet waits in the
-  transport's buffer, which is bounded: metrics are dropped (they are snapshots) once it holds
-  half of ``send_buffer_bytes``; past the whole, the Gateway is not reading, and the session is
-  closed with 4009 and its requests cancelled.
+* **Sending.** ``send`` encodes a frame, has the link frame it (``Link.send``) and writes it to
+  the connection's transport at once: no queue, no writer task,
+  no lock and no ``await drain()`` per frame, which is what an awaited send costs and what a token
+  stream would pay per token (those hops were a third of the node's CPU per streamed token).
+  Token chunks are only framed (``_hold``) until the end of the worker pipe read that brought them
+  (``flush``): the chunks of one decode step, one per stream, leave in one TLS record and one
+  socket write. Nothing that produces frames ever waits on this Gateway's socket, so a slow
+  Gateway cannot hold a worker slot that other Gateways need, and frames leave in the order they
+  were sent. What the socket has not taken yet waits in the transport's buffer, which is bounded
+  (the link's flow-control policy, ``Link.should_drop`` / ``Link.overflowed``): metrics are
+  dropped (they are snapshots) once it holds half of ``send_buffer_bytes``; past the whole, the
+  Gateway is not reading, and the session is closed with 4009 (the connection is cut 2 s later if
+  the close frame is not taken either) and its requests cancelled.
 * **Ending.** When the connection closes, for whatever reason, every request of this session is
   cancelled (the node then sends Cancel to the worker, which frees its slot within a token).
   ``shutdown`` (node stopping) ends each running request with ``Error(code="shutting_down")`` and
@@ -43,18 +45,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
 
+from optimanode.constraints import explain
 from optimanode.errors import RequestError
+from optimanode.link import LinkProtocol
 from optimanode.protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_TOO_SLOW,
@@ -100,20 +100,6 @@ CLOSE_TIMEOUT_S = 2.0
 # Control calls waiting for the control task; past it, new ones get `overloaded`.
 MAX_CONTROL_QUEUE = 256
 _SETTINGS_FIELDS = frozenset(f.name for f in msgspec.structs.fields(ModelSettings))
-_NAMED_FIELD = re.compile(r"(?:missing required|contains unknown) field `([^`]+)`")
-_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`")
-
-
-_SHORT_HEADERS = [bytes((0x82, n)) for n in range(126)]
-
-
-def binary_frame_header(n: int) -> bytes:
-    """RFC 6455 header of an unfragmented, unmasked binary frame of ``n`` payload bytes."""
-    if n < 126:
-        return _SHORT_HEADERS[n]
-    if n < 1 << 16:
-        return b"\x82\x7e" + n.to_bytes(2, "big")
-    return b"\x82\x7f" + n.to_bytes(8, "big")
 
 
 @dataclass(eq=False)
@@ -127,7 +113,7 @@ class _Request:
 
 @dataclass(eq=False)
 class Session:
-    ws: ServerConnection
+    conn: LinkProtocol
     node: Node
     gateway_id: str
     sample: Callable[[], MetricsReport]
@@ -142,8 +128,9 @@ class Session:
         self._control: asyncio.Queue[GatewayToNode] = asyncio.Queue(maxsize=MAX_CONTROL_QUEUE)
         self._requests: dict[str, _Request] = {}
         self._metrics_task: asyncio.Task[None] | None = None
-        self._closer: asyncio.Task[None] | None = None
-        self._pending: list[bytes] = []  # framed, not yet written (see flush)
+        self._link = self.conn.link
+        self._link.send_buffer_bytes = self.send_buffer_bytes  # the bound the link's flow control applies
+        self._frame = self._link.send  # frames a payload into the link; flush writes it
 
     # -- the connection's life -------------------------------------------------------------
 
@@ -151,12 +138,7 @@ class Session:
         """Serve the connection until it closes; then cancel everything this Gateway started."""
         control = asyncio.create_task(self._control_loop(), name=f"gateway-control-{self.sid}")
         try:
-            while True:
-                try:
-                    data = await self.ws.recv()
-                except ConnectionClosed:
-                    break
-                self._on_frame(data)
+            await self.conn.wait_closed()  # frames arrive through on_frame meanwhile
         finally:
             self.closing = True
             tasks = [r.task for r in self._requests.values() if r.task is not None]
@@ -174,16 +156,12 @@ class Session:
         for r in self._requests.values():
             if r.task is not None:
                 r.task.cancel()
-        self._closer = asyncio.create_task(self._close(code, reason))
+        self._close(code, reason)
 
-    async def _close(self, code: int, reason: str) -> None:
-        # A Gateway that does not read never takes the close frame either (websockets' close waits
-        # on the transport's drain without a deadline): past CLOSE_TIMEOUT_S the connection is cut.
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                await self.ws.close(code, reason)
-        except TimeoutError:
-            self.ws.transport.abort()
+    def _close(self, code: int, reason: str) -> None:
+        # A Gateway that does not read never takes the close frame either: past CLOSE_TIMEOUT_S
+        # the connection is cut.
+        self.conn.close(code, reason, timeout=CLOSE_TIMEOUT_S)
 
     async def shutdown(self, timeout: float = 3.0) -> None:
         """The node is stopping: running requests end with ``shutting_down``, then close 1001."""
@@ -195,7 +173,10 @@ class Session:
         if running:
             await asyncio.wait([r.task for r in running], timeout=timeout)  # type: ignore[misc]
         # The terminal frames are already in the transport, ahead of the close frame.
-        await self._close(CLOSE_GOING_AWAY, "node shutting down")
+        self._close(CLOSE_GOING_AWAY, "node shutting down")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S + 1):
+                await self.conn.wait_closed()
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -203,45 +184,46 @@ class Session:
         """Write one frame now; never waits (see the module docstring for what a full buffer means)."""
         if self.closing:
             return
-        if droppable and self.ws.transport.get_write_buffer_size() * 2 >= self.send_buffer_bytes:
+        if droppable and self._link.should_drop(self.conn.transport.get_write_buffer_size()):  # type: ignore[union-attr]
             self.metrics_dropped += 1
             return
         self._hold(msg)
         self.flush()
 
     def _hold(self, msg: NodeToGateway) -> None:
-        """Frame one message into the pending list; ``flush`` writes it."""
+        """Frame one message in the link (nothing is written yet); ``flush`` writes it."""
         if not self.closing:
-            payload = encode_link(msg)
-            self._pending += (binary_frame_header(len(payload)), payload)
+            self._frame(encode_link(msg))  # False once the link is not open: nowhere to go
 
     def flush(self) -> None:
-        """Write the pending frames with one transport write (one TLS record, one socket send).
+        """Write the frames held since the last flush with one transport write (one TLS record,
+        one socket send), unless the Gateway has stopped reading (then: close 4009).
 
-        Frames are built here rather than by websockets (``Connection.send`` is a coroutine with a
-        lock and a drain per frame; ``send_data`` writes each frame on its own). Only while the
-        connection is OPEN: once websockets has sent or received a close frame, nothing more goes
-        out from here. websockets' own control frames (pongs, the close) are written by websockets
-        between whole frames, so the two never interleave inside a frame.
+        ``Link.send`` only appends a frame to ``Link.framed``; ``data_to_send`` returns those and
+        then websockets' own frames (pongs, the close), all whole, and the connection writes the
+        list joined. Once a close frame is sent or received the link frames nothing more.
         """
-        pending = self._pending
-        if not pending:
+        link = self._link
+        if not link.framed:
+            return  # nothing held (websockets' own frames are written by the connection itself)
+        data = link.data_to_send()
+        conn = self.conn
+        transport = conn.transport
+        if transport is None:
             return
-        self._pending = []
-        if self.closing or self.ws.protocol.state is not State.OPEN:
-            return  # the connection is ending: these frames have nowhere to go
-        transport = self.ws.transport
         buffered = transport.get_write_buffer_size()
-        if buffered >= self.send_buffer_bytes:
+        if link.overflowed(buffered) and not self.closing:
             log.warning("gateway %s does not read its frames (%d bytes waiting); closing its session",
                         self.gateway_id, buffered)
+            # The frames held for it are dropped, not queued behind the rest.
             self.abort(CLOSE_TOO_SLOW, "send buffer overflow: the gateway does not read its frames")
             return
-        transport.write(b"".join(pending))
+        conn.write(data)
 
     # -- receiving -------------------------------------------------------------------------
 
-    def _on_frame(self, data: str | bytes) -> None:
+    def on_frame(self, data: str | bytes) -> None:
+        """One complete message from the Gateway (called from the connection's read callback)."""
         if isinstance(data, str):
             self.send(Error(code="bad_request", details={"field": "frame"},
                             message="text frames are not part of the protocol: send MessagePack in binary frames"))
@@ -249,9 +231,9 @@ class Session:
         try:
             msg = decode_from_gateway(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            where = _field_of(exc)
-            self.send(Error(id=_peek_id(data), code="bad_request", message=f"frame does not decode: {exc}",
-                            details={"field": where} if where else {}))
+            where, expected = _field_of(exc)
+            message = f"{where}: expected {expected}" if where != "frame" else f"frame does not decode: {exc}"
+            self.send(Error(id=_peek_id(data), code="bad_request", message=message, details={"field": where}))
             return
         if isinstance(msg, Hello):
             self.send(Error(code="bad_request", message="already authenticated", details={"field": "type"}))
@@ -439,17 +421,12 @@ def error_frame(request_id: str, exc: RequestError) -> Error:
     return Error(id=request_id, code=exc.code, message=exc.message, details=details)
 
 
-def _field_of(exc: Exception) -> str:
-    """The dotted path of what was wrong, from msgspec's message; "frame" for the frame as a whole."""
+def _field_of(exc: Exception) -> tuple[str, str]:
+    """(the dotted path of what was wrong, what was expected there); "frame" for the frame as a whole."""
     if not isinstance(exc, msgspec.ValidationError):  # (a ValidationError is also a DecodeError)
-        return "frame"
-    text = str(exc)
-    at = _AT_PATH.search(text)
-    path = at.group(1) if at else ""
-    named = _NAMED_FIELD.search(text)
-    if named:
-        return f"{path}.{named.group(1)}" if path else named.group(1)
-    return path or "frame"
+        return "frame", "a MessagePack map"
+    path, expected = explain(exc, GatewayToNode)
+    return path or "frame", expected
 
 
 def _peek_id(data: bytes) -> str:

@@ -11,15 +11,15 @@ How it works:
   host name, valid for 10 years (from an hour ago, to tolerate clock skew). Both files are written
   through ``keys.write_private`` (created 0600, never chmodded afterwards).
 * ``fingerprint`` is ``sha256:`` and the SHA-256 of the certificate's DER bytes as colon-separated
-  upper-case hex pairs, the form ``openssl x509 -fingerprint -sha256`` prints. Gateways pin it
-  (system CAs are never consulted); ``optimanode fingerprint`` prints it for the operator.
+  upper-case hex pairs, the form ``openssl x509 -fingerprint -sha256`` prints (formatted by
+  ``optimanode.link.fingerprint_der``, the one copy both ends use). Gateways pin it (system CAs are
+  never consulted); ``optimanode fingerprint`` prints it for the operator.
 * ``server_context`` is a server-side ``ssl.SSLContext`` with TLS 1.2 as the minimum version.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 import logging
 import secrets
@@ -35,6 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from optimanode.config import Settings
 from optimanode.errors import ConfigError
 from optimanode.gateway.keys import write_private
+from optimanode.link import fingerprint_der
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +109,6 @@ def ensure_certificate(settings: Settings, node_id: str) -> tuple[Path, Path]:
     log.warning("generated a self-signed TLS certificate %s; Gateways pin its fingerprint %s", cert,
                 fingerprint(cert_pem))
     return cert, key
-
-
-def fingerprint_der(der: bytes) -> str:
-    digest = hashlib.sha256(der).hexdigest().upper()
-    return "sha256:" + ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
 
 
 def fingerprint(cert_pem: bytes | str) -> str:

@@ -1,0 +1,140 @@
+"""Value types with their limits, shared by the settings and the protocol, and how a broken one is named.
+
+How it works: every limit a peer or an operator can break is declared on the type, as a
+``msgspec.Meta`` constraint whose ``description`` says, in an operator's words, what is expected
+(``Port = Annotated[int, Meta(ge=1, le=65535, description="an integer from 1 to 65535")]``), or as
+a ``Literal`` of the allowed strings. msgspec then checks it while decoding (a Gateway frame, a
+worker frame, a settings file), so nothing re-checks ranges by hand. ``explain`` turns the one
+``msgspec.ValidationError`` into what every edge reports: the dotted path of the value
+(``request.params.top_p``, ``model_defaults.n_ctx``) and the expectation, read from the type at
+that path (its description, or a Literal's choices). ``validated`` applies the same checks to a
+Struct built in Python (msgspec checks constraints only when decoding), for the in-process API.
+
+This module sits below both ``config`` and ``protocol``; it imports neither.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+
+# -- the shared value types -----------------------------------------------------------------------
+
+Seconds = Annotated[float, msgspec.Meta(gt=0, description="a number of seconds > 0")]
+SecondsOrZero = Annotated[float, msgspec.Meta(ge=0, description="a number of seconds >= 0")]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535, description="an integer from 1 to 65535")]
+Fraction = Annotated[float, msgspec.Meta(ge=0, le=1, description="a fraction from 0 to 1")]
+NCtx = Annotated[int, msgspec.Meta(ge=0, le=1 << 20, description="0..1048576 (0: the model's own)")]
+NThreads = Annotated[int, msgspec.Meta(ge=0, le=1024, description="0..1024 (0: all cores)")]
+NGpuLayers = Annotated[int, msgspec.Meta(ge=-1, le=10_000, description="-1 (all) or a layer count")]
+NBatch = Annotated[int, msgspec.Meta(ge=1, le=65536, description="1..65536")]
+QueueSize = Annotated[int, msgspec.Meta(ge=0, le=100_000, description="0..100000")]
+Parallel = Annotated[int, msgspec.Meta(ge=1, le=256, description="1..256")]
+# How prompts that wait share decode steps (optimanode/worker, docs/configuration.md).
+Prefill = Literal["auto", "one_per_step", "together"]
+# Safe mode (docs/operations.md): auto (after a fatal signal while loading), on, off.
+SafeMode = Literal["auto", "on", "off"]
+PREFILL_POLICIES: tuple[str, ...] = typing.get_args(Prefill)
+SAFE_MODES: tuple[str, ...] = typing.get_args(SafeMode)
+
+# -- naming what was wrong ------------------------------------------------------------------------
+
+# msgspec states the path only in its message ("... - at `$.request.params[0]`"): read here, once.
+_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+_NAMED_FIELD = re.compile(r"(?:missing required|contains unknown) field `([^`]+)`")
+
+T = TypeVar("T")
+
+
+def explain(exc: msgspec.ValidationError, root: Any = None) -> tuple[str, str]:
+    """(dotted path, what was expected) for a ValidationError raised decoding ``root``.
+
+    The path is "" when msgspec names none (the value as a whole). The expectation is the
+    ``description`` of the type at that path, or the choices of its Literal, when ``root`` is
+    given and the path leads to one; otherwise msgspec's own words ("Expected `int`, got `str`").
+    """
+    text = str(exc)
+    at = _AT_PATH.search(text)
+    path = at.group(1) if at else ""
+    message = text[: at.start()] if at else text
+    named = _NAMED_FIELD.search(message)
+    if named:
+        path = f"{path}.{named.group(1)}" if path else named.group(1)
+        if "unknown field" in message:
+            return path, "a known field"
+    path = re.sub(r"\[\d+\]", "", path)  # positions in a list: the field is what is named
+    expected = _expectation(root, path) if root is not None and not named else ""
+    return path, expected or message.replace("Expected ", "")
+
+
+def validated(obj: T) -> T:
+    """``obj`` (a Struct built in Python) checked against its type's constraints; raises ValidationError."""
+    return msgspec.msgpack.decode(msgspec.msgpack.encode(obj), type=type(obj))
+
+
+def unwrap(tp: Any) -> Any:
+    """The plain type under Annotated[...] and Optional[...] (``int | None`` → ``int``)."""
+    while True:
+        if typing.get_origin(tp) is Annotated:
+            tp = typing.get_args(tp)[0]
+            continue
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+            tp = args[0]
+            continue
+        return tp
+
+
+def _expectation(root: Any, path: str) -> str:
+    tp: Any = root
+    for name in path.split(".") if path else []:
+        tp = _field_type(tp, name)
+        if tp is None:
+            return ""
+    return describe(tp)
+
+
+def describe(tp: Any) -> str:
+    """What a value of type ``tp`` must be, in words: its Meta description or Literal choices."""
+    for layer in _layers(tp):
+        if typing.get_origin(layer) is Annotated:
+            for meta in typing.get_args(layer)[1:]:
+                if isinstance(meta, msgspec.Meta) and meta.description:
+                    return meta.description
+        if typing.get_origin(layer) is Literal:
+            return "one of " + ", ".join(str(a) for a in typing.get_args(layer))
+    return ""
+
+
+def _layers(tp: Any) -> list[Any]:
+    out = [tp]
+    while True:
+        if typing.get_origin(tp) is Annotated:
+            tp = typing.get_args(tp)[0]
+        else:
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) != 1 or typing.get_origin(tp) is Literal:
+                return out
+            tp = args[0]
+        out.append(tp)
+
+
+def _field_type(tp: Any, name: str) -> Any:
+    """The declared type of field ``name`` of the Struct under ``tp`` (or of a tagged union member)."""
+    base = unwrap(tp)
+    candidates = [a for a in typing.get_args(base)] if typing.get_origin(base) is not None else [base]
+    for cand in candidates:
+        cand = unwrap(cand)
+        if isinstance(cand, type) and issubclass(cand, msgspec.Struct):
+            hints = typing.get_type_hints(cand, include_extras=True)
+            if name in hints:
+                return hints[name]
+        if typing.get_origin(cand) is list:
+            found = _field_type(typing.get_args(cand)[0], name)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,417 @@
+"""The executor runtime: each model's working record, its transitions, its worker, and the reconcile loop.
+
+How it works:
+
+* ``Runtime.restore`` rebuilds one ``Executor`` per model from the replayed journal (its lifecycle
+  state, desired state, settings, recent crashes, safe mode) and ``recover``\\s the live states a
+  previous process left behind (no worker survives its node).
+* Every change goes through ``fire``: the trigger is checked against the state table, the
+  Transition event is appended (durable), and only then the in-memory machine moves; the loop and
+  whoever waits in ``wait_for_state`` are woken. Desired-state changes (``desire``, ``enable``)
+  are journaled before they return.
+* The loop (``run``) ticks every second, at the next backoff deadline, or when woken: it gathers
+  one ``Facts`` per executor, calls the pure ``reconciler.decide`` and applies its actions:
+  firing the trigger, then for ``start``/``restart`` spawning a worker (``supervisor``), for
+  ``stop`` stopping one.
+* A worker's end comes back from the supervisor once, to ``_on_worker_exit``. A stop is journaled
+  as ``stopped`` (then a pending invalidate/vanish, ``retire``). A crash is handed to the pure
+  ``reconciler.on_exit``, which says what it means (the crash history and backoff, safe mode on,
+  or failed at once); the decision is journaled as ``crash`` with the exit details (exit code,
+  signal, uptime, stderr tail, what the worker was doing) and only then applied. The next
+  ``decide`` restarts the model when its backoff is over, or gives up. An end that cannot be
+  journaled (a full disk) is kept and retried every tick.
+
+The runtime decides nothing itself: what to start, stop, restart or give up on is the
+reconciler's; how a worker runs is the supervisor's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+import psutil
+
+from optimanode.config import Settings
+from optimanode.errors import IllegalTransition, JournalError, RequestError, UnknownModel
+from optimanode.executors.effective import SAFE_MODE_OFF, effective, safe_mode_reason, safe_mode_setting
+from optimanode.executors.lifecycle import LIVE, LOADING, SERVING, Lifecycle, allowed
+from optimanode.executors.reconciler import (
+    Action,
+    ExitDecision,
+    Facts,
+    decide,
+    estimate_bytes,
+    on_exit,
+    on_spawn_failed,
+)
+from optimanode.executors.supervisor import ExitInfo, WorkerProcess
+from optimanode.journal import ExecutorView, Journal
+from optimanode.protocol import DesiredChanged, ModelInfo, ModelSettings, State, Transition, Trigger, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+RECONCILE_TICK_S = 1.0
+
+
+@dataclass
+class Executor:
+    """One model's runtime record. The journal holds its truth; this is the working copy."""
+
+    id: str
+    life: Lifecycle
+    info: ModelInfo
+    enabled: bool = False
+    settings: ModelSettings = field(default_factory=ModelSettings)
+    reason: str = ""
+    crash_times: list[float] = field(default_factory=list)
+    restart_at: float | None = None
+    worker: WorkerProcess | None = None
+    # What the live worker was started from; differs from `effective()` when settings or file changed.
+    worker_key: tuple[WorkerSettings, int, int] | None = None
+    # A worker exit whose crash/stopped transition could not be journaled (a full disk): the
+    # reconciler retries it each tick, so the model comes back once the journal takes writes again.
+    unjournaled_exit: ExitInfo | None = None
+    # After the worker stops: ("invalidate" | "vanish", reason).
+    after_stop: tuple[Trigger, str] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    restarts: int = 0
+    backend: str = ""
+    # Safe mode as "auto" decides it: on after a worker died of a fatal signal before Ready, and
+    # then as the last worker that loaded ran (the journal's last Transition.safe_mode), and why.
+    safe: bool = False
+    safe_reason: str = ""
+
+    @property
+    def state(self) -> State:
+        return self.life.state
+
+
+class Background:
+    """Short tasks tied to the node (a worker's stop, a wait for Ready, a request's journal entry).
+
+    Each is kept referenced until it ends (asyncio holds tasks only weakly) and its failure is
+    logged; ``settle`` gives those still running a bounded time when the node stops.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Future[object]] = set()
+
+    def spawn(self, coro: Awaitable[object], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        if isinstance(task, asyncio.Task):
+            task.set_name(name)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Future[object]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("task %s failed: %s", name, t.exception())
+
+        task.add_done_callback(done)
+
+    async def settle(self, timeout_s: float = 2.0) -> None:
+        for t in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                async with asyncio.timeout(timeout_s):
+                    await t
+
+
+class Runtime:
+    """Every executor of the node, and the loop that keeps each where the reconciler wants it."""
+
+    def __init__(self, settings: Settings, journal: Journal, background: Background, *,
+                 clock: Callable[[], float]) -> None:
+        # Replaced as a whole on a reload (Node.apply_settings); read where it is used.
+        self.settings = settings
+        self.journal = journal
+        self.clock = clock
+        self.executors: dict[str, Executor] = {}
+        self._background = background
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Condition()
+
+    def get(self, executor_id: str) -> Executor:
+        ex = self.executors.get(executor_id)
+        if ex is None:
+            raise UnknownModel(f"no model with executor id {executor_id!r}", executor=executor_id)
+        return ex
+
+    def wake(self) -> None:
+        """Reconcile now rather than at the next tick."""
+        self._wake.set()
+
+    async def restore(self, views: dict[str, ExecutorView]) -> None:
+        """Rebuild executors from the replayed journal; states a dead process left behind are recovered."""
+        now = self.clock()
+        window = self.settings.restart.crash_window_s
+        recent = await self.journal.read(types=["transition"], since_ts=now - window)
+        for view in views.values():
+            ex = Executor(id=view.id, life=Lifecycle(view.id, view.state), info=view.info,
+                          enabled=view.enabled, settings=view.settings)
+            # (The crash that turned safe mode on is a diagnosis, not part of a crash loop.)
+            ex.crash_times = [e.ts for e in recent if e.stream == view.id and getattr(e.body, "trigger", "") == "crash"
+                              and not getattr(e.body, "safe_mode", None)]
+            self.executors[view.id] = ex
+        for ex in self.executors.values():
+            if ex.state in LIVE:
+                await self.fire(ex, "recover", reason="node restarted; no worker survived it")
+            elif ex.state == "crashed":
+                ex.restart_at = now  # its backoff was spent while the node was down
+        # Reasons for states that carry one (invalid, failed, waiting, missing) come from the last
+        # transition; "auto" safe mode from the last transition that set it.
+        for ev in await self.journal.read(types=["transition"]):
+            ex = self.executors.get(ev.stream)
+            if ex is None or not isinstance(ev.body, Transition):
+                continue
+            if ev.body.dst == ex.state:
+                ex.reason = ev.body.reason
+            if ev.body.safe_mode is not None:
+                ex.safe = ev.body.safe_mode
+                if ev.body.trigger == "crash":
+                    ex.safe_reason = ev.body.reason
+
+    # -- transitions -----------------------------------------------------------------------
+
+    async def fire(self, ex: Executor, trigger: Trigger, **details: object) -> None:
+        """Check, journal (durably), then move the machine; illegal → IllegalTransition, nothing changed."""
+        async with ex.lock:
+            src = ex.state
+            dst = allowed(src, trigger)
+            if dst is None:
+                raise IllegalTransition(ex.id, trigger, src)
+            await self.journal.append(ex.id, Transition(trigger=trigger, src=src, dst=dst, **details))  # type: ignore[arg-type]
+            ex.life.fire(trigger)
+            ex.reason = str(details.get("reason", ""))
+        log.info("executor %s: %s → %s (%s)%s", ex.id, src, dst, trigger,
+                 f": {ex.reason}" if ex.reason else "")
+        self._wake.set()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for_state(self, executor_id: str, states: Iterable[str], timeout: float) -> str:
+        """Wait until the executor is in one of ``states``; return it, or raise TimeoutError."""
+        want = set(states)
+        ex = self.get(executor_id)
+        async with asyncio.timeout(timeout):
+            async with self._changed:
+                await self._changed.wait_for(lambda: ex.state in want)
+        return ex.state
+
+    # -- desired state ---------------------------------------------------------------------
+
+    async def desire(self, ex: Executor, enabled: bool, settings: ModelSettings, by: str) -> None:
+        """Journal what the operator wants for ``ex``, then hold it; the loop acts on it."""
+        await self.journal.append(ex.id, DesiredChanged(enabled=enabled, settings=settings, by=by))
+        ex.enabled, ex.settings = enabled, settings
+        self._wake.set()
+
+    async def enable(self, ex: Executor, by: str) -> None:
+        await self.desire(ex, True, ex.settings, by)
+        if ex.state == "failed":
+            # Re-enabling is how an operator says "try again": the crash budget starts afresh, and
+            # an automatic safe mode is dropped (the next worker proves whether it is still needed).
+            ex.crash_times.clear()
+            await self.fire(ex, "enable", reason=f"re-enabled by {by or 'operator'}",
+                            safe_mode=False if ex.safe else None)
+            ex.safe, ex.safe_reason = False, ""
+
+    def effective(self, ex: Executor) -> WorkerSettings:
+        """The settings ``ex``'s worker runs (or would run) with."""
+        return effective(ex.info, ex.settings, self.settings.model_defaults, self.safe_mode_reason(ex))
+
+    def safe_mode_reason(self, ex: Executor) -> str:
+        """Why the next worker of ``ex`` runs in safe mode, or "" when it does not."""
+        return safe_mode_reason(safe_mode_setting(ex.settings, self.settings.model_defaults), ex.safe, ex.safe_reason)
+
+    # -- reconciling -----------------------------------------------------------------------
+
+    def fact(self, ex: Executor) -> Facts:
+        wanted = self.effective(ex)
+        stale = (ex.worker_key is not None and ex.state in LIVE
+                 and ex.worker_key != (wanted, ex.info.size_bytes, ex.info.mtime_ns))
+        return Facts(state=ex.state, enabled=ex.enabled, crash_times=tuple(ex.crash_times),
+                     restart_at=ex.restart_at, estimate_bytes=estimate_bytes(ex.info, wanted.n_ctx),
+                     stale=stale, safe_mode=safe_mode_setting(ex.settings, self.settings.model_defaults))
+
+    def facts(self) -> dict[str, Facts]:
+        return {eid: self.fact(ex) for eid, ex in self.executors.items()}
+
+    async def reconcile_once(self) -> float | None:
+        """One decision and its actions; returns when something next becomes due."""
+        await self._retry_unjournaled_exits()
+        decision = decide(self.facts(), self.clock(), psutil.virtual_memory().available, self.settings.restart,
+                          reserve_bytes=self.settings.memory_reserve_mb * 1024 * 1024)
+        for action in decision.actions:
+            try:
+                await self._apply(action)
+            except IllegalTransition as exc:
+                log.debug("skipped %s: %s", action, exc)  # the state moved on since the decision
+        return decision.wake_at
+
+    async def run(self) -> None:
+        """The reconcile loop: decide, act, sleep until the next tick, backoff deadline or wake-up."""
+        while True:
+            self._wake.clear()
+            wake_at = await self.reconcile_once()
+            timeout = RECONCILE_TICK_S if wake_at is None else max(0.0, min(RECONCILE_TICK_S, wake_at - self.clock()))
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+            # races with the event, and this loop would then never stop.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+
+    async def _apply(self, action: Action) -> None:
+        ex = self.executors[action.executor_id]
+        if action.trigger in ("start", "restart"):
+            if action.trigger == "restart":
+                ex.restarts += 1
+            await self.fire(ex, action.trigger, reason=action.reason)
+            await self._launch(ex)
+        elif action.trigger == "stop":
+            await self.fire(ex, "stop", reason=action.reason)
+            self._background.spawn(self.stop_worker(ex, reason=action.reason), f"stop-{ex.id}")
+        elif action.trigger == "hold" and ex.state == "waiting" and ex.reason == action.reason:
+            return
+        else:
+            await self.fire(ex, action.trigger, reason=action.reason)
+
+    # -- workers ---------------------------------------------------------------------------
+
+    async def _launch(self, ex: Executor) -> None:
+        wanted = self.effective(ex)
+        rs = self.settings.restart
+        try:
+            worker = await WorkerProcess.spawn(ex.id, wanted, self._on_worker_exit,
+                                               heartbeat_interval_s=rs.heartbeat_interval_s,
+                                               heartbeat_timeout_s=rs.heartbeat_timeout_s)
+        except OSError as exc:
+            await self._crashed(ex, on_spawn_failed(self.fact(ex), str(exc), self.clock(), rs, random.random()))
+            return
+        ex.worker, ex.worker_key = worker, (wanted, ex.info.size_bytes, ex.info.mtime_ns)
+        self._background.spawn(self._await_ready(ex, worker), f"ready-{ex.id}")
+
+    async def _await_ready(self, ex: Executor, worker: WorkerProcess) -> None:
+        try:
+            async with asyncio.timeout(self.settings.restart.load_timeout_s):
+                ready = await asyncio.shield(worker.ready)
+        except TimeoutError:
+            worker.kill_now(f"not ready after {self.settings.restart.load_timeout_s:g} s")
+            return
+        except RequestError:
+            return  # it died while loading: _on_worker_exit journals the crash
+        if ex.worker is worker and ex.state in LOADING:
+            ex.backend = ready.backend
+            warm = (f"warm-up {ready.warmup_s:.2f} s: a {ready.warmup_batch}-token batch, "
+                    f"{ready.warmup_generated} tokens generated, {ready.warmup_seqs} sequence(s) in one step")
+            reason = f"loaded in {ready.load_s:.2f} s ({warm})" + ("; in safe mode" if ready.safe_mode else "")
+            if ready.safe_mode:
+                log.warning("executor %s: running in SAFE MODE (%s): turned off: %s", ex.id,
+                            self.safe_mode_reason(ex) or "safe_mode = on", SAFE_MODE_OFF)
+            await self.fire(ex, "ready", pid=ready.pid, reason=reason, safe_mode=ready.safe_mode)
+            ex.safe = ready.safe_mode
+
+    async def stop_worker(self, ex: Executor, reason: str) -> None:
+        worker = ex.worker
+        if worker is None:
+            return
+        try:
+            if ex.state in SERVING:
+                with contextlib.suppress(IllegalTransition):
+                    await self.fire(ex, "stop", reason=reason)
+        finally:
+            # Even when the stop cannot be journaled (a full disk): no worker outlives its node.
+            await worker.stop(self.settings.restart.stop_grace_s)
+
+    async def stop_all(self) -> None:
+        """Stop every worker, journaling each stop where the journal still takes it."""
+        stops = [self.stop_worker(ex, reason="node stopping")
+                 for ex in self.executors.values() if ex.worker is not None]
+        await asyncio.gather(*stops, return_exceptions=True)
+
+    async def retire(self, ex: Executor, trigger: Trigger, reason: str) -> None:
+        """Invalidate or vanish now, or once its worker has stopped."""
+        if ex.state in LIVE:
+            ex.after_stop = (trigger, reason)
+            if ex.state != "stopping":
+                await self.fire(ex, "stop", reason=reason)
+                self._background.spawn(self.stop_worker(ex, reason=reason), f"stop-{ex.id}")
+        elif allowed(ex.state, trigger) is not None:
+            await self.fire(ex, trigger, reason=reason)
+
+    # -- a worker's end --------------------------------------------------------------------
+
+    async def _on_worker_exit(self, worker: WorkerProcess, info: ExitInfo) -> None:
+        ex = self.executors.get(worker.executor_id)
+        if ex is None or ex.worker is not worker:
+            return
+        try:
+            await self._after_exit(ex, info)
+        except JournalError as exc:
+            self._exit_unjournaled(ex, info, exc)
+        finally:
+            # Cleared only now: until the crash is journaled a request still finds this (dead)
+            # worker and gets worker_crashed, rather than a "running" model with no worker.
+            if ex.worker is worker:
+                ex.worker, ex.worker_key = None, None
+            self._wake.set()
+
+    def _exit_unjournaled(self, ex: Executor, info: ExitInfo, exc: JournalError) -> None:
+        ex.unjournaled_exit = info
+        ex.reason = f"its worker ended ({info.describe()}) and that could not be journaled yet: {exc}"
+        log.error("executor %s: %s; retrying every tick", ex.id, ex.reason)
+
+    async def _retry_unjournaled_exits(self) -> None:
+        for ex in self.executors.values():
+            info = ex.unjournaled_exit
+            if info is None or ex.worker is not None:
+                continue
+            try:
+                await self._after_exit(ex, info)
+            except JournalError:
+                continue  # still full: next tick
+            ex.unjournaled_exit = None
+            log.info("executor %s: the worker's end is journaled now", ex.id)
+
+    async def _after_exit(self, ex: Executor, info: ExitInfo) -> None:
+        details: dict[str, object] = dict(pid=info.pid, exit_code=info.exit_code, signal=info.signal,
+                                          uptime_s=info.uptime_s, stderr_tail=info.stderr_tail)
+        if ex.state == "stopping":
+            await self.fire(ex, "stopped", reason=info.describe(), **details)
+            if ex.after_stop is not None:
+                trigger, reason = ex.after_stop
+                ex.after_stop = None
+                await self.fire(ex, trigger, reason=reason)
+            return
+        if ex.state not in SERVING:
+            return
+        decision = on_exit(self.fact(ex), info, self.clock(), self.settings.restart, random.random())
+        if decision.safe_mode:
+            log.warning("executor %s: %s; restarting it in SAFE MODE", ex.id, decision.reason)
+        await self._crashed(ex, decision, phase=info.phase, batch_tokens=info.batch_tokens,
+                            batch_seqs=info.batch_seqs, requests=list(info.requests), **details)
+        if decision.give_up:
+            log.error("executor %s: failed: %s", ex.id, decision.give_up)
+
+    async def _crashed(self, ex: Executor, d: ExitDecision, **details: object) -> None:
+        """Journal the crash as the reconciler decided it, and apply the decision.
+
+        A crash that cannot be journaled changes nothing: it is counted once, when the retry
+        journals it.
+        """
+        before = ex.crash_times, ex.restart_at, ex.safe, ex.safe_reason
+        ex.crash_times, ex.restart_at = list(d.crash_times), d.restart_at
+        if d.safe_mode:
+            ex.safe, ex.safe_reason = True, d.reason
+        try:
+            await self.fire(ex, "crash", reason=d.reason, restart_in_s=d.restart_in_s, safe_mode=d.safe_mode,
+                            **details)
+            if d.give_up:
+                await self.fire(ex, "give_up", reason=d.give_up)
+        except JournalError:
+            ex.crash_times, ex.restart_at, ex.safe, ex.safe_reason = before
+            raise
