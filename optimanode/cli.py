@@ -2,8 +2,9 @@
 
 Settings come from ``--config`` (or OPTIMANODE_CONFIG, or /etc/optimanode/optimanode.toml), the
 environment and the flags below, in that order of precedence (docs/configuration.md).
-``run`` hands the node, its Gateway link and metrics to ``optimanode.service`` (sd_notify, signals:
-SIGTERM drains and stops cleanly, SIGHUP reloads). ``client``, ``keygen`` and ``fingerprint`` are
+``run`` hands the node, its Gateway link and metrics, and the OpenMetrics endpoint when
+``metrics_http.listen`` asks for it, to ``optimanode.service`` (sd_notify, signals: SIGTERM drains
+and stops cleanly, SIGHUP reloads). ``client``, ``keygen`` and ``fingerprint`` are
 ``optimanode.client_cli``; ``doctor`` is ``optimanode.doctor``.
 """
 
@@ -73,7 +74,8 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
     """The node, its Gateway link and metrics, run as a service until SIGTERM/SIGINT (optimanode.service)."""
     from optimanode.gateway.server import GatewayServer
     from optimanode.metrics import Sampler
-    from optimanode.service import run_service
+    from optimanode.openmetrics import metrics_server
+    from optimanode.service import Server, run_service
 
     try:
         nid = node_id(settings)
@@ -82,10 +84,12 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
         return 3
     samplers: list[Sampler] = []
 
-    def servers(node: Node, settings: Settings) -> list[GatewayServer]:
-        sampler = Sampler(node.list, node_id=nid)
+    def servers(node: Node, settings: Settings) -> list[Server]:
+        # One sampler for the link and the metrics endpoint: psutil's CPU% is process-wide state.
+        sampler = Sampler(node.list, node_id=nid, journal=node.journal_report)
         samplers.append(sampler)
-        return [GatewayServer(node, settings, sampler.sample, nid)]
+        metrics = metrics_server(node, settings, sampler.sample, nid)  # None unless metrics_http.listen
+        return [GatewayServer(node, settings, sampler.sample, nid), *([metrics] if metrics else [])]
 
     try:
         return await run_service(settings, reload, make_servers=servers)

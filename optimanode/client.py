@@ -4,7 +4,7 @@ Written from docs/protocol.md, never importing the node or the server: it import
 ``optimanode.protocol``, ``optimanode.errors`` and ``optimanode.link``, the link core the node's
 side drives too (the handshake arithmetic, its state, the WebSocket mechanics over websockets'
 Sans-I/O protocol), so the two ends cannot drift apart; the independent reference is the
-documented test vector and frames, checked as data by tests/test_handshake.py.
+documented test vector and frames, checked as data by tests/unit/test_handshake.py.
 
 How it works:
 
@@ -343,6 +343,7 @@ class NodeClient:
             self._lost = _Lost(code, reason)
             for q in self._waiting.values():
                 q.put_nowait(self._lost)
+            self._metrics_event.set()  # wakes wait_metrics, which then raises ConnectionLost
 
     def _on_data(self, data: bytes | bytearray) -> None:
         try:
@@ -457,8 +458,9 @@ class NodeClient:
     async def enable(self, model: str) -> ExecutorStatus:
         return (await self._call(Enable(id=self.new_id("c"), model=model), ModelStatus)).status
 
-    async def disable(self, model: str) -> ExecutorStatus:
-        return (await self._call(Disable(id=self.new_id("c"), model=model), ModelStatus)).status
+    async def disable(self, model: str, *, now: bool = False) -> ExecutorStatus:
+        """Stop the model: its worker drains first, or with ``now`` its running requests are cut."""
+        return (await self._call(Disable(id=self.new_id("c"), model=model, now=now), ModelStatus)).status
 
     async def configure(self, model: str, settings: ModelSettings) -> ExecutorStatus:
         return (await self._call(Configure(id=self.new_id("c"), model=model, settings=settings), ModelStatus)).status

@@ -5,7 +5,7 @@ Three entry points, each taking the arguments after its sub-command and returnin
 
 * ``main(argv)`` — ``optimanode client --url wss://host:8022 --key-file F --fingerprint sha256:...
   COMMAND``: a one-shot Gateway (optimanode.client) for looking at and steering a node by hand.
-  Commands: ``models``, ``status ID``, ``enable ID``, ``disable ID``, ``configure ID --n-ctx N ...``,
+  Commands: ``models``, ``status ID``, ``enable ID``, ``disable ID [--now]``, ``configure ID --n-ctx N ...``,
   ``rescan``, ``events [ID] [--limit N]``, ``infer ID --prompt TEXT [--chat] [--stream]
   [--max-tokens N]``, ``metrics [--watch] [--interval S]``. Plain text by default, ``--json`` for
   machines (one JSON document, or one per line for streams).
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the node's models")
     for name in ("status", "enable", "disable"):
         sub.add_parser(name, help=f"{name} a model").add_argument("model")
+    sub.choices["disable"].add_argument("--now", action="store_true",
+                                        help="cut its running requests at once instead of letting them finish")
     conf = sub.add_parser("configure", help="set a model's overrides (the ones not given return to the defaults)")
     conf.add_argument("model")
     for flag in _SETTING_FLAGS:
@@ -139,7 +141,7 @@ async def _command(c: NodeClient, args: argparse.Namespace) -> int:
         models = await (c.models() if cmd == "models" else c.rescan())
         _emit(args, models, _models_text)
     elif cmd in ("status", "enable", "disable"):
-        st = await getattr(c, cmd)(args.model)
+        st = await (c.disable(args.model, now=args.now) if cmd == "disable" else getattr(c, cmd)(args.model))
         _emit(args, st, _status_text)
     elif cmd == "configure":
         values = {f: getattr(args, f) for f in _SETTINGS if getattr(args, f) is not None}

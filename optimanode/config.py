@@ -20,7 +20,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from optimanode.constraints import (
+    ChatTemplate,
     Fraction,
+    ModelDeadline,
     NBatch,
     NCtx,
     NGpuLayers,
@@ -32,6 +34,7 @@ from optimanode.constraints import (
     SafeMode,
     Seconds,
     SecondsOrZero,
+    StallTimeout,
     explain,
     unwrap,
 )
@@ -99,6 +102,60 @@ class ModelDefaults(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # auto, on or off: whether a model runs without llama.cpp's extra buffer types (weight
     # repacking, AMX) and its persistent threadpool (docs/configuration.md, "Safe mode").
     safe_mode: SafeMode = "auto"
+    # Requests pending and no decode step for this long: the worker is hung, killed, and the model
+    # crashes with the reason "stalled". 120 s is above the slowest legitimate step, one n_batch
+    # prompt micro-batch (512 tokens at 4+ tokens/s, a large model on a small CPU), and still
+    # ends a wedged stream within two minutes (docs/reliability.md, "A decode stalls").
+    stall_timeout_s: StallTimeout = 120.0
+    # A request's wall-time bound, queue wait included; 0: none. A request's own deadline_s can
+    # only shorten it (docs/reliability.md, "A request runs past its deadline").
+    deadline_s: ModelDeadline = 0.0
+    # A llama.cpp built-in template name (chatml, gemma, ...) or Jinja text; unset: the GGUF's own
+    # tokenizer.chat_template, else chatml (docs/configuration.md, "Chat templates").
+    chat_template: ChatTemplate | None = None
+
+
+class JournalSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Request events older than this are folded into per-model per-hour aggregates and deleted.
+    request_retention_days: Annotated[float, msgspec.Meta(gt=0, description="a number of days > 0")] = 7.0
+    # State events older than this, behind a checkpoint, are deleted (but see crashes_kept).
+    state_retention_days: Annotated[float, msgspec.Meta(gt=0, description="a number of days > 0")] = 90.0
+    # Crash transitions (with their stderr tails) kept per model whatever their age.
+    crashes_kept: Annotated[int, msgspec.Meta(ge=0, description="an integer >= 0")] = 20
+    # The file's cap: past 90 % of it retention folds the oldest requests early, down to 80 %.
+    max_bytes: Annotated[int, msgspec.Meta(ge=1 << 20, description="an integer >= 1048576 (1 MiB)")] = 1 << 30
+    # A checkpoint is written when this long has passed, or checkpoint_events events, since the last.
+    checkpoint_interval_s: Seconds = 600.0
+    checkpoint_events: Annotated[int, msgspec.Meta(ge=1, description="an integer >= 1")] = 10_000
+    # How often the retention task looks at the journal.
+    retention_interval_s: Seconds = 60.0
+
+
+# "" (off), "PORT" (on loopback) or "HOST:PORT" ("[v6]:PORT" for IPv6); the port 1 to 65535.
+_PORT_RE = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+MetricsListen = Annotated[str, msgspec.Meta(
+    pattern=rf"^(?:(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):)?{_PORT_RE})?$",
+    description='"" (off), a port (served on 127.0.0.1) or HOST:PORT with a port from 1 to 65535, '
+                'e.g. "9464", "0.0.0.0:9464" or "[::1]:9464"')]
+# The address a bare port is served on: metrics tell a lot about the machine, so loopback unless asked.
+METRICS_DEFAULT_HOST = "127.0.0.1"
+
+
+class MetricsHttp(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # The OpenMetrics (Prometheus) endpoint, http://<listen>/metrics (optimanode/openmetrics.py);
+    # "" keeps it off. Plain HTTP without authentication: expose it beyond loopback only to a
+    # network the scraper shares (docs/operations.md, "Monitoring").
+    listen: MetricsListen = ""
+
+
+def metrics_address(listen: str) -> tuple[str, int] | None:
+    """(host, port) of a ``metrics_http.listen`` value that passed its pattern; None when it is off."""
+    if not listen:
+        return None
+    host, sep, port = listen.rpartition(":")
+    if not sep:
+        return METRICS_DEFAULT_HOST, int(listen)
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -110,10 +167,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     memory_reserve_mb: Annotated[int, msgspec.Meta(ge=0, description="an integer >= 0")] = 512
     # On SIGTERM, running requests may finish for this long; then they are cancelled (shutting_down).
     drain_deadline_s: SecondsOrZero = 30.0
+    # A worker being replaced (configure, a new file, new model defaults) or disabled stops taking
+    # requests and may finish the ones it has for this long; then they end cancelled (drain_timeout).
+    drain_timeout_s: SecondsOrZero = 60.0
     listen: Listen = msgspec.field(default_factory=Listen)
     scan: Scan = msgspec.field(default_factory=Scan)
     restart: Restart = msgspec.field(default_factory=Restart)
     model_defaults: ModelDefaults = msgspec.field(default_factory=ModelDefaults)
+    metrics_http: MetricsHttp = msgspec.field(default_factory=MetricsHttp)
+    journal: JournalSettings = msgspec.field(default_factory=JournalSettings)
 
     @property
     def models_path(self) -> Path:

@@ -38,6 +38,35 @@ Parallel = Annotated[int, msgspec.Meta(ge=1, le=256, description="1..256")]
 Prefill = Literal["auto", "one_per_step", "together"]
 # Safe mode (docs/operations.md): auto (after a fatal signal while loading), on, off.
 SafeMode = Literal["auto", "on", "off"]
+# No decode step this long while requests are pending: the worker is hung (docs/reliability.md,
+# "A decode stalls"). At least 1 s: below that a slow but working prompt step would be killed.
+StallTimeout = Annotated[float, msgspec.Meta(ge=1, le=86_400, description="a number of seconds from 1 to 86400")]
+# A request's wall-time bound, counted from when the node took it (docs/reliability.md,
+# "A request runs past its deadline"). A request's own is > 0; a model's may be 0, "none".
+RequestDeadline = Annotated[float, msgspec.Meta(gt=0, le=86_400, description="a number of seconds > 0, "
+                                                                            "at most 86400")]
+ModelDeadline = Annotated[float, msgspec.Meta(ge=0, le=86_400, description="0 (no deadline) or a number of "
+                                                                          "seconds up to 86400")]
+# The chat templates llama.cpp has built in (``llama_chat_builtin_templates`` of the llama.cpp
+# that llama-cpp-python 0.3.36 ships). Kept here because the node may not import llama_cpp: a
+# Configure or a settings file naming another is refused at once, and the worker checks the name
+# again against its own build. tests/model/test_chat_templates.py fails when the two lists differ.
+CHAT_TEMPLATE_NAMES: tuple[str, ...] = (
+    "bailing", "bailing-think", "bailing2", "chatglm3", "chatglm4", "chatml", "command-r", "deepseek",
+    "deepseek-ocr", "deepseek2", "deepseek3", "exaone-moe", "exaone3", "exaone4", "falcon3", "gemma",
+    "gigachat", "glmedge", "gpt-oss", "granite", "granite-4.0", "granite-4.1", "grok-2", "hunyuan-dense",
+    "hunyuan-moe", "hunyuan-vl", "kimi-k2", "llama2", "llama2-sys", "llama2-sys-bos", "llama2-sys-strip",
+    "llama3", "llama4", "megrez", "minicpm", "mistral-v1", "mistral-v3", "mistral-v3-tekken", "mistral-v7",
+    "mistral-v7-tekken", "monarch", "openchat", "orion", "pangu-embedded", "phi3", "phi4", "rwkv-world",
+    "seed_oss", "smolvlm", "solar-open", "vicuna", "vicuna-orca", "yandex", "zephyr",
+)
+# A model's chat template (docs/configuration.md, "Chat templates"): one of those names, or Jinja
+# text (anything with a "{{" or "{%" in it). The pattern is searched, so either branch may match.
+ChatTemplate = Annotated[str, msgspec.Meta(
+    min_length=1, max_length=131_072,
+    pattern="^(?:" + "|".join(re.escape(n) for n in CHAT_TEMPLATE_NAMES) + r")$|\{[{%]",
+    description="the name of a template llama.cpp knows (chatml, gemma, llama3, ... see "
+                "docs/configuration.md) or Jinja text of at most 131072 characters")]
 PREFILL_POLICIES: tuple[str, ...] = typing.get_args(Prefill)
 SAFE_MODES: tuple[str, ...] = typing.get_args(SafeMode)
 

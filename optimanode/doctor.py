@@ -157,7 +157,16 @@ def check_state(settings: Settings) -> Check:
         return Check("state", "fail", f"{path} is not writable by this user",
                      f"chown -R optimanode:optimanode {path} (the journal and the key live there)")
     journal = settings.journal_path
-    what = f"journal {journal.stat().st_size // 1024} KiB" if journal.exists() else "no journal yet"
+    if not journal.exists():
+        return Check("state", "ok", f"{path} is writable (no journal yet)")
+    # The file and its WAL, as retention counts them against journal.max_bytes.
+    size = sum(p.stat().st_size for p in (journal, journal.with_name(journal.name + "-wal")) if p.exists())
+    cap = settings.journal.max_bytes
+    what = f"journal {size // 1024} KiB of its {cap // (1 << 20)} MiB cap"
+    if size >= 0.9 * cap:
+        return Check("state", "warn", f"{path} is writable; {what}: near the cap, retention folds requests early",
+                     "raise journal.max_bytes, or shorten journal.request_retention_days"
+                     " (docs/configuration.md, [journal])")
     return Check("state", "ok", f"{path} is writable ({what})")
 
 

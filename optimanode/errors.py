@@ -9,7 +9,7 @@ The tree::
     ├── ModelFileError              a GGUF file cannot be used (unparseable, truncated, vocab-only, ...)
     └── RequestError                a request ends with a stable ``code`` a Gateway can act on
         ├── PeerError               the caller broke the contract (bad_request, unknown_model, ...)
-        └── NodeFault               we could not serve (worker_crashed, overloaded, internal, ...)
+        └── NodeFault               we could not serve (worker_crashed, overloaded, deadline_exceeded, ...)
 
 ``RequestError.code`` values are part of the protocol (docs/protocol.md); never rename one.
 ``BY_CODE`` is the one table from a code to its class; ``error_for`` builds the error a code names
@@ -117,10 +117,16 @@ class ShuttingDown(NodeFault):
     code = "shutting_down"
 
 
+class DeadlineExceeded(NodeFault):
+    """The request's deadline (its own ``deadline_s`` or its model's) passed before it ended."""
+
+    code = "deadline_exceeded"
+
+
 BY_CODE: dict[str, type[RequestError]] = {
     cls.code: cls
     for cls in (BadRequest, UnknownModel, ModelNotRunning, ContextOverflow, Unauthorized, NodeFault, Overloaded,
-                WorkerCrashed, Cancelled, ShuttingDown)
+                WorkerCrashed, Cancelled, ShuttingDown, DeadlineExceeded)
 }
 
 

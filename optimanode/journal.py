@@ -14,6 +14,15 @@ How it works:
   UNIQUE (stream, version) constraint makes a second writer's conflicting append fail loudly.
 * The ``executors`` table is a projection updated in the same transaction by ``project`` (a pure
   fold); ``replay`` recomputes it from the events alone, and the two must agree.
+* ``checkpoint`` appends a ``checkpoint`` event (stream ``node``) holding the fold as of its own
+  position: every executor's view with the notes the runtime restores (the reason of the last
+  transition into each state, safe mode), each stream's last version, and the requests started and
+  not finished. Opening reads the newest checkpoint and only the events after it; ``replay``
+  starts there too (``replay(full=True)`` from the base: the oldest history retention kept). So
+  start-up costs what happened since the last checkpoint, not the journal's age.
+* Retention (optimanode/retention.py) deletes old rows on a connection of its own, one short
+  transaction at a time under ``write_lock``, the lock every group commit takes: an append waits
+  for at most one of those transactions, and the two writers never meet SQLite's busy handler.
 
 Every sqlite3 error, and every row that does not decode (a damaged page SQLite cannot see, or an
 event type written by a newer node), is re-raised as JournalError naming the file; a failed batch
@@ -32,28 +41,34 @@ import time
 from collections.abc import Iterable, Sequence
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import msgspec
 
 from optimanode.errors import JournalError
 from optimanode.protocol import (
+    Checkpoint,
     DesiredChanged,
     EventBody,
+    ExecutorSnapshot,
     Hashed,
     ModelInfo,
     ModelSettings,
     Registered,
+    RequestFinished,
+    RequestStarted,
     State,
     Transition,
     decode_event,
     encode_event,
 )
 
+_T = TypeVar("_T")
 NODE_STREAM = "node"
 MIGRATIONS_PACKAGE = "optimanode.migrations"
 MIGRATION_FILES = "[0-9][0-9][0-9][0-9]_*.sql"
+NO_TRANSACTION = "-- optimanode: no-transaction"
 
 
 def _default_migrations() -> Traversable:
@@ -75,6 +90,11 @@ def _default_migrations() -> Traversable:
 DEFAULT_MIGRATIONS = _default_migrations()
 # Rows per fetchmany during replay: large enough that the fetch loop costs nothing per row.
 REPLAY_FETCH_ROWS = 4096
+REQUEST_TYPES = ("request_started", "request_finished")
+WAL_SIZE_LIMIT = 16 << 20
+STATE_TYPES = ("registered", "transition", "desired", "hashed")
+# Placeholder a caller appends; the writer replaces it by the fold at the event's own position.
+_CHECKPOINT_MARK = Checkpoint()
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):
@@ -122,6 +142,62 @@ def project(view: ExecutorView | None, stream: str, seq: int, body: EventBody) -
     return view
 
 
+class Notes(msgspec.Struct, frozen=True, kw_only=True):
+    """What the runtime restores from an executor's transitions besides its state: the reason of
+    the last transition into each state, and safe mode (the last transition that set it, and the
+    reason of the last crash that did)."""
+
+    reasons: dict[str, str] = {}
+    safe_mode: bool | None = None
+    safe_reason: str = ""
+
+
+def note(notes: Notes | None, body: Transition) -> Notes:
+    """Fold one transition into an executor's notes (pure)."""
+    notes = notes or Notes()
+    reasons = {**notes.reasons, body.dst: body.reason}
+    if body.safe_mode is None:
+        return Notes(reasons=reasons, safe_mode=notes.safe_mode, safe_reason=notes.safe_reason)
+    return Notes(reasons=reasons, safe_mode=body.safe_mode,
+                 safe_reason=body.reason if body.trigger == "crash" else notes.safe_reason)
+
+
+def snapshot_of(view: ExecutorView, notes: Notes | None) -> ExecutorSnapshot:
+    n = notes or Notes()
+    return ExecutorSnapshot(id=view.id, path=view.path, state=view.state, enabled=view.enabled,
+                            settings=view.settings, info=view.info, last_seq=view.last_seq,
+                            reasons=n.reasons, safe_mode=n.safe_mode, safe_reason=n.safe_reason)
+
+
+def view_of(s: ExecutorSnapshot) -> ExecutorView:
+    return ExecutorView(id=s.id, path=s.path, state=s.state, enabled=s.enabled, settings=s.settings,
+                        info=s.info, last_seq=s.last_seq)
+
+
+class CheckpointRow(msgspec.Struct, frozen=True, kw_only=True):
+    seq: int
+    ts: float
+    body: Checkpoint
+
+
+def read_checkpoint(db: sqlite3.Connection, path: Path, *, oldest: bool = False) -> CheckpointRow | None:
+    """The newest checkpoint (``oldest``: the oldest one), or None when the journal has none."""
+    row = db.execute("SELECT seq, ts, data FROM events WHERE type = 'checkpoint'"
+                     f" ORDER BY seq {'ASC' if oldest else 'DESC'} LIMIT 1").fetchone()
+    if row is None:
+        return None
+    return CheckpointRow(seq=row[0], ts=row[1], body=_decode_as(path, row[0], row[2], Checkpoint))
+
+
+def base_seq(db: sqlite3.Connection) -> int:
+    """The checkpoint the kept state history starts from (0: the journal's first event)."""
+    try:
+        row = db.execute("SELECT value FROM journal_meta WHERE key = 'base_seq'").fetchone()
+    except sqlite3.OperationalError:  # a journal from before migration 0003, opened read-only
+        return 0
+    return int(row[0]) if row else 0
+
+
 def _sqlite_error(action: str, exc: BaseException) -> JournalError:
     return JournalError(f"journal {action} failed: {exc.__class__.__name__}: {exc}")
 
@@ -139,6 +215,15 @@ def _decode(path: Path, seq: int, data: str | bytes) -> EventBody:
         raise _unreadable(path, f"event seq {seq}", exc) from exc
 
 
+def _decode_as(path: Path, seq: int, data: str | bytes, kind: type[_T]) -> _T:
+    """``_decode``, for a row whose ``type`` column says what it must hold."""
+    body = _decode(path, seq, data)
+    if not isinstance(body, kind):
+        raise _unreadable(path, f"event seq {seq}", TypeError(f"its type column and its body disagree"
+                                                              f" ({type(body).__name__})"))
+    return body
+
+
 def _space_left(path: Path) -> str:
     """A hint for an operator when the journal's file system is (nearly) full; else empty."""
     try:
@@ -153,22 +238,38 @@ def _row_event(path: Path, row: Sequence[Any]) -> Event:
     return Event(seq=seq, ts=ts, stream=stream, version=version, body=_decode(path, seq, data))
 
 
-def replay_views(db: sqlite3.Connection, path: Path, *, indexed: bool = True) -> dict[str, ExecutorView]:
-    """Every executor's view folded from the events alone, over an open sqlite3 connection.
+def replay_views(db: sqlite3.Connection, path: Path, *, indexed: bool = True,
+                 full: bool = False) -> dict[str, ExecutorView]:
+    """Every executor's view folded from the events, over an open sqlite3 connection.
 
     The fold behind ``Journal.replay`` (which runs it on a thread, on a connection of its own) and
-    ``tools/inspect-journal`` (inside its read-only snapshot): ``project`` over the state events in
-    seq order. Synchronous; it only reads. ``path`` names the file in the JournalError raised for a
-    row that does not decode. ``indexed=False`` is for a journal no node has opened since migration
-    0002 (a reader that must not migrate it): the same rows, without the index.
+    ``tools/inspect-journal`` (inside its read-only snapshot): the views of the newest checkpoint,
+    then ``project`` over the state events after it in seq order. ``full``: from the base instead
+    (the checkpoint retention's kept history starts from, or the first event when it has deleted
+    nothing), through every state event since; the two must agree. Synchronous; it only reads.
+    ``path`` names the file in the JournalError raised for a row that does not decode.
+    ``indexed=False`` is for a journal no node has opened since migration 0002 (a reader that must
+    not migrate it): the same rows, without the index.
     """
+    start = 0
     views: dict[str, ExecutorView] = {}
+    if full:
+        start = base_seq(db)
+        if start:
+            row = db.execute("SELECT data FROM events WHERE seq = ?", (start,)).fetchone()
+            if row is None:
+                raise _unreadable(path, f"the base checkpoint (seq {start})", LookupError("it is missing"))
+            body = _decode_as(path, start, row[0], Checkpoint)
+            views = {s.id: view_of(s) for s in body.executors}
+    elif (cp := read_checkpoint(db, path)) is not None:
+        start, views = cp.seq, {s.id: view_of(s) for s in cp.body.executors}
     # INDEXED BY: the partial index of migration 0002 holds exactly these rows in seq order
     # (its WHERE must match this one, literally); the planner would otherwise read events_type
     # and sort the result.
     cur = db.execute(f"SELECT seq, stream, data FROM events{' INDEXED BY events_state' if indexed else ''}"
                      f" WHERE stream != '{NODE_STREAM}'"
-                     " AND type IN ('registered', 'transition', 'desired', 'hashed') ORDER BY seq")
+                     " AND type IN ('registered', 'transition', 'desired', 'hashed') AND seq > ? ORDER BY seq",
+                     (start,))
     cur.arraysize = REPLAY_FETCH_ROWS
     while rows := cur.fetchmany():
         for seq, stream, data in rows:
@@ -178,12 +279,13 @@ def replay_views(db: sqlite3.Connection, path: Path, *, indexed: bool = True) ->
     return views
 
 
-def _replay(path: Path) -> dict[str, ExecutorView]:
+def _replay(path: Path, full: bool) -> dict[str, ExecutorView]:
     """The fold behind ``Journal.replay``, synchronous (it runs on a thread)."""
     db = sqlite3.connect(path, isolation_level=None)
     try:
         db.execute("PRAGMA query_only = ON")
-        return replay_views(db, path)
+        db.execute("BEGIN")  # one snapshot for the checkpoint and the events after it
+        return replay_views(db, path, full=full)
     finally:
         db.close()
 
@@ -200,6 +302,15 @@ class Journal:
             asyncio.Queue())
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
+        self._notes: dict[str, Notes] = {}
+        # (stream, request_id) of every request started and not finished, in start order.
+        self._open: dict[tuple[str, str], None] = {}
+        self._last_seq = 0
+        self.checkpoint_seq = 0
+        self.checkpoint_ts = 0.0
+        self.events_since_checkpoint = 0
+        # Held by every group commit and by each of retention's transactions (module docstring).
+        self.write_lock = asyncio.Lock()
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -233,20 +344,58 @@ class Journal:
         await db.execute("PRAGMA synchronous=FULL")
         await db.execute("PRAGMA foreign_keys=ON")
         await db.execute("PRAGMA busy_timeout=5000")
+        # The WAL file keeps its largest size unless told otherwise; this bounds what it keeps after
+        # a checkpoint (retention counts the WAL against journal.max_bytes).
+        await db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         check = await (await db.execute("PRAGMA quick_check")).fetchall()
         if check != [("ok",)]:
             raise JournalError(f"journal {self.path} is corrupt: {check[:3]}")
         await apply_migrations(db, migrations)
-        for stream, version in await (await db.execute(
-                "SELECT stream, MAX(version) FROM events GROUP BY stream")).fetchall():
-            self._versions[stream] = version
+        await self._load_position()
         self._views = await self._load_projection()
+
+    async def _load_position(self) -> None:
+        """Versions, notes and open requests: the newest checkpoint's, then the events after it."""
+        row = await (await self._db.execute(
+            "SELECT seq, ts, data FROM events WHERE type = 'checkpoint' ORDER BY seq DESC LIMIT 1")).fetchone()
+        start = 0
+        if row is not None:
+            cp = _decode_as(self.path, row[0], row[2], Checkpoint)
+            start, self.checkpoint_seq, self.checkpoint_ts = row[0], row[0], row[1]
+            self._versions = dict(cp.versions)
+            self._open = {(s, r): None for s, r in cp.open_requests}
+            self._notes = {s.id: Notes(reasons=s.reasons, safe_mode=s.safe_mode, safe_reason=s.safe_reason)
+                           for s in cp.executors}
+        count = 0
+        # Only request ids and transitions are decoded; versions come from every row.
+        cur = await self._db.execute(
+            "SELECT seq, stream, version, type, CASE WHEN type IN ('request_started', 'request_finished')"
+            " THEN json_extract(data, '$.request_id') WHEN type = 'transition' THEN data END"
+            " FROM events WHERE seq > ? ORDER BY seq", (start,))
+        while rows := await cur.fetchmany(REPLAY_FETCH_ROWS):
+            for seq, stream, version, type_, data in rows:
+                count += 1
+                if version > self._versions.get(stream, 0):
+                    self._versions[stream] = version
+                if type_ == "request_started":
+                    self._open[(stream, data)] = None
+                elif type_ == "request_finished":
+                    self._open.pop((stream, data), None)
+                elif type_ == "transition":
+                    body = _decode_as(self.path, seq, data, Transition)
+                    self._notes[stream] = note(self._notes.get(stream), body)
+        self.events_since_checkpoint = count
+        (self._last_seq,) = await (await self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events")).fetchone()  # type: ignore[misc]
 
     # -- writing ---------------------------------------------------------------------------
 
     async def append(self, stream: str, body: EventBody) -> Event:
         """Append one event; returns once it is committed to disk."""
         return (await self.append_many([(stream, body)]))[0]
+
+    async def checkpoint(self) -> Event:
+        """Append a checkpoint: the fold as of its own position (module docstring)."""
+        return await self.append(NODE_STREAM, _CHECKPOINT_MARK)
 
     async def append_many(self, items: Iterable[tuple[str, EventBody]]) -> list[Event]:
         """Append events atomically (all or none); returns once they are committed to disk."""
@@ -295,40 +444,49 @@ class Journal:
                     fut.set_result(res)
 
     async def _commit(self, batches: list[list[tuple[str, EventBody]]]) -> list[list[Event]]:
-        versions = dict(self._versions)
-        views = dict(self._views)
+        async with self.write_lock:
+            return await self._commit_locked(batches)
+
+    async def _commit_locked(self, batches: list[list[tuple[str, EventBody]]]) -> list[list[Event]]:
+        # Copies: the fold is kept only if the transaction commits.
+        versions, views, notes, open_ = dict(self._versions), dict(self._views), dict(self._notes), dict(self._open)
         now = time.time()
-        rows: list[tuple[float, str, int, str, bytes]] = []
-        for batch in batches:
-            for stream, body in batch:
-                versions[stream] = versions.get(stream, 0) + 1
-                rows.append((now, stream, versions[stream], body.__struct_config__.tag, encode_event(body)))  # type: ignore[attr-defined]
         db = self._db
         try:
             await db.execute("BEGIN IMMEDIATE")
             try:
                 cur = await db.execute("SELECT COALESCE(MAX(seq), 0) FROM events")
-                (last,) = await cur.fetchone()  # type: ignore[misc]
-                await db.executemany(
-                    "INSERT INTO events (ts, stream, version, type, data) VALUES (?, ?, ?, ?, ?)",
-                    [(ts, s, v, t, d.decode()) for ts, s, v, t, d in rows])
+                (seq,) = await cur.fetchone()  # type: ignore[misc]
+                rows: list[tuple[float, str, int, str, str]] = []
                 events: list[list[Event]] = []
-                seq = last
                 touched: set[str] = set()
-                i = 0
+                checkpoint = None
                 for batch in batches:
                     out = []
                     for stream, body in batch:
                         seq += 1
-                        ts, _, version, _, _ = rows[i]
-                        i += 1
-                        out.append(Event(seq=seq, ts=ts, stream=stream, version=version, body=body))
+                        versions[stream] = versions.get(stream, 0) + 1
+                        if body is _CHECKPOINT_MARK:
+                            body = checkpoint = Checkpoint(
+                                executors=[snapshot_of(v, notes.get(k)) for k, v in sorted(views.items())],
+                                versions=dict(versions), open_requests=list(open_))
+                        elif isinstance(body, RequestStarted):
+                            open_[(stream, body.request_id)] = None
+                        elif isinstance(body, RequestFinished):
+                            open_.pop((stream, body.request_id), None)
+                        elif isinstance(body, Transition):
+                            notes[stream] = note(notes.get(stream), body)
+                        rows.append((now, stream, versions[stream], body.__struct_config__.tag,  # type: ignore[attr-defined]
+                                     encode_event(body).decode()))
+                        out.append(Event(seq=seq, ts=now, stream=stream, version=versions[stream], body=body))
                         if stream != NODE_STREAM:
                             new = project(views.get(stream), stream, seq, body)
                             if new is not None and new is not views.get(stream):
                                 views[stream] = new
                                 touched.add(stream)
                     events.append(out)
+                await db.executemany("INSERT INTO events (ts, stream, version, type, data) VALUES (?, ?, ?, ?, ?)",
+                                     rows)
                 if touched:
                     await db.executemany(
                         "INSERT OR REPLACE INTO executors (id, path, state, enabled, settings, info, last_seq)"
@@ -342,7 +500,14 @@ class Journal:
                 raise
         except sqlite3.Error as exc:
             raise _sqlite_error("append", exc) from exc
-        self._versions, self._views = versions, views
+        self._versions, self._views, self._notes, self._open = versions, views, notes, open_
+        self._last_seq = seq
+        if checkpoint is not None:
+            last = [e for out in events for e in out if e.body is checkpoint][-1]
+            self.checkpoint_seq, self.checkpoint_ts = last.seq, last.ts
+            self.events_since_checkpoint = seq - last.seq
+        else:
+            self.events_since_checkpoint += len(rows)
         return events
 
     # -- reading ---------------------------------------------------------------------------
@@ -351,6 +516,18 @@ class Journal:
         """The projection as of the last commit (in memory; no I/O)."""
         return dict(self._views)
 
+    def notes(self) -> dict[str, Notes]:
+        """Each executor's notes as of the last commit (in memory; no I/O)."""
+        return dict(self._notes)
+
+    def open_requests(self) -> list[tuple[str, str]]:
+        """(stream, request_id) of each request started and not finished, as of the last commit."""
+        return list(self._open)
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
     async def _load_projection(self) -> dict[str, ExecutorView]:
         rows = await (await self._db.execute(PROJECTION_SELECT)).fetchall()
         try:
@@ -358,8 +535,9 @@ class Journal:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise _unreadable(self.path, "the executors projection", exc) from exc
 
-    async def replay(self) -> dict[str, ExecutorView]:
-        """Recompute every executor's view from the events alone.
+    async def replay(self, *, full: bool = False) -> dict[str, ExecutorView]:
+        """Recompute every executor's view from the newest checkpoint and the events after it
+        (``full``: from the base and every state event since; ``replay_views``).
 
         The fold runs on a thread over a connection of its own (query_only; WAL gives it a
         consistent snapshot), row by row in plain Python: through aiosqlite each row costs an
@@ -367,7 +545,7 @@ class Journal:
         (docs/benchmarks.md "Journal replay").
         """
         try:
-            return await asyncio.to_thread(_replay, self.path)
+            return await asyncio.to_thread(_replay, self.path, full)
         except sqlite3.Error as exc:
             raise _sqlite_error("replay", exc) from exc
 
@@ -437,7 +615,8 @@ def select_events(*, stream: str | None = None, types: Sequence[str] | None = No
 
 
 async def apply_migrations(db: aiosqlite.Connection, migrations: Traversable) -> list[int]:
-    """Apply each numbered SQL file not yet recorded, in order, each in its own transaction.
+    """Apply each numbered SQL file not yet recorded, in order, each in its own transaction
+    (a file whose first line is ``NO_TRANSACTION`` runs outside one, statement by statement).
 
     ``migrations`` is a directory: a Path, or what importlib.resources gives for a package."""
     await db.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -457,6 +636,14 @@ async def apply_migrations(db: aiosqlite.Connection, migrations: Traversable) ->
         if version in done:
             continue
         sql = f.read_text(encoding="utf-8")
+        if sql.startswith(NO_TRANSACTION):
+            # Statements SQLite refuses inside a transaction (VACUUM); such a file must be idempotent.
+            for stmt in _split_sql(sql):
+                await db.execute(stmt)
+            await db.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                             (version, f.name, time.time()))
+            applied.append(version)
+            continue
         await db.execute("BEGIN IMMEDIATE")
         try:
             # executescript would COMMIT on its own; run statement by statement inside our transaction.

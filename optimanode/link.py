@@ -12,7 +12,7 @@ How it works, in four parts:
    ``T``, ``mac`` = HMAC-SHA256(key, label || T), and the certificate fingerprint's text form
    (``sha256:AB:CD:...``, SHA-256 of the DER bytes). This is the only copy: gateway/handshake.py,
    gateway/tls.py and client.py import it. Its independent reference is data: the test vector of
-   docs/protocol.md, written out as hex in tests/test_handshake.py.
+   docs/protocol.md, written out as hex in tests/unit/test_handshake.py.
 2. **Handshake state** (Sans-I/O): ``NodeHandshake`` (Challenge out; one frame in; the Welcome, or
    ``HandshakeError`` carrying the close code the contract names) and ``GatewayHandshake``
    (Challenge in, Hello out; Welcome in, checked in constant time). They take and return frame
@@ -29,7 +29,7 @@ How it works, in four parts:
    an unmasked binary frame is a 2-byte header from a table (4 or 10 bytes past 125) before the
    payload, appended to ``framed``; websockets' per-frame ``Frame`` object and ``serialize`` cost
    about 1.5 µs a token more, which measured as 5 % more node CPU per token at 4 streams.
-   tests/test_link.py checks these bytes against websockets' ``Frame.serialize``, and websockets
+   tests/unit/test_link.py checks these bytes against websockets' ``Frame.serialize``, and websockets
    still parses, answers control frames, closes and keeps the state; its queued frames follow the
    node's in ``data_to_send`` (a close is only queued once ``send`` refuses, so it stays last).
    Keepalive is a function of time given by the caller (``keepalive(now)``: a ping when one is due,
@@ -63,6 +63,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import SEND_EOF, Protocol, Side, State
 from websockets.server import ServerProtocol
+from websockets.typing import LoggerLike
 from websockets.uri import parse_uri
 
 from optimanode.errors import OptimaNodeError
@@ -306,7 +307,7 @@ _HEADERS = [bytes((0x82, n)) for n in range(126)]
 
 def binary_frame_header(n: int) -> bytes:
     """RFC 6455 §5.2 header of an unfragmented, unmasked binary frame of ``n`` payload bytes (no
-    extension is negotiated, so RSV bits are 0). tests/test_link.py checks it byte for byte
+    extension is negotiated, so RSV bits are 0). tests/unit/test_link.py checks it byte for byte
     against websockets' own ``Frame.serialize``."""
     if n < 126:
         return _HEADERS[n]
@@ -345,7 +346,7 @@ class Link:
         self._next_ping: float | None = None
 
     @classmethod
-    def server(cls, *, max_frame_bytes: int = MAX_FRAME_BYTES, logger: logging.Logger | None = None,
+    def server(cls, *, max_frame_bytes: int = MAX_FRAME_BYTES, logger: LoggerLike | None = None,
                **kwargs: Any) -> Link:
         """The node's end: answers the HTTP upgrade, no extension, messages up to ``max_frame_bytes``."""
         return cls(ServerProtocol(extensions=None, subprotocols=None, max_size=max_frame_bytes, logger=logger),

@@ -49,6 +49,7 @@ from optimanode.protocol import (
     ExecutorMetrics,
     ExecutorStatus,
     GpuReport,
+    JournalReport,
     MemoryReport,
     MetricsReport,
 )
@@ -95,8 +96,10 @@ class Sampler:
 
     def __init__(self, executors: Callable[[], Sequence[ExecutorStatus]], *, node_id: str = "",
                  nvml: NvmlLike | None = None, clock: Callable[[], float] = time.monotonic,
-                 nvml_retry_s: float = 60.0) -> None:
+                 nvml_retry_s: float = 60.0, journal: Callable[[], JournalReport | None] | None = None) -> None:
         self._executors = executors
+        # The journal's size against its cap (Node.journal_report), passed on as it is.
+        self._journal = journal
         self._node_id = node_id
         self._nvml: Any = nvml
         self._clock = clock
@@ -129,6 +132,7 @@ class Sampler:
             cpu, memory = self._sample_cpu(), self._sample_memory()
             return MetricsReport(ts=time.time(), node_id=self._node_id, cpu=cpu, memory=memory, gpus=gpus,
                                  gpu_status=gpu_status, executors=executors,
+                                 journal=self._journal() if self._journal is not None else None,
                                  sample_cost_s=time.perf_counter() - start)
 
     def close(self) -> None:

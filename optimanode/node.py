@@ -18,6 +18,10 @@ How it works:
   runtime's record and inference's traffic; ``events`` reads the journal.
 * ``apply_settings`` (a reload) swaps the settings object the parts read where they use it, and
   wakes the reconciler and the scanner so new values apply at once.
+* Before anything else is written, the requests the previous run started and never finished (it
+  was killed) are journaled as finished with the outcome ``node_died``. The journal's retention
+  (``retention.py``: checkpoints, old events folded or deleted, the byte cap) runs as one more
+  guarded loop; ``journal_report`` is its size against the cap, for metrics.
 * ``stop`` ends the loops, stops every worker (journaled where the journal still takes it), lets
   the short background tasks end, journals ``node_stopped`` and closes the journal.
 """
@@ -35,7 +39,7 @@ from dataclasses import dataclass
 from optimanode import __version__
 from optimanode.config import Settings
 from optimanode.errors import JournalError
-from optimanode.executors.effective import checked
+from optimanode.executors.effective import chat_template_in_force, checked
 from optimanode.executors.reconciler import Facts, crashes_in_window
 from optimanode.executors.registry import Registry, ScanResult
 from optimanode.executors.runtime import Background, Executor, Runtime
@@ -43,16 +47,21 @@ from optimanode.executors.scanner import Scanner
 from optimanode.inference import Inference
 from optimanode.journal import NODE_STREAM, Event, Journal
 from optimanode.protocol import (
+    OUTCOME_NODE_DIED,
     Chunk,
     Done,
     ExecutorStatus,
     InferenceRequest,
+    JournalReport,
     ModelSettings,
     NodeStarted,
     NodeStopped,
+    RequestFinished,
     TaskExited,
     WorkerSettings,
 )
+from optimanode.retention import Retention
+from optimanode.stats import RequestStats
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +84,7 @@ class Node:
         self.clock = clock
         self._journal = journal
         self._parts: _Parts | None = None
+        self._retention: Retention | None = None
         self._background = Background()
         self._main: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
@@ -104,6 +114,11 @@ class Node:
     def executors(self) -> dict[str, Executor]:
         return self._p.runtime.executors
 
+    @property
+    def request_stats(self) -> RequestStats:
+        """How requests ended and how long they took, by model (the metrics endpoint serves them)."""
+        return self._p.inference.stats
+
     # -- lifecycle of the node itself ------------------------------------------------------
 
     async def __aenter__(self) -> Node:
@@ -121,10 +136,18 @@ class Node:
         try:
             # Replayed before anything is written: a journal that does not replay is left as it was.
             views = await journal.replay()
+            # Requests the previous run started and never finished died with it: said so, so that
+            # every request a Gateway saw has its end in the journal (and in retention's aggregates).
+            if cut := journal.open_requests():
+                await journal.append_many([(stream, RequestFinished(request_id=rid, outcome=OUTCOME_NODE_DIED))
+                                           for stream, rid in cut])
             await journal.append(NODE_STREAM, NodeStarted(pid=os.getpid(), version=__version__))
+            self._retention = await Retention.open(journal, self.settings.journal, clock=self.clock)
             runtime = Runtime(self.settings, journal, self._background, clock=self.clock)
             parts = self._parts = _Parts(runtime, Scanner(runtime, Registry(self.settings.models_path)),
                                          Inference(runtime, self._background))
+            # Admission follows each transition, and a worker that is stopped drains first.
+            runtime.drainer = parts.inference
             await runtime.restore(views)
             await parts.scanner.rescan()
         except BaseException:
@@ -139,6 +162,8 @@ class Node:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._guard("reconciler", parts.runtime.run), name="reconciler")
                 tg.create_task(self._guard("scanner", parts.scanner.run), name="scanner")
+                if self._retention is not None:
+                    tg.create_task(self._guard("retention", self._retention.run), name="retention")
                 if self.settings.scan.hash_models:
                     tg.create_task(self._guard("hasher", parts.scanner.hash_loop), name="hasher")
                 self._started.set()
@@ -172,6 +197,8 @@ class Node:
         if self._parts is not None:
             await self._parts.runtime.stop_all()
         await self._background.settle()
+        if self._retention is not None:
+            await self._retention.close()
         if self._journal is not None:
             with contextlib.suppress(JournalError):
                 await self._journal.append(NODE_STREAM, NodeStopped(reason=reason))
@@ -184,10 +211,10 @@ class Node:
         await runtime.enable(runtime.get(executor_id), by)
         return self.status(executor_id)
 
-    async def disable(self, executor_id: str, by: str = "") -> ExecutorStatus:
+    async def disable(self, executor_id: str, by: str = "", *, now: bool = False) -> ExecutorStatus:
+        """Want the model stopped: its worker drains (``drain_timeout_s``), or with ``now`` cuts its requests."""
         runtime = self._p.runtime
-        ex = runtime.get(executor_id)
-        await runtime.desire(ex, False, ex.settings, by)
+        await runtime.disable(runtime.get(executor_id), by, now=now)
         return self.status(executor_id)
 
     async def configure(self, executor_id: str, settings: ModelSettings, by: str = "") -> ExecutorStatus:
@@ -240,10 +267,15 @@ class Node:
             queue_depth=adm.waiting, in_flight=adm.running, parallel=adm.parallel, queue_size=adm.queue_size,
             requests_served=traffic.requests_served, tokens_generated=traffic.tokens_generated,
             backend=ex.backend, safe_mode=bool(why), safe_mode_reason=why,
+            chat_template=chat_template_in_force(ex.info, ex.settings, self.settings.model_defaults),
         )
 
     def list(self) -> list[ExecutorStatus]:
         return [self.status(eid) for eid in sorted(self.executors)]
+
+    def journal_report(self) -> JournalReport | None:
+        """The journal's size against its cap (metrics, doctor); None before the node started."""
+        return self._retention.report() if self._retention is not None else None
 
     async def events(self, executor_id: str | None = None, limit: int = 100) -> list[Event]:
         if executor_id is not None:

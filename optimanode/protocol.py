@@ -25,7 +25,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from optimanode.constraints import (
+    CHAT_TEMPLATE_NAMES,
     PREFILL_POLICIES,
+    ChatTemplate,
     SAFE_MODES,
     NBatch,
     NCtx,
@@ -33,14 +35,46 @@ from optimanode.constraints import (
     NThreads,
     Parallel,
     Prefill,
+    ModelDeadline,
     QueueSize,
+    RequestDeadline,
     SafeMode,
+    StallTimeout,
 )
 
-# PREFILL_POLICIES and SAFE_MODES are the protocol's names for those choices too (re-exported).
+# PREFILL_POLICIES, SAFE_MODES and CHAT_TEMPLATE_NAMES are the protocol's names for those choices too
+# (re-exported).
 
 # ---------------------------------------------------------------------------------------------
 # Requests
+
+
+# Structured output (docs/protocol.md, "Structured output"): the reply is constrained by a grammar
+# (llama.cpp's grammar sampler in the request's chain). The worker compiles it before the request
+# takes a slot; one that does not compile is bad_request with the compiler's message.
+
+
+class JsonSchemaFormat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True,
+                       tag_field="type", tag="json_schema"):
+    """JSON valid against ``schema`` (converted to GBNF by llama-cpp-python's own converter)."""
+
+    schema: dict[str, Any]
+
+
+class JsonObjectFormat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True,
+                       tag_field="type", tag="json_object"):
+    """Any JSON value (llama.cpp's json.gbnf)."""
+
+
+class GrammarFormat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True,
+                    tag_field="type", tag="grammar"):
+    """Text in the language of a GBNF grammar (start symbol ``root``)."""
+
+    gbnf: Annotated[str, msgspec.Meta(min_length=1, max_length=65536,
+                                      description="GBNF text of 1 to 65536 characters")]
+
+
+ResponseFormat = JsonSchemaFormat | JsonObjectFormat | GrammarFormat
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -56,6 +90,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     stop: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=256)]],
                     msgspec.Meta(max_length=16, description="at most 16 non-empty strings of at most 256 "
                                                             "characters")] = []
+    # Seconds from the node taking the request (queue wait included) to its end; past it the
+    # request ends with the error deadline_exceeded. None: only the model's deadline_s, if any.
+    deadline_s: RequestDeadline | None = None
+    # None: free text. Else the reply is constrained by a grammar (ResponseFormat above).
+    response_format: ResponseFormat | None = None
 
 
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -99,7 +138,8 @@ Trigger = Literal["enable", "disable", "hold", "start", "ready", "crash", "resta
 FinishReason = Literal["stop", "length", "cancelled"]
 # Error codes, stable: a Gateway acts on them. Never rename one (errors.py maps each to its class).
 ErrorCode = Literal["unknown_model", "model_not_running", "overloaded", "bad_request", "worker_crashed",
-                    "context_overflow", "unauthorized", "internal", "shutting_down", "cancelled"]
+                    "context_overflow", "unauthorized", "internal", "shutting_down", "cancelled",
+                    "deadline_exceeded"]
 ERROR_CODES: frozenset[str] = frozenset(typing.get_args(ErrorCode))
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +161,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, tag="settings"):
     # AMX) and the context keeps llama.cpp's default threadpool; the node sets it after a worker
     # died of a fatal signal while loading (SAFE_MODES, docs/operations.md).
     safe_mode: bool = False
+    # The operator's chat template: a name from CHAT_TEMPLATE_NAMES or Jinja text; "": the GGUF's
+    # own tokenizer.chat_template, else "chatml" (llama-server's fallback).
+    chat_template: str = ""
 
 
 class Generate(msgspec.Struct, frozen=True, kw_only=True, tag="generate"):
@@ -160,10 +203,22 @@ class Ready(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
     warmup_seqs: int = 0
     warmup_s: float = 0.0
     safe_mode: bool = False
+    # The chat template in force: "file" (the GGUF's own), "custom" (the operator's Jinja text) or
+    # the name of a llama.cpp built-in template (set, or the "chatml" fallback).
+    chat_template_in_force: str = ""
 
 
 class Pong(msgspec.Struct, frozen=True, kw_only=True, tag="pong"):
+    """The heartbeat's answer, from the worker's reader thread, with the decode thread's progress."""
+
     seq: int
+    # llama_decode steps done serving requests since the worker started.
+    steps: int = 0
+    # Requests the worker has taken and not yet answered.
+    pending: int = 0
+    # With requests pending: seconds since the last step ended, or since work arrived at an idle
+    # worker if that is later. 0.0 with nothing pending. The supervisor's stall watch reads it.
+    since_step_s: float = 0.0
 
 
 class Chunk(msgspec.Struct, frozen=True, kw_only=True, tag="chunk"):
@@ -242,6 +297,10 @@ class ModelSettings(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     parallel: Parallel | None = None
     prefill: Prefill | None = None
     safe_mode: SafeMode | None = None
+    # Read by the supervisor and admission, not the worker: a change restarts nothing.
+    stall_timeout_s: StallTimeout | None = None
+    deadline_s: ModelDeadline | None = None
+    chat_template: ChatTemplate | None = None
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -327,11 +386,16 @@ class RequestStarted(msgspec.Struct, frozen=True, kw_only=True, tag="request_sta
 
 class RequestFinished(msgspec.Struct, frozen=True, kw_only=True, tag="request_finished"):
     request_id: str
+    # A Done's finish_reason, a RequestError's code (also for a request that failed while queued),
+    # "cancelled", or OUTCOME_NODE_DIED: written at the next start for a request the node's death cut.
     outcome: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ttft_s: float | None = None
     total_s: float | None = None
+
+
+OUTCOME_NODE_DIED = "node_died"
 
 
 class NodeStarted(msgspec.Struct, frozen=True, kw_only=True, tag="node_started"):
@@ -350,6 +414,61 @@ class TaskExited(msgspec.Struct, frozen=True, kw_only=True, tag="task_exited"):
     error: str
 
 
+class DrainStarted(msgspec.Struct, frozen=True, kw_only=True, tag="drain_started"):
+    """A worker stopped taking requests and lets those it has finish (inference.py, ``drain_worker``)."""
+
+    pid: int
+    # Why: the stop's reason ("settings or file changed; ...", "desired disabled", ...).
+    reason: str = ""
+    # A new worker follows (configure, new file, new defaults): requests queue for it meanwhile.
+    replacing: bool = False
+    # Requests on the worker, and waiting in the model's queue (for the new worker), when the
+    # drain began; and those that were queued and refused at the stop (no new worker follows).
+    running: int = 0
+    queued: int = 0
+    refused: int = 0
+    # How long the running requests may take (drain_timeout_s; 0 for a disable with now).
+    timeout_s: float = 0.0
+
+
+class DrainEnded(msgspec.Struct, frozen=True, kw_only=True, tag="drain_ended"):
+    """The drain is over; the worker is stopped next."""
+
+    pid: int
+    # Requests that ended by themselves during the drain, and those cut when its time ran out.
+    finished: int = 0
+    cut: int = 0
+    cut_requests: list[str] = []
+    duration_s: float = 0.0
+
+
+class ExecutorSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """One executor in a checkpoint: its projected view, plus what the runtime restores from its
+    transitions (the reason of the last transition into each state, and safe mode)."""
+
+    id: str
+    path: str
+    state: State
+    enabled: bool
+    settings: ModelSettings = msgspec.field(default_factory=ModelSettings)
+    info: ModelInfo
+    last_seq: int
+    reasons: dict[str, str] = {}
+    safe_mode: bool | None = None
+    safe_reason: str = ""
+
+
+class Checkpoint(msgspec.Struct, frozen=True, kw_only=True, tag="checkpoint"):
+    """The journal's fold at this event's position (stream ``node``): start-up replays from the
+    newest one, and retention deletes older state events behind one (docs/journal.md)."""
+
+    executors: list[ExecutorSnapshot] = []
+    # Each stream's last version at this position (retention may delete the event that had it).
+    versions: dict[str, int] = {}
+    # Requests started and not finished at this position, as [stream, request_id] pairs.
+    open_requests: list[tuple[str, str]] = []
+
+
 EventBody = (
     Registered
     | Transition
@@ -360,6 +479,9 @@ EventBody = (
     | NodeStarted
     | NodeStopped
     | TaskExited
+    | Checkpoint
+    | DrainStarted
+    | DrainEnded
 )
 
 _json_encoder = msgspec.json.Encoder()
@@ -403,6 +525,9 @@ class ExecutorStatus(msgspec.Struct, frozen=True, kw_only=True):
     # setting).
     safe_mode: bool = False
     safe_mode_reason: str = ""
+    # The chat template the worker renders chats with (effective.chat_template_in_force): "file",
+    # "custom" or a llama.cpp built-in name ("chatml" where the file has none and none is set).
+    chat_template: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,6 +583,18 @@ class ExecutorMetrics(msgspec.Struct, frozen=True, kw_only=True):
     restarts: int = 0
 
 
+class JournalReport(msgspec.Struct, frozen=True, kw_only=True):
+    """The journal's size against its cap (optimanode/retention.py)."""
+
+    bytes: int = 0  # the file and its WAL
+    cap_bytes: int = 0
+    # Past 90 % of the cap, or retention had to fold early in its last pass to stay under it.
+    near_cap: bool = False
+    # Since the node started: request events folded into hourly aggregates, state events deleted.
+    requests_folded: int = 0
+    events_deleted: int = 0
+
+
 class MetricsReport(msgspec.Struct, frozen=True, kw_only=True):
     ts: float
     node_id: str = ""
@@ -469,6 +606,7 @@ class MetricsReport(msgspec.Struct, frozen=True, kw_only=True):
     executors: list[ExecutorMetrics] = []
     # Seconds the sampler spent producing this report (its own cost, reported honestly).
     sample_cost_s: float = 0.0
+    journal: JournalReport | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,6 +702,9 @@ class Enable(msgspec.Struct, frozen=True, kw_only=True, tag="enable"):
 class Disable(msgspec.Struct, frozen=True, kw_only=True, tag="disable"):
     id: RequestId
     model: ModelId
+    # False: the worker drains (its running requests may finish for drain_timeout_s); True: they
+    # are cut at once (Error cancelled, details.reason "disabled").
+    now: bool = False
 
 
 class Configure(msgspec.Struct, frozen=True, kw_only=True, tag="configure"):

@@ -18,8 +18,10 @@ How it works:
   ``READY=1``. SIGHUP reloads: ``RELOADING=1`` + ``MONOTONIC_USEC``, the settings are loaded again
   through the caller's loader, what can change live is applied (``apply_settings``), the models
   directory is rescanned, then ``READY=1``; a bad file is logged and the old settings stay. No
-  connection is dropped: the servers are told the new settings, never stopped. SIGTERM or SIGINT
-  stops: ``STOPPING=1``, ``node.drain`` (new requests refused; running ones may finish until
+  connection is dropped: the servers are told the new settings, never stopped. New model defaults
+  replace the workers they change one model at a time, each draining first (``apply_settings``). SIGTERM or SIGINT
+  stops: ``STOPPING=1``, ``node.drain`` (new requests, and those still queued, refused at once
+  with ``shutting_down``, so a Gateway can send them elsewhere; running ones may finish until
   ``drain_deadline_s``, then end with ``shutting_down``), the servers stop, ``node.stop`` (workers:
   Shutdown → SIGTERM → SIGKILL; ``node_stopped`` journaled; the journal closed). A second
   SIGTERM/SIGINT during the drain cuts it short (running requests cancelled at once) but still
@@ -190,9 +192,9 @@ class Notifier:
 # -- settings that can change while the node runs -----------------------------------------------
 
 # Keys a reload cannot change: the journal and registry are open on these paths, the hasher task
-# exists or not, and the listening socket is bound. A reload that changes one keeps the running
+# exists or not, and the listening sockets (the Gateway link, the metrics endpoint) are bound. A reload that changes one keeps the running
 # value and says that a restart is needed.
-RESTART_ONLY = ("models_dir", "state_dir", "listen", "scan.hash_models")
+RESTART_ONLY = ("models_dir", "state_dir", "listen", "scan.hash_models", "metrics_http")
 
 
 def _flat(settings: Settings) -> dict[str, Any]:
@@ -244,15 +246,18 @@ def apply_settings(node: Node, new: Settings) -> Reloaded:
     reconciler reads the restart policy and memory reserve each tick, the scanner its interval on
     each pass, ``effective()`` the model defaults), so swapping the object is enough, plus the
     per-model admission bounds (queue size, parallel) that are built from the defaults. Model
-    defaults that change a running worker's effective settings make the reconciler restart that
-    worker, exactly as a per-model ``configure`` does (its in-flight requests end).
+    defaults that change a running worker's effective settings make the reconciler replace that
+    worker, exactly as a per-model ``configure`` does: the old worker drains (its requests finish,
+    up to ``drain_timeout_s``) while new requests queue for the new one, and several models are
+    replaced one at a time (the reconciler's rule), so the node keeps serving the others.
     """
     result = merge_live(node.settings, new)
     before = {eid: node.effective(ex) for eid, ex in node.executors.items() if ex.worker is not None}
     node.apply_settings(result.settings)
     restarted = [eid for eid, eff in before.items() if node.effective(node.executors[eid]) != eff]
     if restarted:
-        log.warning("new model defaults: restarting the workers of %s", ", ".join(sorted(restarted)))
+        log.warning("new model defaults: replacing the workers of %s, one at a time (each drains first)",
+                    ", ".join(sorted(restarted)))
     return result
 
 

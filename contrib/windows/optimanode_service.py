@@ -1,7 +1,7 @@
 """OptimaNode as a Windows service, through pywin32's ``win32serviceutil.ServiceFramework``.
 
 UNTESTED: written against pywin32's documented API and never run on Windows by this project; the
-only thing checked (tests/test_systemd_unit.py) is that it imports cleanly on Linux without pywin32.
+only thing checked (tests/system/test_systemd_unit.py) is that it imports cleanly on Linux without pywin32.
 
 Install, from an elevated PowerShell, with the node installed in a virtual environment::
 

@@ -7,7 +7,8 @@ every core this process may use. The runtime starts workers from it and calls a 
 *stale* when it differs from what that worker was started with; ``status`` shows it. Safe mode is
 the one input that is not a plain setting: with "auto", ``reconciler.on_exit`` turns it on after
 a worker died of a fatal signal while loading, and ``safe_mode_reason`` says why the next worker
-runs in it ("" when it does not). ``checked`` applies the types' limits to a Struct built in
+runs in it ("" when it does not). ``stall_timeout`` and ``deadline`` are the two settings read
+by the supervisor and admission rather than the worker (a change restarts nothing). ``checked`` applies the types' limits to a Struct built in
 Python (the in-process API), where msgspec did not decode it. Pure: no journal, no process.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 import msgspec
 
 from optimanode.config import ModelDefaults
-from optimanode.constraints import SafeMode, explain, validated
+from optimanode.constraints import CHAT_TEMPLATE_NAMES, SafeMode, explain, validated
 from optimanode.errors import BadRequest
 from optimanode.protocol import ModelInfo, ModelSettings, WorkerSettings
 
@@ -64,7 +65,28 @@ def effective(info: ModelInfo, model: ModelSettings, defaults: ModelDefaults, sa
         parallel=effective_parallel(s, d),
         prefill=s.prefill if s.prefill is not None else d.prefill,
         safe_mode=safe_reason != "",
+        chat_template=chat_template_setting(s, d),
     )
+
+
+# What a worker renders chats with where the GGUF has no template and none is set (llama-server
+# falls back to the same one).
+FALLBACK_CHAT_TEMPLATE = "chatml"
+
+
+def chat_template_setting(model: ModelSettings, defaults: ModelDefaults) -> str:
+    """The operator's chat template for a model (its own, else the default), or "" for none."""
+    value = model.chat_template if model.chat_template is not None else defaults.chat_template
+    return value or ""
+
+
+def chat_template_in_force(info: ModelInfo, model: ModelSettings, defaults: ModelDefaults) -> str:
+    """Which chat template a model's worker renders with: a built-in name, "custom" (Jinja text
+    the operator set), "file" (the GGUF's tokenizer.chat_template) or FALLBACK_CHAT_TEMPLATE."""
+    setting = chat_template_setting(model, defaults)
+    if setting:
+        return setting if setting in CHAT_TEMPLATE_NAMES else "custom"
+    return "file" if info.chat_template else FALLBACK_CHAT_TEMPLATE
 
 
 def effective_parallel(model: ModelSettings, defaults: ModelDefaults) -> int:
@@ -75,6 +97,22 @@ def effective_parallel(model: ModelSettings, defaults: ModelDefaults) -> int:
 def queue_size(model: ModelSettings, defaults: ModelDefaults) -> int:
     """How many requests may wait for a model's worker beyond the ``parallel`` it runs."""
     return model.queue_size if model.queue_size is not None else defaults.queue_size
+
+
+def stall_timeout(model: ModelSettings, defaults: ModelDefaults) -> float:
+    """Seconds without a decode step, with requests pending, after which a model's worker is hung."""
+    return model.stall_timeout_s if model.stall_timeout_s is not None else defaults.stall_timeout_s
+
+
+def deadline(requested: float | None, model: ModelSettings, defaults: ModelDefaults) -> float | None:
+    """A request's wall-time bound in seconds, or None for none.
+
+    The model's ``deadline_s`` (its own, else the default; 0 is none) is the operator's cap; a
+    request's own ``deadline_s`` may ask for less, never for more.
+    """
+    cap = model.deadline_s if model.deadline_s is not None else defaults.deadline_s
+    bounds = [b for b in (requested, cap) if b]
+    return min(bounds) if bounds else None
 
 
 def checked(value: Any, name: str) -> None:

@@ -41,7 +41,7 @@ MAX_DECODED_STRING = 1 << 20
 MAX_DECODED_ARRAY = 4096
 
 # ggml type id → (name, elements per block, bytes per block); ggml.c type_traits.
-# tests/test_gguf.py checks it against gguf.GGML_QUANT_SIZES.
+# tests/unit/test_gguf.py checks it against gguf.GGML_QUANT_SIZES.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
     0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
     6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40),

@@ -26,6 +26,11 @@ a diagnosis, not part of a crash loop); a safe-mode worker that dies that way to
 ``failed``, with a reason an operator can act on (safe mode cannot help a build or a model that
 faults on this machine).
 
+Replacement: a stale worker (its settings or file changed) is stopped and started again with the
+new ones, one model at a time: no stale stop while another model's replacement (``replacing``:
+from the old worker's stop to the new one running) is under way. The old worker drains first
+(the runtime's ``stop_worker``).
+
 Memory admission: a model starts only when its estimate (weights plus the KV cache for its
 context) fits in what the machine has available, less ``memory_reserve_mb`` and less the
 estimates of models that are still loading (they have not allocated yet). Otherwise it is held
@@ -57,6 +62,8 @@ class Facts:
     stale: bool = False
     # The model's safe-mode setting (its own, else the default): what a fatal signal while loading means.
     safe_mode: SafeMode = "auto"
+    # Its running worker is being replaced: drained, stopped, the new one not running yet.
+    replacing: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,10 @@ def decide(facts: Mapping[str, Facts], now: float, available_bytes: int, policy:
     wake_at: float | None = None
     # Models still loading have not allocated their memory yet: count it as spoken for.
     budget = available_bytes - reserve_bytes - sum(f.estimate_bytes for f in facts.values() if f.state in LOADING)
+    # Stale workers are replaced one at a time (new model defaults can make several stale at
+    # once): each replacement drains a worker and leaves its model without one until the new
+    # worker loads, so the node never has more than one model out of service for it.
+    replacing = any(f.replacing for f in facts.values())
     for eid in sorted(facts):
         f = facts[eid]
         if f.state == "discovered" and f.enabled:
@@ -122,7 +133,8 @@ def decide(facts: Mapping[str, Facts], now: float, available_bytes: int, policy:
         elif f.state in SERVING:
             if not f.enabled:
                 actions.append(Action(eid, "stop", "desired disabled"))
-            elif f.stale:
+            elif f.stale and not replacing:
+                replacing = True
                 actions.append(Action(eid, "stop", "settings or file changed; restarting with the new ones"))
         elif f.state == "crashed":
             if not f.enabled:

@@ -13,6 +13,12 @@ How it works:
   one ``Facts`` per executor, calls the pure ``reconciler.decide`` and applies its actions:
   firing the trigger, then for ``start``/``restart`` spawning a worker (``supervisor``), for
   ``stop`` stopping one.
+* A worker that serves is drained before it is stopped (``stop_worker``, for the reconciler's
+  stops and ``retire``): the ``Drainer`` (inference, set by the node) is told of every transition
+  in the step that makes it (``changed``: the stop closes the model's admission), then lets the
+  worker's requests finish for ``drain_timeout_s`` and cuts the rest (0 after a disable with
+  ``now``). A stale worker's stop marks the executor ``replacing`` until a new worker runs or
+  the replacement leaves ``REPLACE_PATH``: meanwhile requests queue for the new worker.
 * A worker's end comes back from the supervisor once, to ``_on_worker_exit``. A stop is journaled
   as ``stopped`` (then a pending invalidate/vanish, ``retire``). A crash is handed to the pure
   ``reconciler.on_exit``, which says what it means (the crash history and backoff, safe mode on,
@@ -28,17 +34,19 @@ reconciler's; how a worker runs is the supervisor's.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import psutil
 
 from optimanode.config import Settings
 from optimanode.errors import IllegalTransition, JournalError, RequestError, UnknownModel
-from optimanode.executors.effective import SAFE_MODE_OFF, effective, safe_mode_reason, safe_mode_setting
+from optimanode.executors.effective import SAFE_MODE_OFF, effective, safe_mode_reason, safe_mode_setting, stall_timeout
 from optimanode.executors.lifecycle import LIVE, LOADING, SERVING, Lifecycle, allowed
 from optimanode.executors.reconciler import (
     Action,
@@ -69,6 +77,8 @@ class Executor:
     settings: ModelSettings = field(default_factory=ModelSettings)
     reason: str = ""
     crash_times: list[float] = field(default_factory=list)
+    # Crashes since the node started, by cause (supervisor.CRASH_CAUSES): the metrics endpoint's counters.
+    crashes: collections.Counter[str] = field(default_factory=collections.Counter)
     restart_at: float | None = None
     worker: WorkerProcess | None = None
     # What the live worker was started from; differs from `effective()` when settings or file changed.
@@ -85,10 +95,41 @@ class Executor:
     # then as the last worker that loaded ran (the journal's last Transition.safe_mode), and why.
     safe: bool = False
     safe_reason: str = ""
+    # Its running worker is being replaced (configure, a new file, new model defaults): from the
+    # stop of the old worker until the new one is running, requests queue for the new one
+    # instead of being refused. Cleared when it runs again or leaves REPLACE_PATH (``fire``).
+    replacing: bool = False
+    # The next stop of its worker cuts the running requests at once (a disable with ``now``).
+    stop_now: bool = False
 
     @property
     def state(self) -> State:
         return self.life.state
+
+
+# The states a replacement passes through, old worker stopping to new worker loading: a
+# replacement that leaves them (a crash while loading, held for memory, disabled) has ended.
+REPLACE_PATH: frozenset[State] = frozenset({"stopping", "discovered", "enabled", "starting"})
+
+
+class Drainer(Protocol):
+    """What the runtime asks of the side that holds the requests (inference.py) around a stop."""
+
+    def changed(self, ex: Executor) -> None:
+        """``ex``'s state or ``replacing`` changed: open, close or empty its admission accordingly."""
+
+    async def drain_worker(self, ex: Executor, worker: WorkerProcess, *, reason: str, timeout_s: float,
+                           cut_reason: str) -> None:
+        """Let ``worker``'s requests finish for ``timeout_s``, then cut the rest (``cut_reason``); journaled."""
+
+    def hurry(self, ex: Executor) -> None:
+        """Cut ``ex``'s drain in progress short: its running requests are cut now (disable with now)."""
+
+
+def _serves(worker: WorkerProcess) -> bool:
+    """The worker said Ready and is still alive: it may hold requests worth draining."""
+    ready = worker.ready
+    return ready.done() and not ready.cancelled() and ready.exception() is None and not worker.exit.done()
 
 
 class Background:
@@ -134,6 +175,8 @@ class Runtime:
         self._background = background
         self._wake = asyncio.Event()
         self._changed = asyncio.Condition()
+        # Set by the node to its inference part: admission follows each change, and a stop drains.
+        self.drainer: Drainer | None = None
 
     def get(self, executor_id: str) -> Executor:
         ex = self.executors.get(executor_id)
@@ -163,17 +206,18 @@ class Runtime:
             elif ex.state == "crashed":
                 ex.restart_at = now  # its backoff was spent while the node was down
         # Reasons for states that carry one (invalid, failed, waiting, missing) come from the last
-        # transition; "auto" safe mode from the last transition that set it.
-        for ev in await self.journal.read(types=["transition"]):
-            ex = self.executors.get(ev.stream)
-            if ex is None or not isinstance(ev.body, Transition):
+        # transition into that state; "auto" safe mode from the last transition that set it. The
+        # journal keeps that fold (its notes: the newest checkpoint's, then the transitions since),
+        # so a start reads no transition older than the checkpoint.
+        for eid, notes in self.journal.notes().items():
+            ex = self.executors.get(eid)
+            if ex is None:
                 continue
-            if ev.body.dst == ex.state:
-                ex.reason = ev.body.reason
-            if ev.body.safe_mode is not None:
-                ex.safe = ev.body.safe_mode
-                if ev.body.trigger == "crash":
-                    ex.safe_reason = ev.body.reason
+            if ex.state in notes.reasons:
+                ex.reason = notes.reasons[ex.state]
+            if notes.safe_mode is not None:
+                ex.safe = notes.safe_mode
+                ex.safe_reason = notes.safe_reason
 
     # -- transitions -----------------------------------------------------------------------
 
@@ -187,6 +231,11 @@ class Runtime:
             await self.journal.append(ex.id, Transition(trigger=trigger, src=src, dst=dst, **details))  # type: ignore[arg-type]
             ex.life.fire(trigger)
             ex.reason = str(details.get("reason", ""))
+            if ex.replacing and (dst == "running" or dst not in REPLACE_PATH):
+                ex.replacing = False
+            # In the same step as the move: no request can slip between the state and its admission.
+            if self.drainer is not None:
+                self.drainer.changed(ex)
         log.info("executor %s: %s → %s (%s)%s", ex.id, src, dst, trigger,
                  f": {ex.reason}" if ex.reason else "")
         self._wake.set()
@@ -208,7 +257,21 @@ class Runtime:
         """Journal what the operator wants for ``ex``, then hold it; the loop acts on it."""
         await self.journal.append(ex.id, DesiredChanged(enabled=enabled, settings=settings, by=by))
         ex.enabled, ex.settings = enabled, settings
+        if enabled:
+            ex.stop_now = False
+        elif ex.replacing:
+            ex.replacing = False  # no new worker follows: whoever waits for one is told so now
+            if self.drainer is not None:
+                self.drainer.changed(ex)
         self._wake.set()
+
+    async def disable(self, ex: Executor, by: str, now: bool = False) -> None:
+        """Want ``ex`` stopped; its worker drains first unless ``now`` (then its requests are cut at once)."""
+        if now:
+            ex.stop_now = True
+            if self.drainer is not None:
+                self.drainer.hurry(ex)  # a drain already under way (an earlier disable) ends now
+        await self.desire(ex, False, ex.settings, by)
 
     async def enable(self, ex: Executor, by: str) -> None:
         await self.desire(ex, True, ex.settings, by)
@@ -236,7 +299,8 @@ class Runtime:
                  and ex.worker_key != (wanted, ex.info.size_bytes, ex.info.mtime_ns))
         return Facts(state=ex.state, enabled=ex.enabled, crash_times=tuple(ex.crash_times),
                      restart_at=ex.restart_at, estimate_bytes=estimate_bytes(ex.info, wanted.n_ctx),
-                     stale=stale, safe_mode=safe_mode_setting(ex.settings, self.settings.model_defaults))
+                     stale=stale, safe_mode=safe_mode_setting(ex.settings, self.settings.model_defaults),
+                     replacing=ex.replacing)
 
     def facts(self) -> dict[str, Facts]:
         return {eid: self.fact(ex) for eid, ex in self.executors.items()}
@@ -273,8 +337,12 @@ class Runtime:
             await self.fire(ex, action.trigger, reason=action.reason)
             await self._launch(ex)
         elif action.trigger == "stop":
+            if ex.enabled and ex.state == "running":
+                # Stale: a new worker follows. Set before the stop transition, whose step closes
+                # the admission, so from then on new requests queue for the new worker.
+                ex.replacing = True
             await self.fire(ex, "stop", reason=action.reason)
-            self._background.spawn(self.stop_worker(ex, reason=action.reason), f"stop-{ex.id}")
+            self._background.spawn(self.stop_worker(ex, reason=action.reason, drain=True), f"stop-{ex.id}")
         elif action.trigger == "hold" and ex.state == "waiting" and ex.reason == action.reason:
             return
         else:
@@ -288,9 +356,13 @@ class Runtime:
         try:
             worker = await WorkerProcess.spawn(ex.id, wanted, self._on_worker_exit,
                                                heartbeat_interval_s=rs.heartbeat_interval_s,
-                                               heartbeat_timeout_s=rs.heartbeat_timeout_s)
+                                               heartbeat_timeout_s=rs.heartbeat_timeout_s,
+                                               # Read at each beat: a configure or reload applies at once.
+                                               stall_timeout_s=lambda: stall_timeout(ex.settings,
+                                                                                     self.settings.model_defaults))
         except OSError as exc:
-            await self._crashed(ex, on_spawn_failed(self.fact(ex), str(exc), self.clock(), rs, random.random()))
+            await self._crashed(ex, on_spawn_failed(self.fact(ex), str(exc), self.clock(), rs, random.random()),
+                                cause="spawn_failed")
             return
         ex.worker, ex.worker_key = worker, (wanted, ex.info.size_bytes, ex.info.mtime_ns)
         self._background.spawn(self._await_ready(ex, worker), f"ready-{ex.id}")
@@ -315,7 +387,13 @@ class Runtime:
             await self.fire(ex, "ready", pid=ready.pid, reason=reason, safe_mode=ready.safe_mode)
             ex.safe = ready.safe_mode
 
-    async def stop_worker(self, ex: Executor, reason: str) -> None:
+    async def stop_worker(self, ex: Executor, reason: str, *, drain: bool = False) -> None:
+        """Stop ``ex``'s worker; with ``drain``, a worker that serves lets its requests finish first.
+
+        The drain (``Drainer.drain_worker``) is bounded by ``drain_timeout_s`` (0 after a disable
+        with ``now``); what runs past it is cut. A node that stops does not drain here: the
+        service drained before (SIGTERM, ``drain_deadline_s``).
+        """
         worker = ex.worker
         if worker is None:
             return
@@ -323,6 +401,11 @@ class Runtime:
             if ex.state in SERVING:
                 with contextlib.suppress(IllegalTransition):
                     await self.fire(ex, "stop", reason=reason)
+            if drain and self.drainer is not None and _serves(worker):
+                now, ex.stop_now = ex.stop_now, False
+                await self.drainer.drain_worker(ex, worker, reason=reason,
+                                                timeout_s=0.0 if now else self.settings.drain_timeout_s,
+                                                cut_reason="disabled" if now else "drain_timeout")
         finally:
             # Even when the stop cannot be journaled (a full disk): no worker outlives its node.
             await worker.stop(self.settings.restart.stop_grace_s)
@@ -339,7 +422,7 @@ class Runtime:
             ex.after_stop = (trigger, reason)
             if ex.state != "stopping":
                 await self.fire(ex, "stop", reason=reason)
-                self._background.spawn(self.stop_worker(ex, reason=reason), f"stop-{ex.id}")
+                self._background.spawn(self.stop_worker(ex, reason=reason, drain=True), f"stop-{ex.id}")
         elif allowed(ex.state, trigger) is not None:
             await self.fire(ex, trigger, reason=reason)
 
@@ -392,12 +475,20 @@ class Runtime:
         decision = on_exit(self.fact(ex), info, self.clock(), self.settings.restart, random.random())
         if decision.safe_mode:
             log.warning("executor %s: %s; restarting it in SAFE MODE", ex.id, decision.reason)
-        await self._crashed(ex, decision, phase=info.phase, batch_tokens=info.batch_tokens,
-                            batch_seqs=info.batch_seqs, requests=list(info.requests), **details)
+        try:
+            await self._crashed(ex, decision, cause=info.cause, phase=info.phase, batch_tokens=info.batch_tokens,
+                                batch_seqs=info.batch_seqs, requests=list(info.requests), **details)
+        except IllegalTransition:
+            if ex.state != "stopping":
+                raise
+            # A stop was fired while this crash waited for the executor's lock: the worker is gone,
+            # so that stop is complete; journal it as such rather than drop the exit.
+            await self._after_exit(ex, info)
+            return
         if decision.give_up:
             log.error("executor %s: failed: %s", ex.id, decision.give_up)
 
-    async def _crashed(self, ex: Executor, d: ExitDecision, **details: object) -> None:
+    async def _crashed(self, ex: Executor, d: ExitDecision, *, cause: str, **details: object) -> None:
         """Journal the crash as the reconciler decided it, and apply the decision.
 
         A crash that cannot be journaled changes nothing: it is counted once, when the retry
@@ -410,8 +501,9 @@ class Runtime:
         try:
             await self.fire(ex, "crash", reason=d.reason, restart_in_s=d.restart_in_s, safe_mode=d.safe_mode,
                             **details)
+            ex.crashes[cause] += 1
             if d.give_up:
                 await self.fire(ex, "give_up", reason=d.give_up)
-        except JournalError:
+        except (JournalError, IllegalTransition):
             ex.crash_times, ex.restart_at, ex.safe, ex.safe_reason = before
             raise

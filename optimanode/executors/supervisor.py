@@ -10,6 +10,14 @@ How it works:
   keeps the last lines for the crash event. Each worker inherits a small unlinked file (a memfd
   on Linux), its black box, where it notes what it is doing before every ``llama_decode``; after
   the process ended, ``read_blackbox`` gives the phase, batch and request ids to ``ExitInfo``.
+* The stall watch: each ``Pong`` carries the worker's decode progress (``optimanode/worker/
+  progress.py``), since its reader thread answers even while the decode thread is stuck inside
+  llama.cpp. With requests pending and no step for the model's ``stall_timeout_s``
+  (``stall_reason``), the heartbeat task kills the worker as ``stalled``: its streams get
+  ``worker_crashed`` (``cause`` "stalled") at once, without waiting for the process to be reaped,
+  and the crash event names the step it was stuck in (the black box).
+* ``abort`` ends one request's stream with a given error and cancels it at the worker (a
+  request's deadline, ``optimanode/inference.py``).
 * When the process ends, for whatever reason, every request still in flight on it gets a
   ``WorkerCrashed`` error at once (exit code or signal in its details): nothing waits on a dead
   worker. Then ``on_exit`` tells the runtime (``runtime.py``), which journals the crash or the
@@ -46,6 +54,7 @@ from optimanode.protocol import (
     Generate,
     InferenceRequest,
     Ping,
+    Pong,
     Ready,
     Shutdown,
     WorkerSettings,
@@ -57,6 +66,23 @@ log = logging.getLogger(__name__)
 
 # Room for the worker's faulthandler report (every thread's stack) after a fatal signal.
 STDERR_TAIL_LINES = 40
+# How a stall kill's reason starts (ExitInfo.killed_for, the crash reason, WorkerCrashed's cause).
+STALLED = "stalled"
+# Why a worker ended, in one word (ExitInfo.cause; "spawn_failed": it never started). "killed" is a
+# signal nobody here sent (the kernel's OOM killer, an operator); "exited": it exited by itself.
+CRASH_CAUSES = ("fatal_signal", "killed", "exited", "heartbeat_timeout", "stalled", "load_timeout",
+                "protocol_error", "spawn_failed")
+# The stall watch's timeout when the runtime gives none (config.ModelDefaults.stall_timeout_s).
+DEFAULT_STALL_TIMEOUT_S = 120.0
+
+
+def stall_reason(progress: Pong | None, timeout_s: float) -> str:
+    """Why a worker whose last heartbeat said ``progress`` is hung, or "" while it is not."""
+    if progress is None or progress.pending <= 0 or progress.since_step_s < timeout_s:
+        return ""
+    n = progress.pending
+    return (f"{STALLED}: no decode step for {progress.since_step_s:.1f} s with {n} request{'s' if n > 1 else ''} "
+            f"pending (stall_timeout_s {timeout_s:g}; {progress.steps} steps before)")
 
 
 @dataclass(frozen=True)
@@ -81,9 +107,30 @@ class ExitInfo:
     safe_mode: bool = False
 
     @property
+    def stalled(self) -> bool:
+        """Killed by the stall watch: its decode made no progress with requests pending."""
+        return self.killed_for.startswith(STALLED)
+
+    @property
     def fatal_signal(self) -> bool:
         """Died of a fault in native code (a kernel, a bad instruction), not of a kill or an exit."""
         return self.signal in FATAL_SIGNALS and not self.killed_for
+
+    @property
+    def cause(self) -> str:
+        """Why it ended, as one of CRASH_CAUSES (the label of the crash counters, optimanode/openmetrics.py)."""
+        k = self.killed_for
+        if self.stalled:
+            return "stalled"
+        if k.startswith("no heartbeat"):
+            return "heartbeat_timeout"
+        if k.startswith("not ready after"):
+            return "load_timeout"
+        if k == "protocol error":
+            return "protocol_error"
+        if self.fatal_signal:
+            return "fatal_signal"
+        return "killed" if self.signal is not None else "exited"
 
     def signal_name(self) -> str:
         try:
@@ -93,7 +140,10 @@ class ExitInfo:
 
     def describe(self) -> str:
         what = f"killed by {self.signal_name()}" if self.signal is not None else f"exited with code {self.exit_code}"
-        return f"worker {self.pid} {what}" + self.doing() + (f" ({self.killed_for})" if self.killed_for else "")
+        text = f"worker {self.pid} {what}" + self.doing()
+        if self.stalled:  # the cause first: "stalled: ...; worker N killed by SIGKILL in llama_decode ..."
+            return f"{self.killed_for}; {text}"
+        return text + (f" ({self.killed_for})" if self.killed_for else "")
 
     def doing(self) -> str:
         """" in llama_decode during prompt evaluation of a 31-token batch (request X)", or ""."""
@@ -156,7 +206,8 @@ class WorkerProcess:
 
     def __init__(self, executor_id: str, settings: WorkerSettings, proc: asyncio.subprocess.Process,
                  on_exit: Callable[[WorkerProcess, ExitInfo], Awaitable[None]],
-                 heartbeat_interval_s: float, heartbeat_timeout_s: float) -> None:
+                 heartbeat_interval_s: float, heartbeat_timeout_s: float,
+                 stall_timeout_s: float | Callable[[], float] = DEFAULT_STALL_TIMEOUT_S) -> None:
         self.executor_id = executor_id
         self.settings = settings
         self.proc = proc
@@ -169,6 +220,10 @@ class WorkerProcess:
         self._on_exit = on_exit
         self._hb_interval, self._hb_timeout = heartbeat_interval_s, heartbeat_timeout_s
         self._last_pong = time.monotonic()
+        # Read at each beat, so a configure changes it without a restart.
+        self._stall_timeout = stall_timeout_s if callable(stall_timeout_s) else (lambda: stall_timeout_s)
+        # The last heartbeat answer: the worker's decode progress.
+        self.progress: Pong | None = None
         self._killed_for = ""
         self._tasks: list[asyncio.Task[None]] = []
         self._waiter: asyncio.Task[None]
@@ -181,6 +236,7 @@ class WorkerProcess:
     async def spawn(cls, executor_id: str, settings: WorkerSettings,
                     on_exit: Callable[[WorkerProcess, ExitInfo], Awaitable[None]], *,
                     heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float = 10.0,
+                    stall_timeout_s: float | Callable[[], float] = DEFAULT_STALL_TIMEOUT_S,
                     python: str = sys.executable) -> WorkerProcess:
         env = dict(os.environ)
         # The worker must import this very package, wherever the node was started from.
@@ -209,7 +265,7 @@ class WorkerProcess:
             raise
         finally:
             os.close(out_w)
-        worker = cls(executor_id, settings, proc, on_exit, heartbeat_interval_s, heartbeat_timeout_s)
+        worker = cls(executor_id, settings, proc, on_exit, heartbeat_interval_s, heartbeat_timeout_s, stall_timeout_s)
         worker._blackbox = box
         try:
             _, worker._frames = await loop.connect_read_pipe(lambda: _FrameReader(worker),
@@ -253,6 +309,8 @@ class WorkerProcess:
                         self.cancel(msg.id)  # the request is over for its caller: free the slot
                     return
             stream.queue.put_nowait(msg)
+        elif isinstance(msg, Pong):
+            self.progress = msg
         elif isinstance(msg, Ready):
             if not self.ready.done():
                 self.ready.set_result(msg)
@@ -299,6 +357,14 @@ class WorkerProcess:
             if time.monotonic() - self._last_pong > self._hb_timeout:
                 self._kill(f"no heartbeat for {self._hb_timeout:g} s")
                 return
+            stalled = stall_reason(self.progress, self._stall_timeout())
+            if stalled:
+                log.error("worker %s of %s: %s; killing it", self.pid, self.executor_id, stalled)
+                self._kill(stalled)
+                # Its streams end now: a process stuck in a driver call may take long to reap.
+                self._fail_streams(WorkerCrashed(f"{stalled}; worker {self.pid} killed",
+                                                 executor=self.executor_id, cause=STALLED))
+                return
 
     async def _wait_exit(self) -> None:
         rc = await self.proc.wait()
@@ -325,9 +391,8 @@ class WorkerProcess:
             safe_mode=self.settings.safe_mode, **box,  # type: ignore[arg-type]
         )
         err = WorkerCrashed(info.describe(), executor=self.executor_id, exit_code=info.exit_code,
-                            signal=info.signal)
-        for stream in self._streams.values():
-            stream.queue.put_nowait(err)
+                            signal=info.signal, cause=STALLED if info.stalled else None)
+        self._fail_streams(err)
         if not self.ready.done():
             self.ready.set_exception(err)
             self.ready.exception()  # mark retrieved: nobody may be waiting
@@ -336,6 +401,12 @@ class WorkerProcess:
             await self._on_exit(self, info)
         except Exception:
             log.exception("on_exit handler failed for %s", self.executor_id)
+
+    def _fail_streams(self, err: RequestError) -> None:
+        """End every request in flight with ``err`` (a stream already ended ignores a second one)."""
+        for stream in self._streams.values():
+            stream.sink = None
+            stream.queue.put_nowait(err)
 
     def _kill(self, why: str) -> None:
         if self.proc.returncode is None:
@@ -364,6 +435,9 @@ class WorkerProcess:
         try:
             if self.exit.done():
                 raise WorkerCrashed(self.exit.result().describe(), executor=self.executor_id)
+            if self._killed_for.startswith(STALLED):  # killed, maybe not reaped yet: nothing more goes to it
+                raise WorkerCrashed(f"worker {self.pid} is being killed ({self._killed_for})",
+                                    executor=self.executor_id, cause=STALLED)
             self._send(Generate(id=request_id, request=request))
             while True:
                 msg = await stream.queue.get()
@@ -407,6 +481,18 @@ class WorkerProcess:
         if request_id in self._streams and not self.exit.done():
             with contextlib.suppress(RequestError):
                 self._send(Cancel(id=request_id))
+
+    def abort(self, request_id: str, error: RequestError) -> None:
+        """End ``request_id``'s stream now with ``error`` (its caller gets it next) and stop its decoding.
+
+        The worker still ends the request (``Done`` cancelled); that late answer goes nowhere.
+        """
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        self.cancel(request_id)
+        stream.sink = None  # no chunk after the error
+        stream.queue.put_nowait(error)
 
     # -- stopping ----------------------------------------------------------------------------
 

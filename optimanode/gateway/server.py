@@ -26,7 +26,10 @@ How it works:
   needs no restart).
 * After the Welcome, a ``Session`` (gateway/session.py) serves the connection: the connection hands
   it every message from its read callback (``Session.on_frame``). Several Gateways may be connected
-  at once; each has its own session, queue and tasks.
+  at once; each has its own session, queue and tasks. A session is one INFO line ("Gateway 'gw'
+  connected from ADDR (session SID)"); its end is INFO only when the close was not clean.
+  websockets' own per-connection INFO lines go to DEBUG with the address and session as fields
+  (``_LinkLog``), so a busy node's log is not a line per handshake step.
 * ``stop`` ends every session at once: its running requests get ``shutting_down`` (and are
   cancelled on the workers), then close code 1001; connections still in their handshake are closed
   with 1001 too (or cut, before the upgrade); then the listener closes. For a graceful stop,
@@ -75,6 +78,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _ws_log = logging.getLogger("optimanode.gateway.websockets")
 
+
+class _LinkLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """websockets' logger for one connection: its INFO lines ("connection open", "connection closed",
+    "connection rejected") go to DEBUG, with the peer's address and, once there is one, the session.
+
+    The node writes the one INFO line a Gateway's connection is worth itself (``NodeConnection._serve``);
+    websockets' warnings and errors keep their level.
+    """
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:
+        super().log(logging.DEBUG if level == logging.INFO else level, msg, *args, **kwargs)  # type: ignore[arg-type]
+
+
 SAMPLE_REUSE_S = 0.1
 CLOSE_INTERNAL_ERROR = 1011
 # A locked-out address gets the WebSocket close 4008 ("retry in N s") this many times per lockout;
@@ -99,7 +115,9 @@ class NodeConnection(LinkProtocol):
     """
 
     def __init__(self, server: GatewayServer) -> None:
-        super().__init__(Link.server(max_frame_bytes=server.max_frame_bytes, logger=_ws_log,
+        # Fields of websockets' log lines for this connection; filled in as they become known.
+        self.log_fields: dict[str, object] = {"peer": "?"}
+        super().__init__(Link.server(max_frame_bytes=server.max_frame_bytes, logger=_LinkLog(_ws_log, self.log_fields),
                                      ping_interval_s=server.ping_interval_s, ping_timeout_s=server.ping_timeout_s,
                                      send_buffer_bytes=server.send_buffer_bytes))
         self.server = server
@@ -116,6 +134,7 @@ class NodeConnection(LinkProtocol):
         assert isinstance(transport, asyncio.Transport)
         srv = self.server
         self.addr = _address(transport.get_extra_info("peername"))
+        self.log_fields["peer"] = self.addr
         if not srv._admit(self.addr):
             transport.abort()
             return
@@ -237,13 +256,17 @@ class NodeConnection(LinkProtocol):
     async def _serve(self, session: Session) -> None:
         srv = self.server
         srv.sessions.add(session)
+        self.log_fields["session"] = session.sid
+        # The one INFO line of a connection; its clean end (1000, 1001, or ours still closing) is DEBUG.
         log.info("Gateway %r connected from %s (session %s)", session.gateway_id, self.addr, session.sid)
         try:
             await session.run()
         finally:
             srv.sessions.discard(session)
-            log.info("Gateway %r disconnected (session %s, close code %s)", session.gateway_id, session.sid,
-                     self.link.close_info()[0])
+            code = self.link.close_info()[0]
+            log.log(logging.DEBUG if code in (None, 1000, 1001) else logging.INFO,
+                    "Gateway %r from %s disconnected (session %s, close code %s)", session.gateway_id, self.addr,
+                    session.sid, code)
 
     # -- the end ----------------------------------------------------------------------------
 

@@ -386,7 +386,7 @@ class Session:
         if isinstance(msg, Enable):
             return ModelStatus(id=msg.id, status=await node.enable(msg.model, by=self.by))
         if isinstance(msg, Disable):
-            return ModelStatus(id=msg.id, status=await node.disable(msg.model, by=self.by))
+            return ModelStatus(id=msg.id, status=await node.disable(msg.model, by=self.by, now=msg.now))
         if isinstance(msg, Configure):
             return ModelStatus(id=msg.id, status=await node.configure(msg.model, msg.settings, by=self.by))
         if isinstance(msg, Rescan):

@@ -10,10 +10,11 @@ says how its part works:
 * ``slots``     slot state and the pure choices: which slot, which moves, which batch
 * ``text``      ``TextStream``: token bytes to whole-character chunks, stop strings
 * ``jobs``      the request queue between the reader thread and the loop; ``Done`` timings
+* ``progress``  the loop's decode steps, reported in each heartbeat answer (the stall watch)
 * ``framing``   ``read_frame`` and the frame writer
 * ``blackbox``  what the worker is doing, for the crash event; the tests' fault injection
 * ``log``       stderr lines, the trace switch, exit codes
 
 This package imports nothing itself, so ``from optimanode.worker.text import TextStream`` (or
-jobs, framing, slots, blackbox, log) works without llama_cpp.
+jobs, progress, framing, slots, blackbox, log) works without llama_cpp.
 """

@@ -3,7 +3,8 @@
 The supervisor passes an unlinked file of ``BLACKBOX_SIZE`` bytes as an inherited descriptor
 (``OPTIMANODE_WORKER_BLACKBOX_FD``); ``_blackbox`` maps it and the engine writes one record before
 each ``llama_decode``. ``optimanode.executors.supervisor.read_blackbox`` reads the last one after
-the process died. ``_fault_injection`` makes the warm-up die of a real signal, for tests only.
+the process died. For tests only: ``_fault_injection`` makes the warm-up die of a real signal,
+``_decode_hang`` blocks the decode thread for good while the reader thread answers heartbeats.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -78,3 +80,41 @@ def _fault_injection(safe_mode: bool) -> None:
     sig = {"sigill": signal.SIGILL, "sigbus": signal.SIGBUS}.get(kind)
     if sig is not None:
         os.kill(os.getpid(), sig)
+
+
+class _DecodeHang:
+    """Tests only: ``OPTIMANODE_TEST_FAULT=decode-hang:PATH`` blocks the decode thread for good.
+
+    A worker that starts while the file PATH exists takes it (removes it, so only that worker
+    hangs and the model's next one serves) and reads N from it (empty: 0): it serves N decode
+    steps, then blocks its decode thread right after the black box recorded the next step as
+    "in llama_decode", as a kernel wedged inside llama.cpp would. The reader thread goes on
+    answering heartbeats, so only the supervisor's stall watch can notice. Unset in production:
+    one comparison a step.
+    """
+
+    def __init__(self) -> None:
+        self.after: int | None = None
+
+    def arm_from_env(self) -> None:
+        fault = os.environ.get("OPTIMANODE_TEST_FAULT", "")
+        if not fault.startswith("decode-hang:"):
+            return
+        path = fault.removeprefix("decode-hang:")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read().strip()
+            os.unlink(path)  # taken: the next worker of this model finds nothing
+        except OSError:
+            return
+        self.after = int(text) if text.isdigit() else 0
+        _log(f"OPTIMANODE_TEST_FAULT={fault}: the decode thread blocks after {self.after} steps")
+
+    def check(self, steps: int) -> None:
+        """Before a step's llama_decode: block for good once ``steps`` steps are done."""
+        if self.after is not None and steps >= self.after:
+            _log(f"OPTIMANODE_TEST_FAULT: the decode thread blocks at step {steps + 1}")
+            threading.Event().wait()
+
+
+_decode_hang = _DecodeHang()

@@ -7,8 +7,11 @@ persistent CPU threadpool (``_Threadpool``), warms up (``Engine._warm_up``: ever
 will run, before Ready) and then ``serve``s: each loop step takes what the reader queued, ends
 cancelled requests, admits waiting ones into free slots (``slots.choose_slot``), keeps the running
 sequences consecutive (``slots.compaction_moves``), builds one batch (``slots.plan_step``), calls
-``llama_decode`` once and samples every sequence that has a logits row (its own sampler chain, or
-``_argmax`` for plain greedy). docs/architecture.md, "The worker, step by step", has the details.
+``llama_decode`` once and samples every sequence that has a logits row (its own sampler chain,
+``_argmax`` for plain greedy, or ``_Constrained`` under a response_format's grammar, compiled by
+``_grammar`` before the request takes a slot). Chats are rendered by the operator's template (a
+llama.cpp built-in name, ``_BuiltinChat``, or Jinja text), else the GGUF's, else ``chatml``.
+docs/architecture.md, "The worker, step by step", has the details.
 
 llama.cpp functions are always called as attributes of the ``llama_cpp`` module
 (``llama_cpp.llama_decode(...)``), so a test that patches the module is seen here.
@@ -18,9 +21,11 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import json
 import os
 import secrets
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -29,12 +34,14 @@ from typing import Any
 import numpy as np
 
 import llama_cpp
+from llama_cpp import llama_grammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from optimanode import protocol as p
-from optimanode.worker.blackbox import _blackbox, _fault_injection
+from optimanode.worker.blackbox import _blackbox, _decode_hang, _fault_injection
 from optimanode.worker.jobs import _done, _Job, _Jobs, _Reject
 from optimanode.worker.log import TRACE, _log
+from optimanode.worker.progress import Progress
 from optimanode.worker.slots import _Run, _Slot, choose_slot, compaction_moves, plan_step
 from optimanode.worker.text import TextStream
 
@@ -52,6 +59,8 @@ WARMUP_TEXT = (b"The quick brown fox jumps over the lazy dog. A journey of a tho
 
 # The last error lines llama.cpp logged, to name the reason of a failed load.
 _llama_errors: collections.deque[str] = collections.deque(maxlen=16)
+# Lists that _StderrCapture blocks open: error lines logged meanwhile are appended to each.
+_log_captures: list[list[str]] = []
 
 
 @llama_cpp.llama_log_callback
@@ -62,6 +71,8 @@ def _on_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         line = text.decode("utf-8", "replace").rstrip()
         if line:
             _llama_errors.append(line)
+            for capture in _log_captures:
+                capture.append(line)
             _log(f"llama.cpp: {line}")
 
 
@@ -162,11 +173,14 @@ class _Threadpool:
 class Engine:
     """The model, one llama.cpp context with ``parallel`` sequences, and the loop serving them.
 
-    ``send_many`` receives the messages of each step (chunks, Done, Failed) in order.
+    ``send_many`` receives the messages of each step (chunks, Done, Failed) in order; ``progress``
+    counts the serving steps, for the heartbeat (``progress.py``).
     """
 
-    def __init__(self, settings: p.WorkerSettings, send_many: Callable[[list[Any]], None]) -> None:
+    def __init__(self, settings: p.WorkerSettings, send_many: Callable[[list[Any]], None],
+                 progress: Progress | None = None) -> None:
         self._send_many = send_many
+        self.progress = progress if progress is not None else Progress()
         self._out: list[Any] = []
         self._jobs: _Jobs | None = None
         self._waiting: collections.deque[_Job] = collections.deque()
@@ -176,6 +190,9 @@ class Engine:
         self.prompt_tokens_evaluated = 0
 
         llama_cpp.llama_backend_init()
+        # A template the operator set is checked before the model loads, so a bad one fails the
+        # load with its own message (not with the last line llama.cpp logged).
+        self._chat_setting = check_chat_template(settings.chat_template)
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = settings.n_gpu_layers
         # Safe mode: no extra buffer types (the CPU "repack" and AMX buffers, what llama-server's
@@ -237,15 +254,7 @@ class Engine:
             self.batch.n_seq_id[i] = 1
         self._piece_buf = ctypes.create_string_buffer(256)
         self._tok_buf = (llama_cpp.llama_token * 4096)()
-        self.chat: Jinja2ChatFormatter | None = None
-        template = llama_cpp.llama_model_chat_template(self.model, None)
-        if template:
-            self.chat = Jinja2ChatFormatter(
-                template=template.decode("utf-8", "replace"),
-                eos_token=self._token_text(llama_cpp.llama_vocab_eos(self.vocab)),
-                bos_token=self._token_text(llama_cpp.llama_vocab_bos(self.vocab)),
-                add_generation_prompt=True,
-            )
+        self.chat, self.chat_template_in_force = self._chat_formatter()
         t0 = time.monotonic()
         self.warmup = self._warm_up()
         self.warmup_s = time.monotonic() - t0
@@ -295,10 +304,8 @@ class Engine:
     def prompt_tokens(self, request: p.InferenceRequest) -> list[int]:
         if isinstance(request, p.CompletionRequest):
             return self.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True)
-        if self.chat is None:
-            raise _Reject("bad_request", "model has no chat template")
         try:
-            text = self.chat(messages=[{"role": m.role, "content": m.content} for m in request.messages]).prompt
+            text = self.chat([{"role": m.role, "content": m.content} for m in request.messages])
         except Exception as exc:  # the template's raise_exception, e.g. roles out of order
             raise _Reject("bad_request", f"chat template: {exc}") from exc
         tokens = self.tokenize(text.encode("utf-8"), add_bos=False, special=True)
@@ -309,14 +316,51 @@ class Engine:
             tokens.insert(0, bos)
         return tokens
 
+    def _chat_formatter(self) -> tuple[Callable[[list[dict[str, str]]], str], str]:
+        """How chats are rendered, and its name for Ready: the operator's built-in name or Jinja
+        text ("custom"), else the GGUF's own template ("file"), else FALLBACK_CHAT_TEMPLATE."""
+        kind, value = self._chat_setting
+        if kind == "builtin":
+            return _BuiltinChat(value), value
+        if kind == "jinja":
+            return self._jinja_chat(value), "custom"
+        template = llama_cpp.llama_model_chat_template(self.model, None)
+        if template:
+            return self._jinja_chat(template.decode("utf-8", "replace")), "file"
+        return _BuiltinChat(FALLBACK_CHAT_TEMPLATE), FALLBACK_CHAT_TEMPLATE
+
+    def _jinja_chat(self, template: str) -> Callable[[list[dict[str, str]]], str]:
+        formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=self._token_text(llama_cpp.llama_vocab_eos(self.vocab)),
+            bos_token=self._token_text(llama_cpp.llama_vocab_bos(self.vocab)),
+            add_generation_prompt=True,
+        )
+        return lambda messages: formatter(messages=messages).prompt
+
     def _sampler(self, params: p.SamplingParams, prompt: list[int]) -> Any:
-        """The request's sampler chain; None for plain greedy, which ``_argmax`` serves."""
+        """The request's sampler chain; None for plain greedy, which ``_argmax`` serves; a
+        ``_Constrained`` (the chain or None, and the grammar) for a response_format.
+
+        The chain: the repeat penalty, then greedy or top-k / top-p / min-p / temperature /
+        dist. Raises _Reject (bad_request) when the grammar does not compile.
+        """
+        grammar = self._grammar(params.response_format) if params.response_format is not None else None
+        chain = self._chain(params, prompt)
+        return chain if grammar is None else _Constrained(chain, grammar, self._row_type)
+
+    def _chain(self, params: p.SamplingParams, prompt: list[int]) -> Any:
         if params.temperature == 0.0 and params.repeat_penalty == 1.0:
             return None
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         if params.repeat_penalty != 1.0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_penalties(
-                self.n_vocab, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0))
+            penalties = llama_cpp.llama_sampler_init_penalties(self.n_vocab, PENALTY_LAST_N, params.repeat_penalty,
+                                                               0.0, 0.0)
+            # The penalty window starts in the prompt (fed to the penalty alone: nothing else
+            # in the chain keeps a history).
+            for token in prompt[-PENALTY_LAST_N:]:
+                llama_cpp.llama_sampler_accept(penalties, token)
+            llama_cpp.llama_sampler_chain_add(chain, penalties)
         if params.temperature == 0.0:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         else:
@@ -327,10 +371,33 @@ class Engine:
                       llama_cpp.llama_sampler_init_temp(params.temperature),
                       llama_cpp.llama_sampler_init_dist(seed % 0xFFFFFFFF)):
                 llama_cpp.llama_sampler_chain_add(chain, s)
-        if params.repeat_penalty != 1.0:  # the penalty window starts in the prompt
-            for token in prompt[-PENALTY_LAST_N:]:
-                llama_cpp.llama_sampler_accept(chain, token)
         return chain
+
+    def _grammar(self, fmt: p.ResponseFormat) -> Any:
+        """llama.cpp's grammar sampler for a response_format, or _Reject(bad_request) with the
+        converter's or the grammar compiler's own message."""
+        if isinstance(fmt, p.JsonSchemaFormat):
+            try:
+                # llama-cpp-python's converter (a port of llama.cpp's json_schema_to_grammar.py).
+                gbnf = _strict_json_chars(llama_grammar.json_schema_to_gbnf(json.dumps(fmt.schema)))
+            except Exception as exc:  # an unsupported or broken schema: KeyError, ValueError, ...
+                raise _Reject("bad_request", f"response_format.schema does not convert to a grammar: "
+                                             f"{type(exc).__name__}: {exc}") from None
+        elif isinstance(fmt, p.JsonObjectFormat):
+            gbnf = llama_grammar.JSON_GBNF
+        else:
+            gbnf = fmt.gbnf
+        # llama.cpp's grammar parser prints its reason to stderr (fd 2), not through the log
+        # callback, which gets only "failed to parse grammar": catch what it prints.
+        with _StderrCapture() as printed:
+            sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, gbnf.encode("utf-8"), b"root")
+        if not sampler:
+            reason = [line for line in printed.text().splitlines() if "error" in line]
+            reason += [line for line in printed.logged if line not in reason]
+            field = "schema" if isinstance(fmt, p.JsonSchemaFormat) else "gbnf"
+            raise _Reject("bad_request", f"response_format.{field}: the grammar does not compile: "
+                                         + ("; ".join(reason) or "llama_sampler_init_grammar failed"))
+        return sampler
 
     def _warm_up(self) -> tuple[int, int, int]:
         """Run every kernel a request will run before Ready, so that one that crashes does so here.
@@ -475,6 +542,9 @@ class Engine:
             per = f" per slot ({len(self.slots)} slots)" if len(self.slots) > 1 else ""
             raise _Reject("context_overflow",
                           f"the prompt is {len(tokens)} tokens; the context window is {self.window}{per}")
+        # Before the request takes a slot: a response_format whose grammar does not compile is
+        # refused here (bad_request), and nothing of a slot has changed.
+        sampler = self._sampler(params, tokens)
         # Longest shared prefix, then fewest runs of running ids, then the lowest (slots.choose_slot).
         slot, n_common = choose_slot(free, [s.seq for s in self.slots if s.run is not None], tokens)
         if n_common < len(slot.cached):
@@ -488,7 +558,7 @@ class Engine:
         job_id = job.id
         slot.run = _Run(
             job=job, prompt=tokens, max_tokens=min(params.max_tokens, room),
-            sampler=self._sampler(params, tokens),
+            sampler=sampler,
             stream=TextStream(params.stop, lambda text, n: out.append(p.Chunk(id=job_id, text=text, tokens=n))),
             order=self._order, reused=n_common, pos=n_common)
         self.prompt_tokens_total += len(tokens)
@@ -564,8 +634,10 @@ class Engine:
         assert b is not None
         _blackbox.enter("prompt evaluation" if any(s.run.chunk for s in plan) else "generation",  # type: ignore[union-attr]
                         b.n_tokens, len(plan), (s.run.job.id for s in plan))  # type: ignore[union-attr]
+        _decode_hang.check(self.progress.steps)
         rc = llama_cpp.llama_decode(self.ctx, b)
         _blackbox.leave()
+        self.progress.stepped()
         if rc == 0:
             self._commit(plan)
         elif rc == 1 and len(plan) > 1:
@@ -596,6 +668,8 @@ class Engine:
     def _sample(self, slot: _Slot, run: _Run) -> None:
         if run.sampler is None:
             token = self._argmax(run.row)
+        elif isinstance(run.sampler, _Constrained):
+            token = run.sampler.sample(self.ctx, run.row)
         else:
             token = llama_cpp.llama_sampler_sample(run.sampler, self.ctx, run.row)
         now = time.monotonic()
@@ -639,6 +713,182 @@ class Engine:
         self._answer(run.job, p.Failed(id=run.job.id, code=code, message=message))
 
 
+# What chats are rendered with where the GGUF has no template and the operator set none: what
+# llama-server falls back to (executors/effective.py names the same one for ExecutorStatus).
+FALLBACK_CHAT_TEMPLATE = "chatml"
+
+
+def builtin_chat_templates() -> list[str]:
+    """The names of the chat templates this llama.cpp build has built in."""
+    n = llama_cpp.llama_chat_builtin_templates(None, 0)
+    names = (ctypes.c_char_p * n)()
+    llama_cpp.llama_chat_builtin_templates(names, n)
+    return [name.decode("utf-8") for name in names]
+
+
+def check_chat_template(setting: str) -> tuple[str, str]:
+    """("builtin", name), ("jinja", text) or ("", "") for the operator's ``chat_template``.
+
+    Raises ValueError naming the problem: a name this build does not know, or Jinja text that
+    does not compile (jinja2's message, with its line).
+    """
+    if not setting:
+        return "", ""
+    names = builtin_chat_templates()
+    if setting in names:
+        return "builtin", setting
+    if "{{" not in setting and "{%" not in setting:
+        raise ValueError(f"chat_template {setting[:64]!r} is neither a template llama.cpp knows "
+                         f"({', '.join(names)}) nor Jinja text")
+    try:
+        Jinja2ChatFormatter(template=setting, eos_token="", bos_token="")
+    except Exception as exc:  # jinja2.TemplateSyntaxError and kin
+        line = getattr(exc, "lineno", None)
+        raise ValueError(f"chat_template does not compile: {exc}" + (f" (line {line})" if line else "")) from None
+    return "jinja", setting
+
+
+class _BuiltinChat:
+    """Renders a chat with one of llama.cpp's built-in templates (``llama_chat_apply_template``),
+    as llama-server does for a model whose file carries none."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name.encode("utf-8")
+        self._buf = ctypes.create_string_buffer(4096)
+
+    def __call__(self, messages: list[dict[str, str]]) -> str:
+        chat = (llama_cpp.llama_chat_message * len(messages))()
+        # The bytes must outlive the call: the structs only point at them.
+        keep = [(m["role"].encode("utf-8"), m["content"].encode("utf-8")) for m in messages]
+        for slot, (role, content) in zip(chat, keep):
+            slot.role, slot.content = role, content
+        for _ in range(2):  # the second time with a buffer of the size it asked for
+            n = llama_cpp.llama_chat_apply_template(self._name, chat, len(messages), True,
+                                                    self._buf, len(self._buf))
+            if n < 0:
+                raise ValueError(f"llama.cpp could not apply the {self._name.decode()!r} template ({n})")
+            if n <= len(self._buf):
+                return self._buf.raw[:n].decode("utf-8", "replace")
+            self._buf = ctypes.create_string_buffer(n)
+        raise RuntimeError("llama_chat_apply_template kept asking for a larger buffer")
+
+
+class _StderrCapture:
+    """What is written to fd 2 (and logged as an error by llama.cpp) while the block runs.
+
+    The worker's own log goes to a private copy of stderr (log._err_fd), so what lands here is
+    what llama.cpp printed (C's stderr is unbuffered); ``text()`` has it after the block.
+    """
+
+    def __enter__(self) -> _StderrCapture:
+        self._file = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
+        self._saved = os.dup(2)
+        sys.stderr.flush()
+        os.dup2(self._file.fileno(), 2)
+        self.logged: list[str] = []
+        self._text = ""
+        _log_captures.append(self.logged)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _log_captures.remove(self.logged)
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        self._text = self._file.read(65536).decode("utf-8", "replace")
+        self._file.close()
+
+    def text(self) -> str:
+        return self._text
+
+
+# llama-cpp-python 0.3.36's schema converter lets a JSON string hold raw control characters (its
+# `char` rule is [^"\\] | escapes), which JSON forbids: json.loads refuses such a reply. llama.cpp's
+# own converter (and json.gbnf) exclude them; the same rule replaces the old one in the output.
+_JSON_CHAR_LOOSE = "char ::= " + llama_grammar.PRIMITIVE_RULES["char"].content
+_JSON_CHAR_STRICT = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+
+
+def _strict_json_chars(gbnf: str) -> str:
+    return "\n".join(_JSON_CHAR_STRICT if line == _JSON_CHAR_LOOSE else line for line in gbnf.split("\n"))
+
+
+# llama_token_data as a numpy record, so a row of logits becomes candidates in one copy.
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+class _Constrained:
+    """Sampling under a grammar, the way llama.cpp's common_sampler does it.
+
+    The grammar sampler costs a walk of its parse stacks for every token of the vocabulary it is
+    applied to (49152 for SmolLM2). So the token is first picked without it (``_argmax``, or the
+    request's chain applied to the full row), then the grammar is applied to that one candidate:
+    if the grammar allows it (it usually does: the model mostly follows the format it is shown),
+    it is taken; otherwise the candidates are rebuilt, the grammar masks the whole row and the
+    pick is made again. Either way the grammar and the chain then accept the token.
+    """
+
+    # False: mask the whole row every token (tools/bench-grammar compares the two).
+    check_first = True
+
+    def __init__(self, chain: Any, grammar: Any, row_type: Any) -> None:
+        self.chain, self.grammar = chain, grammar
+        self._row_type = row_type
+        n = ctypes.sizeof(row_type) // ctypes.sizeof(ctypes.c_float)
+        self._ids = np.arange(n, dtype=np.int32)
+        self._cand = np.zeros(n, dtype=_TOKEN_DATA)
+        self._all = llama_cpp.llama_token_data_array(
+            data=ctypes.cast(self._cand.ctypes.data, ctypes.POINTER(llama_cpp.llama_token_data)),
+            size=n, selected=-1, sorted=False)
+        self._one_data = (llama_cpp.llama_token_data * 1)()
+        self._one = llama_cpp.llama_token_data_array(
+            data=ctypes.cast(self._one_data, ctypes.POINTER(llama_cpp.llama_token_data)),
+            size=1, selected=-1, sorted=False)
+        self.rejected = 0  # picks the grammar refused
+
+    def _logits(self, ctx: Any, row: int) -> np.ndarray:
+        addr = ctypes.cast(llama_cpp.llama_get_logits_ith(ctx, row), ctypes.c_void_p).value
+        return np.frombuffer(self._row_type.from_address(addr), dtype=np.float32)
+
+    def _pick(self, logits: np.ndarray, masked: bool) -> int:
+        if self.chain is None and not masked:
+            return int(logits.argmax())
+        cand, arr = self._cand, self._all
+        cand["id"] = self._ids  # a chain may have sorted the array in place
+        cand["logit"] = logits
+        cand["p"] = 0.0
+        arr.size, arr.selected, arr.sorted = len(cand), -1, False
+        if masked:
+            llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        if self.chain is None:
+            return int(cand["logit"].argmax())  # the grammar does not reorder
+        llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(arr))
+        return int(cand["id"][arr.selected])
+
+    def sample(self, ctx: Any, row: int) -> int:
+        logits = self._logits(ctx, row)
+        if self.check_first:
+            token = self._pick(logits, masked=False)
+            one = self._one_data[0]
+            one.id, one.logit, one.p = token, 0.0, 0.0
+            self._one.size, self._one.selected, self._one.sorted = 1, -1, False
+            llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(self._one))
+        if not self.check_first or one.logit == float("-inf"):
+            self.rejected += 1
+            token = self._pick(logits, masked=True)
+        llama_cpp.llama_sampler_accept(self.grammar, token)
+        if self.chain is not None:
+            llama_cpp.llama_sampler_accept(self.chain, token)
+        return token
+
+    def free(self) -> None:
+        llama_cpp.llama_sampler_free(self.grammar)
+        if self.chain is not None:
+            llama_cpp.llama_sampler_free(self.chain)
+
+
 def _free_sampler(sampler: Any) -> None:
-    if sampler is not None:
+    if isinstance(sampler, _Constrained):
+        sampler.free()
+    elif sampler is not None:
         llama_cpp.llama_sampler_free(sampler)

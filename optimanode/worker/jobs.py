@@ -4,7 +4,8 @@ The reader thread ``add``s a ``_Job`` per ``Generate`` (refused once closed or w
 is unanswered) and ``cancel``s by id (setting the job's flag: the loop notices it within one
 step); ``Shutdown`` ``close``s, which cancels everything taken and queues None. The main thread
 ``take``s what is queued, blocking only when it has nothing to decode, and marks each job
-``finished`` when its final message is queued, which frees the id. ``_Reject`` is a request that
+``finished`` when its final message is queued, which frees the id; ``pending`` says how many are
+taken and unanswered and since when there has been work (the heartbeat's progress report). ``_Reject`` is a request that
 cannot be served as sent (it becomes ``Failed``); ``_done`` builds a request's ``Done`` with its
 usage and timings (``ttft_s`` from the reader taking the frame to the first sampled token).
 """
@@ -44,11 +45,15 @@ class _Jobs:
         self._active: dict[str, _Job] = {}
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.closed = False
+        # When the worker last went from no request to some (None while it has none).
+        self._busy_since: float | None = None
 
     def add(self, job: _Job) -> bool:
         with self._lock:
             if self.closed or job.id in self._active:
                 return False
+            if not self._active:
+                self._busy_since = job.received
             self._active[job.id] = job
         self._queue.put(job)
         return True
@@ -85,6 +90,13 @@ class _Jobs:
     def finished(self, job: _Job) -> None:
         with self._lock:
             self._active.pop(job.id, None)
+            if not self._active:
+                self._busy_since = None
+
+    def pending(self) -> tuple[int, float | None]:
+        """(requests taken and not yet answered, when the worker last went from none to some)."""
+        with self._lock:
+            return len(self._active), self._busy_since
 
     def unanswered(self) -> int:
         with self._lock:

@@ -5,9 +5,11 @@ prints to "stdout" lands on stderr and cannot corrupt the frame stream), makes a
 stderr for ``log._log``, asks for SIGKILL when the parent dies (``PR_SET_PDEATHSIG``, Linux),
 ignores SIGINT, routes llama.cpp's log, enables ``faulthandler`` and opens the black box. It reads
 the ``WorkerSettings`` frame, starts the reader thread (pings answered and EOF noticed while the
-model loads), builds the ``Engine`` (load and warm-up), sends ``Ready`` and serves until
-``Shutdown``. It returns the exit code (``log.EXIT_*``); ``__main__`` ends the process with
-``os._exit``, since the reader thread may sit in a blocking read.
+model loads; each ``Pong`` carries the serving loop's ``Progress``, so a decode stuck in llama.cpp
+shows as work pending with no step, while this thread still answers), builds the ``Engine`` (load
+and warm-up), sends ``Ready`` and serves until ``Shutdown``. It returns the exit code
+(``log.EXIT_*``); ``__main__`` ends the process with ``os._exit``, since the reader thread may
+sit in a blocking read.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ import msgspec
 from optimanode import protocol as p
 from optimanode.constraints import explain
 from optimanode.worker import log
-from optimanode.worker.blackbox import _blackbox
+from optimanode.worker.blackbox import _blackbox, _decode_hang
 from optimanode.worker.engine import Engine, _backend, _llama_errors, route_llama_log
 from optimanode.worker.framing import _StreamBroken, _Writer, read_frame
 from optimanode.worker.jobs import _Job, _Jobs
 from optimanode.worker.log import EXIT_CRASH, EXIT_LOAD, EXIT_OK, EXIT_PROTOCOL, _log
+from optimanode.worker.progress import Progress
 
 
 def _die_with_parent() -> None:
@@ -45,7 +48,7 @@ def _die_with_parent() -> None:
         os._exit(EXIT_OK)
 
 
-def _reader(fd: int, writer: _Writer, jobs: _Jobs) -> None:
+def _reader(fd: int, writer: _Writer, jobs: _Jobs, progress: Progress) -> None:
     try:
         while True:
             try:
@@ -67,7 +70,7 @@ def _reader(fd: int, writer: _Writer, jobs: _Jobs) -> None:
                                          message=f"{path}: expected {expected}" if path else str(exc)))
                 continue
             if isinstance(msg, p.Ping):
-                writer.send(p.Pong(seq=msg.seq))
+                writer.send(progress.pong(msg.seq, *jobs.pending()))
             elif isinstance(msg, p.Cancel):
                 jobs.cancel(msg.id)
             elif isinstance(msg, p.Generate):
@@ -96,6 +99,7 @@ def main() -> int:
     # stderr tail the crash event keeps, before the process dies of that same signal.
     faulthandler.enable(file=log._err_fd, all_threads=True)
     _blackbox.open_from_env()
+    _decode_hang.arm_from_env()
     writer = _Writer(out)
 
     try:
@@ -113,7 +117,8 @@ def main() -> int:
         return EXIT_PROTOCOL
 
     jobs = _Jobs()
-    threading.Thread(target=_reader, args=(0, writer, jobs), name="reader", daemon=True).start()
+    progress = Progress()
+    threading.Thread(target=_reader, args=(0, writer, jobs, progress), name="reader", daemon=True).start()
 
     t0 = time.monotonic()
     _blackbox.enter("loading", 0, 0, ())
@@ -121,7 +126,7 @@ def main() -> int:
         _log(f"cannot load model {settings.model_path}: no such file")
         return EXIT_LOAD
     try:
-        engine = Engine(settings, writer.send_many)
+        engine = Engine(settings, writer.send_many, progress)
     except Exception as exc:
         # llama.cpp logs the root cause first, then "failed to load model" lines around it.
         reason = _llama_errors[0] if _llama_errors else f"{type(exc).__name__}: {exc}"
@@ -134,6 +139,7 @@ def main() -> int:
     _blackbox.enter("idle", 0, 0, ())
     writer.send(p.Ready(pid=os.getpid(), n_ctx=engine.n_ctx, load_s=time.monotonic() - t0,
                         backend=_backend(), chat_template=engine.chat is not None,
+                        chat_template_in_force=engine.chat_template_in_force,
                         warmup_batch=warm_batch, warmup_generated=warm_generated, warmup_seqs=warm_seqs,
                         warmup_s=engine.warmup_s, safe_mode=settings.safe_mode))
     engine.serve(jobs)

@@ -9,6 +9,11 @@ prompts unique to the round (no prefix cache helps). ``pooled`` turns a system's
 into TTFT/TPOT/ITL/tokens-per-second figures, the node's CPU (its own pid, not the worker's) and
 peak RSS are read around its runs, ``ratios`` takes medians of per-round ratios, and
 ``compare_targets`` judges the targets of issue #4. ``print_compare`` is the table.
+
+``--baseline-tree DIR`` adds a second node, ``node@base``, run from another checkout (e.g.
+``git worktree add /tmp/base <commit>``) in the same rounds, so a change to the node is judged by
+per-round ratios in one run (``node/node@base``: tokens/s and the node process's CPU per token)
+rather than by figures from two runs on a shared machine.
 """
 
 from __future__ import annotations
@@ -291,6 +296,16 @@ async def compare_level(args: argparse.Namespace, model: str, n: int, direct: Di
         if server:
             systems["llama-server"] = server
         results: dict[str, list[list[Stream]]] = {k: [] for k in systems}
+        base = None
+        if args.baseline_tree:
+            base = NodeProc(model, work, tag=f"base-c{n}", root=Path(args.baseline_tree), sets={
+                "model_defaults.n_threads": args.threads, "model_defaults.n_ctx": args.ctx_per_slot * n,
+                "model_defaults.n_batch": args.n_batch, "model_defaults.parallel": n, "scan.hash_models": "false"})
+            await base.start()
+            systems["node@base"] = base
+            results["node@base"] = []
+        # Per node system: CPU seconds of the node pid and tokens, per measured round.
+        cpu_rounds: dict[str, list[tuple[float, int]]] = {k: [] for k in systems if k.startswith("node")}
         node_cpu, node_wall, worker_cpu, client_cpu = 0.0, 0.0, 0.0, 0.0
         me = psutil.Process()
         names = list(systems)
@@ -302,10 +317,12 @@ async def compare_level(args: argparse.Namespace, model: str, n: int, direct: Di
                 prompts = prompts_for(r, count, offset=100 * n)
                 max_tokens = args.tokens if r else min(8, args.tokens)  # round 0: warm-up
                 sequential = n == 1
-                nc0, wc0, cc0 = cpu_s(node.pid), cpu_s(wpid) if wpid else 0.0, sum(me.cpu_times()[:2])
+                nc0, wc0, cc0 = cpu_s(sysm.pid), cpu_s(wpid) if wpid else 0.0, sum(me.cpu_times()[:2])
                 t = time.perf_counter()
                 streams = await sysm.run(prompts, max_tokens, sequential=sequential)
                 wall = time.perf_counter() - t
+                if name in cpu_rounds and r:
+                    cpu_rounds[name].append((cpu_s(sysm.pid) - nc0, sum(s.tokens for s in streams)))
                 if name == "node" and r:
                     node_cpu += cpu_s(node.pid) - nc0
                     worker_cpu += (cpu_s(wpid) - wc0) if wpid else 0.0
@@ -329,10 +346,14 @@ async def compare_level(args: argparse.Namespace, model: str, n: int, direct: Di
             "cpu_scope": "node: user+system CPU of the node process alone (psutil cpu_times of its pid, children "
                          "excluded); worker: the same for the worker pid; peak RSS = VmHWM of each pid",
         })
+        for name, rounds_ in cpu_rounds.items():
+            level[name]["node_cpu_ms_per_token_rounds"] = [round(c / t * 1000, 4) if t else None for c, t in rounds_]
         if server:
             level["llama-server"]["peak_rss_mib"] = mib(peak_rss(server.pid))
         return level
     finally:
+        if base:
+            await base.close()
         if server:
             server.close()
         rc = await node.close()
@@ -356,6 +377,22 @@ def ratios(out: dict[str, Any]) -> dict[str, Any]:
                 "itl_p50": b["itl_p50_s"] / o["itl_p50_s"] if o["itl_p50_s"] else None,
                 "itl_p99": b["itl_p99_s"] / o["itl_p99_s"] if o["itl_p99_s"] else None,
                 "decode_tok_s": b["decode_tok_s"] / o["decode_tok_s"] if o["decode_tok_s"] else None,
+            }
+        o = level.get("node@base")
+        if o:
+            per_round = [x / y for x, y in zip(b["total_tok_s_rounds"], o["total_tok_s_rounds"]) if y]
+            cpu = [x / y for x, y in zip(b["node_cpu_ms_per_token_rounds"], o["node_cpu_ms_per_token_rounds"])
+                   if x is not None and y]
+            res[f"node/node@base@{n}"] = {
+                "total_tok_s": med(per_round),
+                "ttft_p50": b["ttft_p50_s"] / o["ttft_p50_s"] if o["ttft_p50_s"] else None,
+                "ttft_p50_diff_ms": (b["ttft_p50_s"] - o["ttft_p50_s"]) * 1000,
+                "itl_p50": b["itl_p50_s"] / o["itl_p50_s"] if o["itl_p50_s"] else None,
+                "itl_p99": b["itl_p99_s"] / o["itl_p99_s"] if o["itl_p99_s"] else None,
+                "decode_tok_s": b["decode_tok_s"] / o["decode_tok_s"] if o["decode_tok_s"] else None,
+                # the node process's own CPU per streamed token, median of per-round ratios
+                "node_cpu_per_token": med(cpu) if cpu else None,
+                "node_cpu_per_token_rounds": [round(x, 3) for x in cpu],
             }
     return res
 
@@ -421,7 +458,9 @@ def print_compare(out: dict[str, Any]) -> None:
     print("\nratios (median of per-round ratios for tok/s)")
     for k, v in out["ratios"].items():
         print(f"  {k:<22} tok/s x{v['total_tok_s']:.3f}   TTFT p50 x{v['ttft_p50'] or 0:.3f} "
-              f"({v['ttft_p50_diff_ms']:+.1f} ms)   ITL p50 x{v['itl_p50'] or 0:.3f}   ITL p99 x{v['itl_p99'] or 0:.3f}")
+              f"({v['ttft_p50_diff_ms']:+.1f} ms)   ITL p50 x{v['itl_p50'] or 0:.3f}   ITL p99 x{v['itl_p99'] or 0:.3f}"
+              + (f"   node CPU/token x{v['node_cpu_per_token']:.3f} (rounds {v['node_cpu_per_token_rounds']})"
+                 if v.get("node_cpu_per_token") is not None else ""))
     print_targets(out["targets"])
 
 
@@ -438,6 +477,8 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--n-batch", type=int, default=512, help="n_batch for every system (default 512)")
     c.add_argument("--llama-server", metavar="PATH", help=f"llama-server binary (default {DEFAULT_LLAMA_SERVER} if built)")
     c.add_argument("--no-llama-server", action="store_true", help="skip (c)")
+    c.add_argument("--baseline-tree", metavar="DIR", help="also run a node from this checkout (e.g. a git worktree of "
+                   "an older commit) in the same rounds: ratios node/node@base for tokens/s and node CPU per token")
     c.add_argument("--idle-s", type=float, default=2.0, help="seconds of idle node CPU measured per level (default 2)")
     c.add_argument("--plot", metavar="OUT.png", help="plot tokens/s and TTFT against concurrency (needs matplotlib)")
 

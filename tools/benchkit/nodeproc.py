@@ -6,7 +6,9 @@ directory whose models directory holds symlinks to the GGUF files. ``connect`` p
 node's access key and TLS certificate exist and a ``NodeClient`` handshake succeeds (TLS WebSocket,
 pinned fingerprint); ``start`` then waits for the first model to be ``running``. ``stream`` times
 one request chunk by chunk into a ``Stream``; ``close`` sends SIGTERM and waits (SIGKILL after
-60 s). The node's stderr goes to ``TAG.log`` in the work directory (``tail`` shows its end).
+60 s). The node's stderr goes to ``TAG.log`` in the work directory (``tail`` shows its end). With
+``root`` the node (and, through the inherited ``PYTHONPATH``, its workers) runs from another checkout
+of this repository, e.g. an older commit, so ``compare --baseline-tree`` measures both in one run.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class NodeProc:
     name = "node"
 
     def __init__(self, model: str | Sequence[str], work: Path, *, sets: dict[str, Any], enable_new: bool = True,
-                 state: Path | None = None, tag: str = "node") -> None:
+                 state: Path | None = None, tag: str = "node", root: Path | None = None) -> None:
         self.work = work
         self.models = work / f"models-{tag}"
         self.models.mkdir(parents=True, exist_ok=True)
@@ -52,7 +54,9 @@ class NodeProc:
         self.cmd = cmd
         self.started_wall = time.time()
         env = {k: v for k, v in os.environ.items() if not k.startswith("OPTIMANODE_")}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=self.log_path.open("wb"),
+        if root is not None:  # import optimanode from that checkout, not from this venv's editable install
+            env["PYTHONPATH"] = str(root)
+        self.proc = subprocess.Popen(cmd, cwd=root or ROOT, env=env, stdout=subprocess.DEVNULL, stderr=self.log_path.open("wb"),
                                      preexec_fn=die_with_parent)
         self.pid = self.proc.pid
         self.client: Any = None

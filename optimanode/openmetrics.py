@@ -1,0 +1,374 @@
+"""The OpenMetrics endpoint: the node's state for Prometheus, read at scrape time (``metrics_http.listen``).
+
+How it works:
+
+* Off unless ``metrics_http.listen`` is set (``metrics_server`` returns None then); "PORT" serves
+  on 127.0.0.1, "HOST:PORT" where the operator says. ``OpenMetricsServer`` is one of the
+  service's servers (optimanode/cli.py ``serve``): started after the node, stopped before it.
+* The HTTP side is ``prometheus_client``'s own server (``start_http_server``: a WSGI server in a
+  daemon thread, a thread per scrape). It negotiates the format (OpenMetrics 1.0 for a Prometheus
+  that asks for it, the classic text format otherwise) and gzip. Chosen over an ASGI server on the
+  node's loop because a scrape then never runs on the event loop (formatting a few hundred series
+  is the bulk of a scrape's cost), it needs no dependency beyond ``prometheus_client``, and it is
+  the library's documented way to serve metrics from a process that is not a web application.
+* Nothing is kept up to date in between: ``_NodeCollector.collect`` runs in the scrape's thread,
+  asks the event loop for one ``Snapshot`` (``asyncio.run_coroutine_threadsafe``: the node's
+  dicts are read on the loop that changes them, so no lock and no torn state; the loop's share is
+  one ``Sampler.sample``, whose cost docs/benchmarks.md "Metrics report cost" measures, a status
+  per model and two ``stat`` calls) and turns it into metric families with the pure ``families``.
+  A loop that does not answer within ``scrape_timeout_s`` gives ``optimanode_event_loop_responsive
+  0`` and the process metrics instead of an error page, and the time the loop took to run the read
+  is ``optimanode_event_loop_lag_seconds``.
+* What is served: host CPU, load and memory, each NVIDIA GPU (NVML through the sampler), and per
+  model its state (one series per state, 1 for the current one), enabled, safe mode, restarts,
+  crashes by cause (every cause present from the start, so ``increase()`` sees the first crash),
+  crashes in the restart window, queue depth and size, requests in flight, slots and free slots,
+  tokens generated and tokens/s, the worker's RSS, CPU and VRAM; request counts by outcome and the
+  duration, queue-wait and TTFT histograms (optimanode/stats.py, observed as requests end); the
+  journal file's size (and its WAL); ``prometheus_client``'s process collector for the node process.
+  docs/operations.md ("Monitoring") lists the names and gives a scrape config and alert rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from optimanode import __version__
+from optimanode.config import Settings, metrics_address
+from optimanode.errors import ConfigError
+from optimanode.executors.lifecycle import STATES
+from optimanode.executors.supervisor import CRASH_CAUSES
+from optimanode.protocol import ExecutorStatus, MetricsReport
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from optimanode.node import Node
+
+log = logging.getLogger(__name__)
+
+# A scrape waits this long for the event loop; Prometheus' own scrape_timeout defaults to 10 s.
+SCRAPE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one scrape serves, read at one moment on the event loop."""
+
+    report: MetricsReport
+    statuses: Sequence[ExecutorStatus]
+    # model → cause → crashes since the node started.
+    crashes: Mapping[str, Mapping[str, int]]
+    crash_budget: int
+    journal_bytes: int | None
+    journal_wal_bytes: int | None
+    journal_max_bytes: int | None = None
+    loop_lag_s: float = 0.0
+    node_id: str = ""
+    version: str = __version__
+    extra: Sequence[Metric] = field(default_factory=tuple)
+
+
+def _gauge(name: str, doc: str, labels: Sequence[str] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=list(labels))
+
+
+def families(snap: Snapshot) -> list[Metric]:
+    """The metric families of ``snap`` (pure: a test drives it with values)."""
+    out: list[Metric] = []
+    info = InfoMetricFamily("optimanode", "This node: its version and id.")
+    info.add_metric([], {"version": snap.version, "node_id": snap.node_id or snap.report.node_id})
+    out.append(info)
+    responsive = _gauge("optimanode_event_loop_responsive", "1 when the node's event loop answered this scrape.")
+    responsive.add_metric([], 1)
+    lag = _gauge("optimanode_event_loop_lag_seconds", "How long this scrape's read waited for the event loop.")
+    lag.add_metric([], snap.loop_lag_s)
+    out += [responsive, lag]
+    out += _host(snap.report)
+    out += _gpus(snap.report)
+    out += _models(snap)
+    out += _journal(snap)
+    out += list(snap.extra)
+    return out
+
+
+def _host(r: MetricsReport) -> list[Metric]:
+    cpu = _gauge("optimanode_host_cpu_percent", "Host CPU use since the previous sample, % of all cores.")
+    cpu.add_metric([], r.cpu.percent)
+    cores = _gauge("optimanode_host_cpu_cores", "The host's CPU cores.", ["kind"])
+    cores.add_metric(["logical"], r.cpu.cores_logical)
+    cores.add_metric(["physical"], r.cpu.cores_physical)
+    load = _gauge("optimanode_host_load_average", "The host's load average.", ["period"])
+    for period, value in (("1m", r.cpu.load_1m), ("5m", r.cpu.load_5m), ("15m", r.cpu.load_15m)):
+        load.add_metric([period], value)
+    out: list[Metric] = [cpu, cores, load]
+    m = r.memory
+    for name, value, doc in (("memory_total", m.total_bytes, "The host's RAM."),
+                             ("memory_available", m.available_bytes, "RAM available without swapping."),
+                             ("memory_used", m.used_bytes, "RAM in use."),
+                             ("swap_total", m.swap_total_bytes, "Swap space."),
+                             ("swap_used", m.swap_used_bytes, "Swap in use.")):
+        g = _gauge(f"optimanode_host_{name}_bytes", doc)
+        g.add_metric([], value)
+        out.append(g)
+    return out
+
+
+def _gpus(r: MetricsReport) -> list[Metric]:
+    count = _gauge("optimanode_gpus", "NVIDIA GPUs NVML reports (0 without a driver or GPU).")
+    count.add_metric([], len(r.gpus))
+    labels = ["gpu", "name", "uuid"]
+    util = _gauge("optimanode_gpu_utilization_percent", "GPU busy time over NVML's last sample period.", labels)
+    total = _gauge("optimanode_gpu_memory_total_bytes", "The GPU's memory (VRAM).", labels)
+    used = _gauge("optimanode_gpu_memory_used_bytes", "VRAM in use, by every process.", labels)
+    temp = _gauge("optimanode_gpu_temperature_celsius", "GPU core temperature.", labels)
+    power = _gauge("optimanode_gpu_power_watts", "GPU power draw.", labels)
+    limit = _gauge("optimanode_gpu_power_limit_watts", "GPU enforced power limit.", labels)
+    for g in r.gpus:
+        lv = [str(g.index), g.name, g.uuid]
+        total.add_metric(lv, g.memory_total_bytes)
+        used.add_metric(lv, g.memory_used_bytes)
+        # A field the driver refuses (None) has no sample rather than a made-up 0.
+        for family, value in ((util, g.utilization_percent), (temp, g.temperature_c), (power, g.power_w),
+                              (limit, g.power_limit_w)):
+            if value is not None:
+                family.add_metric(lv, value)
+    return [count, util, total, used, temp, power, limit]
+
+
+def _models(snap: Snapshot) -> list[Metric]:
+    m = ["model"]
+    state = _gauge("optimanode_model_state", "1 for the model's current state, 0 for the others.", ["model", "state"])
+    enabled = _gauge("optimanode_model_enabled", "1 when the operator wants the model running.", m)
+    safe = _gauge("optimanode_model_safe_mode", "1 when the model's worker runs (or will start) in safe mode.", m)
+    restarts = CounterMetricFamily("optimanode_model_restarts", "Worker restarts since the node started.", labels=m)
+    crashes = CounterMetricFamily("optimanode_model_crashes", "Worker crashes since the node started, by cause.",
+                                  labels=["model", "cause"])
+    recent = _gauge("optimanode_model_recent_crashes", "Crashes within restart.crash_window_s (the node fails the "
+                    "model when they reach restart.crash_budget; journaled crashes count across node restarts).", m)
+    queue = _gauge("optimanode_model_queue_depth", "Requests waiting for a slot.", m)
+    queue_size = _gauge("optimanode_model_queue_size", "Requests that may wait beyond those running.", m)
+    in_flight = _gauge("optimanode_model_in_flight", "Requests running on the worker.", m)
+    slots = _gauge("optimanode_model_slots", "Requests the worker serves at once (parallel).", m)
+    free = _gauge("optimanode_model_free_slots", "Slots free now (0 unless the model is running).", m)
+    tokens = CounterMetricFamily("optimanode_model_tokens_generated", "Completion tokens generated since the node "
+                                 "started.", labels=m)
+    tps = _gauge("optimanode_model_tokens_per_second", "Tokens generated per second since the previous sample.", m)
+    rss = _gauge("optimanode_model_worker_rss_bytes", "The worker process's resident memory.", m)
+    cpu = _gauge("optimanode_model_worker_cpu_percent", "The worker's CPU use since the previous sample, % of one "
+                 "core.", m)
+    vram = _gauge("optimanode_model_worker_vram_bytes", "VRAM the worker holds (NVML's per-process accounting).", m)
+    sampled = {e.id: e for e in snap.report.executors}
+    for st in snap.statuses:
+        lv = [st.id]
+        for s in STATES:
+            state.add_metric([st.id, s], 1 if st.state == s else 0)
+        enabled.add_metric(lv, int(st.enabled))
+        safe.add_metric(lv, int(st.safe_mode))
+        restarts.add_metric(lv, st.restarts)
+        by_cause = snap.crashes.get(st.id, {})
+        for cause in (*CRASH_CAUSES, *sorted(set(by_cause) - set(CRASH_CAUSES))):
+            crashes.add_metric([st.id, cause], by_cause.get(cause, 0))
+        recent.add_metric(lv, st.recent_crashes)
+        queue.add_metric(lv, st.queue_depth)
+        queue_size.add_metric(lv, st.queue_size)
+        in_flight.add_metric(lv, st.in_flight)
+        slots.add_metric(lv, st.parallel)
+        tokens.add_metric(lv, st.tokens_generated)
+        e = sampled.get(st.id)
+        free.add_metric(lv, e.free_slots if e is not None else 0)
+        tps.add_metric(lv, e.tokens_per_s if e is not None else 0.0)
+        if e is not None:
+            for family, value in ((rss, e.rss_bytes), (cpu, e.cpu_percent), (vram, e.vram_bytes)):
+                if value is not None:
+                    family.add_metric(lv, value)
+    budget = _gauge("optimanode_restart_crash_budget", "restart.crash_budget: crashes in the window that fail a model.")
+    budget.add_metric([], snap.crash_budget)
+    return [state, enabled, safe, restarts, crashes, recent, budget, queue, queue_size, in_flight, slots, free,
+            tokens, tps, rss, cpu, vram]
+
+
+def _journal(snap: Snapshot) -> list[Metric]:
+    out: list[Metric] = []
+    # The report's journal part (retention's view: its cap, what it folded) when the sampler has one.
+    j = getattr(snap.report, "journal", None)
+    cap = j.cap_bytes if j is not None and j.cap_bytes else snap.journal_max_bytes
+    for name, value, doc in (
+            ("optimanode_journal_file_bytes", snap.journal_bytes, "Size of the journal's SQLite file."),
+            ("optimanode_journal_wal_bytes", snap.journal_wal_bytes, "Size of its write-ahead log (-wal)."),
+            ("optimanode_journal_max_bytes", cap, "journal.max_bytes: the cap retention keeps the file and its "
+             "WAL under."),
+            ("optimanode_journal_near_cap", None if j is None else int(j.near_cap), "1 past 90 % of the cap, or "
+             "when retention had to fold early to stay under it.")):
+        if value is not None:
+            g = _gauge(name, doc)
+            g.add_metric([], value)
+            out.append(g)
+    if j is not None:
+        for name, value, doc in (
+                ("optimanode_journal_requests_folded", j.requests_folded, "Request events folded into hourly "
+                 "aggregates by retention since the node started."),
+                ("optimanode_journal_events_deleted", j.events_deleted, "State events deleted by retention since "
+                 "the node started.")):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], value)
+            out.append(c)
+    return out
+
+
+def _file_bytes(path: str | os.PathLike[str]) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+class _NodeCollector:
+    """A prometheus_client collector that reads the node at each scrape (see the module docstring)."""
+
+    def __init__(self, server: OpenMetricsServer) -> None:
+        self._server = server
+        self._stuck = False
+
+    def collect(self) -> Iterable[Metric]:
+        srv = self._server
+        try:
+            snap = srv.snapshot()
+        except (TimeoutError, concurrent.futures.TimeoutError, RuntimeError) as exc:
+            # RuntimeError: the loop is closed (a scrape racing the node's end).
+            if not self._stuck:
+                log.warning("a metrics scrape got no answer from the event loop within %g s (%s); serving "
+                            "optimanode_event_loop_responsive 0", srv.scrape_timeout_s, exc or type(exc).__name__)
+            self._stuck = True
+            g = _gauge("optimanode_event_loop_responsive", "1 when the node's event loop answered this scrape.")
+            g.add_metric([], 0)
+            yield g
+            return
+        if self._stuck:
+            log.info("the event loop answers metrics scrapes again")
+            self._stuck = False
+        yield from families(snap)
+
+
+class OpenMetricsServer:
+    """``OpenMetricsServer(node, settings, sample)``; ``await start()``, ``.port``, ``await stop()``.
+
+    ``sample`` is the node's ``Sampler.sample`` (shared with the Gateway link, so host CPU% and
+    tokens/s cover the time since whichever asked last). ``host``/``port`` override
+    ``metrics_http.listen`` (tests use port 0). ``start`` raises ConfigError when the address
+    cannot be bound.
+    """
+
+    def __init__(self, node: Node, settings: Settings, sample: Callable[[], MetricsReport], node_id: str = "", *,
+                 host: str | None = None, port: int | None = None,
+                 scrape_timeout_s: float = SCRAPE_TIMEOUT_S) -> None:
+        address = metrics_address(settings.metrics_http.listen) or ("127.0.0.1", 0)
+        self.node, self.node_id = node, node_id
+        self.host = address[0] if host is None else host
+        self._port = address[1] if port is None else port
+        self.scrape_timeout_s = scrape_timeout_s
+        self._sample = sample
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_NodeCollector(self))  # type: ignore[arg-type]
+        ProcessCollector(registry=self.registry)
+        self._httpd: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when started with port 0)."""
+        return int(self._httpd.server_port) if self._httpd is not None else self._port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            # In a thread: a host name is resolved (getaddrinfo) before the bind.
+            self._httpd, self._thread = await asyncio.to_thread(start_http_server, self._port, self.host,
+                                                                self.registry)
+        except OSError as exc:
+            raise ConfigError("metrics_http.listen", f"{self.host}:{self._port}",
+                              "an address of this machine with a free port for the metrics endpoint (is another "
+                              "program using it?)", got=exc.strerror or str(exc)) from exc
+        log.info("OpenMetrics endpoint on %s", self.url)
+
+    async def stop(self) -> None:
+        httpd, thread = self._httpd, self._thread
+        if httpd is None:
+            return
+        # shutdown() waits for serve_forever's next poll (up to 0.5 s): not on the loop.
+        await asyncio.to_thread(httpd.shutdown)
+        httpd.server_close()
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 5.0)
+        self._httpd = self._thread = None
+
+    # -- the read, on the event loop --------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """The node read once, on its event loop.
+
+        From a scrape's thread this waits for the loop up to ``scrape_timeout_s`` (TimeoutError);
+        on the loop's own thread (a test calling the registry there) it reads directly.
+        """
+        loop = self._loop
+        asked = time.monotonic()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or running is loop:
+            return self._read(asked)
+
+        async def read() -> Snapshot:
+            return self._read(asked)
+
+        future = asyncio.run_coroutine_threadsafe(read(), loop)
+        try:
+            return future.result(self.scrape_timeout_s)
+        except BaseException:
+            future.cancel()
+            raise
+
+    def _read(self, asked: float) -> Snapshot:
+        lag = time.monotonic() - asked
+        node = self.node
+        settings = node.settings
+        journal = settings.journal_path
+        return Snapshot(
+            report=self._sample(), statuses=node.list(),
+            crashes={eid: dict(ex.crashes) for eid, ex in node.executors.items()},
+            crash_budget=settings.restart.crash_budget,
+            journal_bytes=_file_bytes(journal), journal_wal_bytes=_file_bytes(f"{journal}-wal"),
+            journal_max_bytes=settings.journal.max_bytes,
+            loop_lag_s=lag, node_id=self.node_id,
+            # Collected here too, so the histograms' counts, sums and buckets are of the same moment.
+            extra=list(node.request_stats.collect()))
+
+
+def metrics_server(node: Node, settings: Settings, sample: Callable[[], MetricsReport],
+                   node_id: str = "") -> OpenMetricsServer | None:
+    """The endpoint ``metrics_http.listen`` asks for, or None when it is off (the default)."""
+    if metrics_address(settings.metrics_http.listen) is None:
+        return None
+    return OpenMetricsServer(node, settings, sample, node_id)
+
+
+__all__ = ["SCRAPE_TIMEOUT_S", "OpenMetricsServer", "Snapshot", "families", "metrics_server"]

@@ -1,0 +1,42 @@
+"""Decode progress for the heartbeat: the serving loop counts its steps, the reader thread reports them.
+
+The loop calls ``Progress.stepped`` after each ``llama_decode`` it runs for requests; the reader
+thread answers each ``Ping`` with ``Progress.pong``: the steps done, the requests taken and not yet
+answered (``_Jobs.pending``), and with some pending, the seconds since the last step ended or
+since work arrived at an idle worker, whichever is later. A decode stuck inside llama.cpp does not
+stop the reader thread (``llama_decode`` releases the GIL, and so does a blocked Python wait), so
+the heartbeat still arrives and says "work pending, no step for N s": the supervisor's stall watch
+acts on that (``optimanode.executors.supervisor.stall_reason``). Plain attribute writes and reads
+between the two threads: the GIL makes each whole, and a report one step stale is still right
+about a decode stuck for seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from optimanode import protocol as p
+
+
+class Progress:
+    """The serving loop's step count and the time its last step ended."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.steps = 0
+        self.last_step = clock()
+
+    def stepped(self) -> None:
+        """One llama_decode for requests has returned."""
+        self.last_step = self._clock()
+        self.steps += 1
+
+    def pong(self, seq: int, pending: int, busy_since: float | None) -> p.Pong:
+        """The answer to ``Ping(seq)``; ``busy_since``: when the worker last went from no work to some."""
+        if pending <= 0:
+            return p.Pong(seq=seq, steps=self.steps)
+        # Work that arrived at an idle worker has waited only since it arrived, not since the
+        # step before the idle spell.
+        since = self._clock() - max(self.last_step, busy_since if busy_since is not None else self.last_step)
+        return p.Pong(seq=seq, steps=self.steps, pending=pending, since_step_s=round(max(since, 0.0), 3))

@@ -1,0 +1,1 @@
+"""Model tests: a real GGUF model loaded through llama-cpp-python, in process or in one worker."""

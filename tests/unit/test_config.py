@@ -1,0 +1,125 @@
+"""Settings: defaults < TOML file < environment < command line; bad input names source, key and expectation."""
+
+import pytest
+
+from optimanode.config import KNOWN_KEYS, Settings, load_settings
+from optimanode.errors import ConfigError
+
+
+def test_defaults_listen_on_8022_and_need_no_file():
+    s = load_settings(environ={})
+    assert s.listen.port == 8022 and s.listen.host == "0.0.0.0"
+    assert s == Settings()
+
+
+def test_each_layer_overrides_the_one_below(tmp_path):
+    f = tmp_path / "node.toml"
+    f.write_text('models_dir = "/m"\n[listen]\nport = 9000\n[restart]\ncrash_budget = 7\n')
+    s = load_settings(f, environ={})
+    assert (s.models_dir, s.listen.port, s.restart.crash_budget) == ("/m", 9000, 7)
+    s = load_settings(f, environ={"OPTIMANODE_LISTEN_PORT": "9100"})
+    assert s.listen.port == 9100 and s.restart.crash_budget == 7
+    s = load_settings(f, environ={"OPTIMANODE_LISTEN_PORT": "9100"}, overrides={"listen.port": "9200"})
+    assert s.listen.port == 9200
+
+
+def test_environment_values_are_converted_to_the_keys_type():
+    s = load_settings(environ={"OPTIMANODE_SCAN_ENABLE_NEW": "yes", "OPTIMANODE_RESTART_JITTER": "0.5",
+                               "OPTIMANODE_MODEL_DEFAULTS_N_CTX": "4096"})
+    assert s.scan.enable_new is True and s.restart.jitter == 0.5 and s.model_defaults.n_ctx == 4096
+
+
+def test_a_wrong_type_in_the_file_names_the_file_the_key_and_the_expectation(tmp_path):
+    f = tmp_path / "node.toml"
+    f.write_text('[listen]\nport = "eighty"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(f, environ={})
+    msg = str(info.value)
+    assert str(f) in msg and "listen.port" in msg and "int" in msg
+
+
+def test_an_unknown_key_in_the_file_is_an_error_not_silently_ignored(tmp_path):
+    f = tmp_path / "node.toml"
+    f.write_text("[restart]\ncrash_budjet = 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(f, environ={})
+    assert "restart.crash_budjet" in str(info.value) and str(f) in str(info.value)
+
+
+def test_an_out_of_range_value_says_what_range_is_expected(tmp_path):
+    f = tmp_path / "node.toml"
+    f.write_text("[listen]\nport = 70000\n")
+    with pytest.raises(ConfigError, match=r"listen\.port: expected an integer from 1 to 65535, got 70000"):
+        load_settings(f, environ={})
+
+
+def test_the_prefill_policy_is_one_of_the_protocols(tmp_path):
+    from optimanode.protocol import PREFILL_POLICIES, WorkerSettings
+
+    assert Settings().model_defaults.prefill == WorkerSettings(model_path="m").prefill == "auto"
+    for policy in PREFILL_POLICIES:
+        assert load_settings(environ={}, overrides={"model_defaults.prefill": policy}).model_defaults.prefill == policy
+    f = tmp_path / "node.toml"
+    f.write_text('[model_defaults]\nprefill = "sometimes"\n')
+    with pytest.raises(ConfigError, match=r"model_defaults\.prefill: expected one of auto, one_per_step, together"):
+        load_settings(f, environ={})
+
+
+def test_the_safe_mode_setting_is_one_of_the_protocols(tmp_path):
+    from optimanode.protocol import SAFE_MODES
+
+    assert Settings().model_defaults.safe_mode == "auto"
+    for mode in SAFE_MODES:
+        assert load_settings(environ={}, overrides={"model_defaults.safe_mode": mode}).model_defaults.safe_mode == mode
+    f = tmp_path / "node.toml"
+    f.write_text('[model_defaults]\nsafe_mode = "maybe"\n')
+    with pytest.raises(ConfigError, match=r"model_defaults\.safe_mode: expected one of auto, on, off"):
+        load_settings(f, environ={})
+
+
+def test_broken_toml_names_the_file(tmp_path):
+    f = tmp_path / "node.toml"
+    f.write_text("[listen\nport=1\n")
+    with pytest.raises(ConfigError, match="valid TOML") as info:
+        load_settings(f, environ={})
+    assert str(f) in str(info.value)
+
+
+def test_a_missing_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="an existing TOML file"):
+        load_settings(tmp_path / "nope.toml", environ={})
+
+
+def test_a_bad_environment_value_names_the_variable():
+    with pytest.raises(ConfigError, match="OPTIMANODE_LISTEN_PORT"):
+        load_settings(environ={"OPTIMANODE_LISTEN_PORT": "http"})
+    with pytest.raises(ConfigError, match="OPTIMANODE_LISTEN_PROT"):
+        load_settings(environ={"OPTIMANODE_LISTEN_PROT": "1"})
+
+
+def test_a_bad_command_line_value_is_attributed_to_the_command_line():
+    with pytest.raises(ConfigError, match="command line: restart.crash_budget"):
+        load_settings(environ={}, overrides={"restart.crash_budget": "0"})
+    with pytest.raises(ConfigError, match="command line: nope"):
+        load_settings(environ={}, overrides={"nope": "1"})
+
+
+def test_every_key_is_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    missing = [k for k in KNOWN_KEYS if f"`{k}`" not in doc]
+    assert missing == []
+
+
+def test_the_link_timeouts_are_settings_the_server_uses(tmp_path):
+    from optimanode.gateway.server import GatewayServer
+
+    s = load_settings(environ={}, overrides={"listen.open_timeout_s": "3", "listen.hello_timeout_s": "1.5",
+                                             "state_dir": str(tmp_path)})
+    server = GatewayServer(None, s, lambda: None, "n")  # type: ignore[arg-type]
+    assert (server.open_timeout_s, server.handshake_timeout_s) == (3.0, 1.5)
+    default = GatewayServer(None, Settings(state_dir=str(tmp_path)), lambda: None, "n")  # type: ignore[arg-type]
+    assert (default.open_timeout_s, default.handshake_timeout_s) == (10.0, 5.0)
+    with pytest.raises(ConfigError, match=r"listen\.hello_timeout_s: expected a number of seconds > 0"):
+        load_settings(environ={}, overrides={"listen.hello_timeout_s": "0"})

@@ -1,0 +1,261 @@
+"""Retention: request events folded into hourly aggregates that equal the sums of what was deleted, old state events deleted behind a checkpoint with the last crashes kept, the byte cap, incremental vacuum, and requests a dead node left open closed at the next start."""
+
+import random
+import sqlite3
+import time
+
+from optimanode.config import JournalSettings, Settings
+from optimanode.journal import Journal
+from optimanode.node import Node
+from optimanode.protocol import (
+    OUTCOME_NODE_DIED,
+    ModelInfo,
+    Registered,
+    RequestFinished,
+    RequestStarted,
+    Transition,
+)
+from optimanode.retention import (
+    DAY_S,
+    FOLD_ROWS,
+    HourFold,
+    Retention,
+    bucket,
+    bucket_value,
+    percentile,
+    read_hours,
+)
+
+INFO = ModelInfo(path="/m/a.gguf", files=["/m/a.gguf"], size_bytes=10, mtime_ns=5, architecture="llama")
+OUTCOMES = ["stop", "length", "cancelled", "worker_crashed", "deadline_exceeded"]
+
+
+async def requests(j: Journal, rng: random.Random, n: int, streams=("a", "b")) -> None:
+    for i in range(n):
+        s = rng.choice(streams)
+        fin = RequestFinished(request_id=f"r{i}", outcome=rng.choice(OUTCOMES),
+                              prompt_tokens=rng.randint(1, 500), completion_tokens=rng.randint(0, 300),
+                              ttft_s=rng.choice([None, rng.uniform(0.0, 3.0)]),
+                              total_s=rng.choice([None, rng.uniform(0.05, 60.0)]))
+        await j.append_many([(s, RequestStarted(request_id=f"r{i}", kind="chat")), (s, fin)])
+
+
+def request_rows(path):
+    db = sqlite3.connect(path)
+    rows = db.execute("SELECT seq, ts, stream, type, data FROM events"
+                      " WHERE type IN ('request_started', 'request_finished')").fetchall()
+    db.close()
+    return rows
+
+
+def expected_hours(rows) -> dict:
+    """The aggregates computed directly from the events, independently of the fold's code path."""
+    import json
+
+    out: dict = {}
+    for seq, ts, stream, type_, data in rows:
+        d = json.loads(data)
+        key = (stream, int(ts // 3600) * 3600)
+        e = out.setdefault(key, {"started": 0, "requests": 0, "outcomes": {}, "prompt": 0, "completion": 0,
+                                 "ttft": [], "total": [], "seqs": []})
+        e["seqs"].append(seq)
+        if type_ == "request_started":
+            e["started"] += 1
+            continue
+        e["requests"] += 1
+        e["outcomes"][d["outcome"]] = e["outcomes"].get(d["outcome"], 0) + 1
+        e["prompt"] += d["prompt_tokens"]
+        e["completion"] += d["completion_tokens"]
+        if d["ttft_s"] is not None:
+            e["ttft"].append(d["ttft_s"])
+        if d["total_s"] is not None:
+            e["total"].append(d["total_s"])
+    return out
+
+
+def hist(values) -> dict:
+    h: dict = {}
+    for v in values:
+        h[str(bucket(v))] = h.get(str(bucket(v)), 0) + 1
+    return h
+
+
+async def test_folded_aggregates_equal_the_sums_of_the_deleted_request_events(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    j = await Journal.open(path)
+    await j.append("a", Registered(info=INFO))
+    await requests(j, random.Random(1), 1300)  # several fold transactions (FOLD_ROWS each)
+    await j.checkpoint()
+    await j.append_many([("a", RequestStarted(request_id="after", kind="chat"))])  # after the checkpoint: kept
+    rows = [r for r in request_rows(path) if r[0] < j.checkpoint_seq]
+    want = expected_hours(rows)
+    later = time.time() + 8 * DAY_S  # everything is older than the 7-day retention
+    # (No new checkpoint in this pass: the request after the one above stays unfolded.)
+    ret = await Retention.open(j, JournalSettings(checkpoint_interval_s=1e12, checkpoint_events=10**9),
+                               clock=lambda: later)
+    report = await ret.pass_once()
+    assert report.requests_folded == len(rows) == 2600
+    assert len(report.holds_s) >= 2600 // FOLD_ROWS
+    left = request_rows(path)
+    assert [r[0] for r in left] == [j.last_seq]  # only the request after the checkpoint
+    db = sqlite3.connect(path)
+    got = {(h.stream, h.hour): h for h in read_hours(db)}
+    assert got.keys() == want.keys()
+    for key, e in want.items():
+        h = got[key]
+        assert (h.started, h.requests, h.outcomes, h.prompt_tokens, h.completion_tokens) == (
+            e["started"], e["requests"], e["outcomes"], e["prompt"], e["completion"])
+        assert (h.ttft_count, h.total_count) == (len(e["ttft"]), len(e["total"]))
+        assert abs(h.ttft_sum_s - sum(e["ttft"])) < 1e-6 and abs(h.total_sum_s - sum(e["total"])) < 1e-6
+        assert h.ttft_hist == hist(e["ttft"]) and h.total_hist == hist(e["total"])
+        assert (h.first_seq, h.last_seq) == (min(e["seqs"]), max(e["seqs"]))
+    # A second pass has nothing left to fold and changes nothing.
+    assert (await ret.pass_once()).requests_folded == 0
+    assert {(h.stream, h.hour): h for h in read_hours(db)} == got
+    # The projection and replays are untouched by deleting request events.
+    assert await j.replay() == await j.replay(full=True) == j.views()
+    await ret.close()
+    await j.close()
+
+
+async def test_request_events_younger_than_the_retention_are_kept(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    j = await Journal.open(path)
+    await requests(j, random.Random(2), 50)
+    await j.checkpoint()
+    ret = await Retention.open(j, JournalSettings())
+    report = await ret.pass_once()
+    assert report.requests_folded == 0 and len(request_rows(path)) == 100
+    await ret.close()
+    await j.close()
+
+
+def test_percentiles_from_a_histogram_are_within_the_bucket_error():
+    rng = random.Random(5)
+    values = sorted(rng.lognormvariate(-1, 1) for _ in range(5000))
+    h = HourFold(stream="a", hour=0)
+    for i, v in enumerate(values):
+        h.add(i + 1, RequestFinished(request_id=str(i), outcome="stop", ttft_s=v))
+    for q in (0.5, 0.9, 0.99):
+        exact = values[int(q * len(values)) - 1]
+        assert abs(percentile(h.ttft_hist, q) - exact) / exact < 0.05
+    assert percentile({}, 0.5) is None
+    assert bucket_value(bucket(0.0)) < 1e-3  # a zero TTFT lands in the smallest bucket
+
+
+async def test_old_state_events_are_deleted_behind_a_checkpoint_but_the_last_crashes_survive(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    j = await Journal.open(path)
+    await j.append("a", Registered(info=INFO))
+    await j.append("b", Registered(info=INFO))
+    for i in range(8):
+        await j.append("a", Transition(trigger="crash", src="running", dst="crashed", reason=f"crash {i}",
+                                       exit_code=1, stderr_tail=[f"a died {i}", "second line"]))
+        await j.append("a", Transition(trigger="restart", src="crashed", dst="restarting"))
+        await j.append("a", Transition(trigger="ready", src="restarting", dst="running"))
+    await j.append("b", Transition(trigger="crash", src="running", dst="crashed", reason="b crash",
+                                   stderr_tail=["b died"]))
+    views = j.views()
+    cp = await j.checkpoint()
+    await j.append("a", Transition(trigger="crash", src="running", dst="crashed", reason="after the checkpoint"))
+    later = time.time() + 91 * DAY_S
+    ret = await Retention.open(j, JournalSettings(crashes_kept=3, checkpoint_interval_s=1e12), clock=lambda: later)
+    report = await ret.pass_once()
+    db = sqlite3.connect(path)
+    rows = db.execute("SELECT seq, stream, type, json_extract(data, '$.reason'), data FROM events ORDER BY seq").fetchall()
+    before = [r for r in rows if r[0] < cp.seq]
+    # Below the checkpoint only a's last crashes (3 with the one after the checkpoint) and b's
+    # one remain, with their stderr tails.
+    assert [(r[1], r[3]) for r in before] == [("a", "crash 6"), ("a", "crash 7"), ("b", "b crash")]
+    assert all('"stderr_tail":["' in r[4] and "died" in r[4] for r in before)
+    assert report.events_deleted == 2 + 8 * 3 + 1 - 3
+    assert db.execute("SELECT value FROM journal_meta WHERE key = 'base_seq'").fetchone() == (str(cp.seq),)
+    # The full replay now starts from that checkpoint, and still equals the projection.
+    assert await j.replay(full=True) == await j.replay() == j.views()
+    assert j.views()["b"] == views["b"]
+    await ret.close()
+    await j.close()
+    # The runtime's notes survive too: the reopened journal reads them from the checkpoint.
+    j = await Journal.open(path)
+    assert j.notes()["b"].reasons["crashed"] == "b crash"
+    await j.close()
+
+
+async def test_the_cap_makes_retention_fold_early_and_says_the_journal_is_near_it(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    j = await Journal.open(path)
+    await requests(j, random.Random(3), 2500)  # about 1.5 MiB of young request events
+    cap = 1 << 20
+    settings = JournalSettings(max_bytes=cap)
+    ret = await Retention.open(j, settings)
+    assert ret.report().near_cap  # over 90 % before the pass
+    report = await ret.pass_once()
+    assert report.early and report.checkpoint and report.requests_folded > 0
+    assert report.pages_vacuumed > 0
+    assert report.bytes_after < report.bytes_before
+    db = sqlite3.connect(path)
+    (pages,) = db.execute("PRAGMA page_count").fetchone()
+    (size,) = db.execute("PRAGMA page_size").fetchone()
+    assert pages * size <= 0.8 * cap + 64 * size
+    assert sum(h.requests for h in read_hours(db)) + len(
+        [r for r in request_rows(path) if r[3] == "request_finished"]) == 2500
+    assert ret.report().near_cap  # it had to act early
+    await ret.close()
+    await j.close()
+
+
+async def test_checkpoints_are_thinned_to_one_a_day(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    j = await Journal.open(path)
+    await j.append("a", Registered(info=INFO))
+    for i in range(6):
+        await j.append("a", RequestStarted(request_id=f"r{i}", kind="chat"))
+        await j.checkpoint()
+    ret = await Retention.open(j, JournalSettings())
+    report = await ret.pass_once()
+    db = sqlite3.connect(path)
+    kept = [r[0] for r in db.execute("SELECT seq FROM events WHERE type = 'checkpoint' ORDER BY seq")]
+    assert len(kept) == 2 and kept[-1] == j.checkpoint_seq  # the day's first and the newest
+    assert report.checkpoints_deleted == 4
+    assert await j.replay(full=True) == await j.replay() == j.views()
+    await ret.close()
+    await j.close()
+
+
+async def test_a_start_closes_the_requests_the_previous_run_left_open(tmp_path):
+    settings = Settings(models_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state"))
+    j = await Journal.open(settings.journal_path)
+    await j.append_many([("a", RequestStarted(request_id="cut-1", kind="chat")),
+                         ("a", RequestStarted(request_id="done", kind="chat")),
+                         ("b", RequestStarted(request_id="cut-2", kind="completion"))])
+    await j.append("a", RequestFinished(request_id="done", outcome="stop"))
+    await j.close()  # as a killed node leaves it: two requests never finished
+    async with Node(settings) as node:
+        finished = [e for e in await node.journal.read(types=["request_finished"])]
+        assert [(e.stream, e.body.request_id, e.body.outcome) for e in finished] == [
+            ("a", "done", "stop"), ("a", "cut-1", OUTCOME_NODE_DIED), ("b", "cut-2", OUTCOME_NODE_DIED)]
+        assert node.journal.open_requests() == []
+        assert node.journal_report() is not None
+    async with Node(settings) as node:  # and only once
+        assert len(await node.journal.read(types=["request_finished"])) == 3
+
+
+def test_metrics_and_doctor_say_when_the_journal_is_near_its_cap(tmp_path):
+    from optimanode.doctor import check_state
+    from optimanode.metrics import Sampler
+    from optimanode.protocol import JournalReport
+
+    report = JournalReport(bytes=950_000, cap_bytes=1 << 20, near_cap=True)
+    sampler = Sampler(lambda: [], journal=lambda: report)
+    try:
+        assert sampler.sample().journal == report
+    finally:
+        sampler.close()
+    state = tmp_path / "state"
+    state.mkdir()
+    settings = Settings(state_dir=str(state), journal=JournalSettings(max_bytes=1 << 20))
+    (state / "journal.sqlite3").write_bytes(b"\0" * 500_000)
+    assert check_state(settings).status == "ok"
+    (state / "journal.sqlite3-wal").write_bytes(b"\0" * 500_000)  # the WAL counts too
+    check = check_state(settings)
+    assert check.status == "warn" and "near the cap" in check.detail and "journal.max_bytes" in check.fix
