@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,10 @@ from optimanode.protocol import (
     CompletionRequest,
     EventRecord,
     ExecutorStatus,
+    GrammarFormat,
     InferDone,
+    JsonObjectFormat,
+    JsonSchemaFormat,
     MetricsReport,
     PREFILL_POLICIES,
     SAFE_MODES,
@@ -50,7 +54,8 @@ from optimanode.protocol import (
 )
 
 _SETTING_FLAGS = ("n_ctx", "n_threads", "n_gpu_layers", "n_batch", "queue_size", "parallel")  # integers
-_SETTINGS = (*_SETTING_FLAGS, "prefill", "safe_mode")
+_SECONDS_FLAGS = ("stall_timeout_s", "deadline_s")  # numbers of seconds
+_SETTINGS = (*_SETTING_FLAGS, *_SECONDS_FLAGS, "prefill", "safe_mode", "chat_template")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--safe-mode", choices=SAFE_MODES, dest="safe_mode",
                       help="run without llama.cpp's extra buffer types and persistent threadpool: "
                            "auto (after a crash while loading), on, off")
+    for flag in _SECONDS_FLAGS:
+        conf.add_argument("--" + flag.replace("_", "-"), type=float, dest=flag)
+    conf.add_argument("--chat-template", dest="chat_template",
+                      help="a template name llama.cpp knows (chatml, gemma, llama3, ...) or @FILE with Jinja text")
     sub.add_parser("rescan", help="scan the models directory now")
     ev = sub.add_parser("events", help="journal events of a model (or of the whole node)")
     ev.add_argument("model", nargs="?")
@@ -90,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--max-tokens", type=int, default=256)
     inf.add_argument("--temperature", type=float, default=None)
     inf.add_argument("--seed", type=int, default=None)
+    inf.add_argument("--deadline-s", type=float, default=None, help="end the request with deadline_exceeded after this")
+    shape = inf.add_mutually_exclusive_group()
+    shape.add_argument("--json-object", action="store_true", help="constrain the output to a JSON object")
+    shape.add_argument("--json-schema", metavar="FILE", help="constrain the output to this JSON schema (a file)")
+    shape.add_argument("--grammar", metavar="FILE", help="constrain the output to this GBNF grammar (a file)")
     met = sub.add_parser("metrics", help="the node's metrics report")
     met.add_argument("--watch", action="store_true", help="keep printing reports (Ctrl-C ends)")
     met.add_argument("--interval", type=float, default=1.0)
@@ -102,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         key = keys.read_key(args.key_file)
-    except ConfigError as exc:
+        _read_files(args)
+    except (ConfigError, OSError, ValueError) as exc:
         print(f"optimanode client: {exc}", file=sys.stderr)
         return 2
     try:
@@ -123,6 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     except ClientError as exc:
         print(f"optimanode client: {exc}", file=sys.stderr)
         return 3
+
+
+def _read_files(args: argparse.Namespace) -> None:
+    """Replace the file arguments with their contents, before anything is sent."""
+    if getattr(args, "json_schema", None):
+        try:
+            args.json_schema = json.loads(Path(args.json_schema).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--json-schema {args.json_schema}: not JSON: {exc}") from None
+    if getattr(args, "grammar", None):
+        args.grammar = Path(args.grammar).read_text()
+    if str(getattr(args, "chat_template", None) or "").startswith("@"):
+        args.chat_template = Path(args.chat_template[1:]).read_text()
 
 
 async def _run(args: argparse.Namespace, key: bytes) -> int:
@@ -168,6 +196,14 @@ async def _infer(c: NodeClient, args: argparse.Namespace) -> int:
         params["temperature"] = args.temperature
     if args.seed is not None:
         params["seed"] = args.seed
+    if args.deadline_s is not None:
+        params["deadline_s"] = args.deadline_s
+    if args.json_object:
+        params["response_format"] = JsonObjectFormat()
+    elif args.json_schema:
+        params["response_format"] = JsonSchemaFormat(schema=args.json_schema)
+    elif args.grammar:
+        params["response_format"] = GrammarFormat(gbnf=args.grammar)
     sp = SamplingParams(**params)
     request = (ChatRequest(messages=[ChatMessage(role="user", content=args.prompt)], params=sp) if args.chat
                else CompletionRequest(prompt=args.prompt, params=sp))

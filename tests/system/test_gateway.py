@@ -975,6 +975,20 @@ async def test_the_client_command_line(started, capsys):
     assert rc == 0 and [x["type"] for x in lines] == ["chunk"] * (len(lines) - 1) + ["done"]
     rc, out, _ = await run("configure", started.idle, "--queue-size", "2")
     assert rc == 0 and "queue_size=2" in out
+    grammar = Path(started.settings.state_dir) / "yes-no.gbnf"
+    grammar.write_text('root ::= "yes" | "no"\n')
+    rc, out, _ = await run("infer", started.eid, "--prompt", "Is the sky blue? Answer:", "--max-tokens", "4",
+                           "--grammar", str(grammar), "--deadline-s", "60")
+    assert rc == 0 and out.strip() in {"yes", "no"}, out
+    rc, _, err = await run("infer", started.eid, "--prompt", "x", "--deadline-s", "0")
+    assert rc == 1 and "bad_request" in err and "deadline_s" in err
+    rc, _, err = await run("infer", started.eid, "--prompt", "x", "--grammar", str(grammar) + ".missing")
+    assert rc == 2 and "yes-no.gbnf.missing" in err
+    rc, out, _ = await run("configure", started.idle, "--chat-template", "gemma", "--deadline-s", "5",
+                           "--stall-timeout-s", "30")
+    assert rc == 0 and "chat_template=gemma" in out and "deadline_s=5.0" in out and "stall_timeout_s=30.0" in out
+    rc, _, err = await run("configure", started.idle, "--chat-template", "no-such-template")
+    assert rc == 1 and "bad_request" in err and "chat_template" in err
     rc, out, _ = await run("configure", started.idle)
     assert rc == 0 and "settings  defaults" in out
     rc, out, _ = await run("events", started.idle, "--limit", "3")

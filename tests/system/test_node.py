@@ -23,7 +23,8 @@ from optimanode.errors import (BadRequest, ModelNotRunning, NodeFault, Overloade
                               WorkerCrashed)
 from optimanode.journal import Journal
 from optimanode.node import Node
-from optimanode.protocol import ChatMessage, ChatRequest, Chunk, CompletionRequest, Done, ModelSettings, SamplingParams
+from optimanode.protocol import (ChatMessage, ChatRequest, Chunk, CompletionRequest, Done, ModelSettings,
+                                 SamplingParams, Transition)
 import gguf_files
 
 REPO = Path(__file__).resolve().parents[2]
@@ -280,6 +281,30 @@ async def test_a_hung_worker_is_killed_and_counts_as_a_crash(tmp_path, models):
         await node.wait_for_state(eid, {"crashed"}, timeout=15)
         crash = [e.body for e in await node.events(eid) if e.type == "transition"][-1]
         assert crash.trigger == "crash" and "no heartbeat" in crash.reason and crash.signal == signal.SIGKILL
+        await node.wait_for_state(eid, {"running"}, timeout=60)
+
+
+async def test_a_worker_that_dies_while_a_stop_is_being_fired_ends_stopped_not_stuck(tmp_path, models):
+    # The race: the worker's exit is handled while a stop holds the executor's lock, so by the time
+    # the exit's crash is fired the executor is `stopping`. That exit completes the stop.
+    async with Node(make_settings(tmp_path)) as node:
+        eid = only_id(node)
+        await node.enable(eid)
+        await node.wait_for_state(eid, {"running"}, timeout=60)
+        pid = node.status(eid).pid
+        ex = node.executors[eid]
+        async with ex.lock:  # what Runtime.fire holds while it journals a transition
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 15
+            while not ex.lock._waiters:  # the exit handler now waits to fire its crash
+                assert time.monotonic() < deadline, "the worker's exit was never handled"
+                await asyncio.sleep(0.01)
+            await node.journal.append(eid, Transition(trigger="stop", src="running", dst="stopping", reason="test"))
+            ex.life.fire("stop")
+        await node.wait_for_state(eid, {"discovered", "enabled", "starting", "running"}, timeout=30)
+        stopped = [e.body for e in await node.events(eid) if e.type == "transition" and e.body.trigger == "stopped"]
+        assert stopped and stopped[-1].signal == signal.SIGKILL and stopped[-1].pid == pid
+        # Still desired enabled: it comes back.
         await node.wait_for_state(eid, {"running"}, timeout=60)
 
 

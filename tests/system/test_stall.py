@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 
 from optimanode import protocol as p
-from optimanode.config import load_settings
 from optimanode.errors import DeadlineExceeded, RequestError, WorkerCrashed
 from optimanode.executors.supervisor import ExitInfo, WorkerProcess
 from optimanode.node import Node
 from optimanode.protocol import Chunk, CompletionRequest, Done, ModelSettings, SamplingParams
+from system.test_node import make_settings, models  # noqa: F401  (models: the fixture)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -36,26 +36,8 @@ STALL_S = 5.0
 
 
 def _settings(tmp_path: Path, **overrides: str) -> Any:
-    base = {
-        "models_dir": str(tmp_path / "models"),
-        "state_dir": str(tmp_path / "state"),
-        "model_defaults.n_ctx": "512",
-        "restart.backoff_base_s": "0.2",
-        "restart.backoff_cap_s": "1.0",
-        "restart.heartbeat_interval_s": "0.25",
-        "scan.hash_models": "false",
-        "scan.interval_s": "3600",
-    }
-    base.update(overrides)
-    return load_settings(environ={}, overrides=base)
-
-
-@pytest.fixture
-def models(tmp_path: Path, smollm2_path: Path) -> Path:
-    d = tmp_path / "models"
-    d.mkdir()
-    (d / "smollm2.gguf").symlink_to(smollm2_path)
-    return d
+    # test_node's settings, with heartbeats 4 times a second so progress is seen soon after a stall.
+    return make_settings(tmp_path, **{"restart.heartbeat_interval_s": "0.25", **overrides})
 
 
 def _hang_after(tmp_path: Path, monkeypatch: Any, steps: int) -> Path:
