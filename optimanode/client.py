@@ -233,8 +233,10 @@ class NodeClient:
     """One authenticated session with one node. Use ``await NodeClient.connect(...)``."""
 
     def __init__(self, conn: _GatewayConnection, *, url: str, node_id: str, gateway_id: str, version: int,
-                 max_frame_bytes: int, call_timeout: float) -> None:
+                 max_frame_bytes: int, call_timeout: float, minor: int = 0) -> None:
         self.url, self.node_id, self.gateway_id, self.version = url, node_id, gateway_id, version
+        # The node's protocol minor version (docs/protocol.md, "Versions"): what it adds to `version`.
+        self.minor = minor
         self.max_frame_bytes = max_frame_bytes
         self.call_timeout = call_timeout
         self.latest_metrics: MetricsReport | None = None
@@ -320,7 +322,7 @@ class NodeClient:
                 await conn.shut()
             raise
         return cls(conn, url=url, node_id=welcome.node_id, gateway_id=gateway_id, version=welcome.version,
-                   max_frame_bytes=welcome.max_frame_bytes, call_timeout=call_timeout)
+                   minor=welcome.minor, max_frame_bytes=welcome.max_frame_bytes, call_timeout=call_timeout)
 
     # -- plumbing --------------------------------------------------------------------------
 

@@ -67,13 +67,29 @@ ChatTemplate = Annotated[str, msgspec.Meta(
     pattern="^(?:" + "|".join(re.escape(n) for n in CHAT_TEMPLATE_NAMES) + r")$|\{[{%]",
     description="the name of a template llama.cpp knows (chatml, gemma, llama3, ... see "
                 "docs/configuration.md) or Jinja text of at most 131072 characters")]
+# Sampling that applications expect (docs/protocol.md, "SamplingParams"): OpenAI's ranges.
+# frequency_penalty / presence_penalty: subtracted from a token's logit per earlier occurrence /
+# once if it occurred (llama.cpp's penalties sampler).
+Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2, description="a number from -2 to 2")]
+# logit_bias: token id -> a number added to its logit, at most LOGIT_BIAS_MAX entries. Ids above
+# the model's vocabulary are refused by the worker, which alone knows it.
+LOGIT_BIAS_MAX = 300
+LogitBias = Annotated[
+    dict[Annotated[int, msgspec.Meta(ge=0, le=(1 << 31) - 1)], Annotated[float, msgspec.Meta(ge=-100, le=100)]],
+    msgspec.Meta(max_length=LOGIT_BIAS_MAX,
+                 description=f"a map of at most {LOGIT_BIAS_MAX} token ids (integers >= 0) to biases "
+                             "from -100 to 100")]
+# logprobs: how many alternatives to report per generated token, besides the chosen one.
+LOGPROBS_MAX = 20
+TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=LOGPROBS_MAX, description=f"an integer from 0 to {LOGPROBS_MAX}")]
 PREFILL_POLICIES: tuple[str, ...] = typing.get_args(Prefill)
 SAFE_MODES: tuple[str, ...] = typing.get_args(SafeMode)
 
 # -- naming what was wrong ------------------------------------------------------------------------
 
 # msgspec states the path only in its message ("... - at `$.request.params[0]`"): read here, once.
-_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+# A map's key is named "at `key` in `$.path`"; a map's value "at `$.path[...]`".
+_AT_PATH = re.compile(r" - at `(?:key` in `)?\$\.?([^`]*)`$")
 _NAMED_FIELD = re.compile(r"(?:missing required|contains unknown) field `([^`]+)`")
 
 T = TypeVar("T")
@@ -95,7 +111,7 @@ def explain(exc: msgspec.ValidationError, root: Any = None) -> tuple[str, str]:
         path = f"{path}.{named.group(1)}" if path else named.group(1)
         if "unknown field" in message:
             return path, "a known field"
-    path = re.sub(r"\[\d+\]", "", path)  # positions in a list: the field is what is named
+    path = re.sub(r"\[(?:\d+|\.\.\.)\]", "", path)  # positions in a list, map values: the field is what is named
     expected = _expectation(root, path) if root is not None and not named else ""
     return path, expected or message.replace("Expected ", "")
 

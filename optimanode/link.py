@@ -73,6 +73,7 @@ from optimanode.protocol import (
     CLOSE_VERSION_UNSUPPORTED,
     MAC_BYTES,
     NONCE_BYTES,
+    PROTOCOL_MINOR,
     PROTOCOL_VERSIONS,
     Challenge,
     Hello,
@@ -188,6 +189,7 @@ def check_hello(keys: Sequence[bytes], challenge: Challenge, hello: Hello, *, ma
         # Deliberately says nothing about why: the same answer for a wrong key and a tampered field.
         raise HandshakeError(CLOSE_UNAUTHORIZED, "unauthorized")
     return Welcome(version=hello.version, node_id=challenge.node_id, max_frame_bytes=max_frame_bytes,
+                   minor=PROTOCOL_MINOR if hello.version == PROTOCOL_VERSIONS[-1] else 0,
                    mac_n=node_mac(matched, challenge.nonce_n, hello.nonce_g, hello.gateway_id, challenge.node_id,
                                   hello.version))
 

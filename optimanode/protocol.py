@@ -29,6 +29,9 @@ from optimanode.constraints import (
     PREFILL_POLICIES,
     ChatTemplate,
     SAFE_MODES,
+    LogitBias,
+    Penalty,
+    TopLogprobs,
     NBatch,
     NCtx,
     NGpuLayers,
@@ -95,6 +98,15 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     deadline_s: RequestDeadline | None = None
     # None: free text. Else the reply is constrained by a grammar (ResponseFormat above).
     response_format: ResponseFormat | None = None
+    # OpenAI's penalties, counted over the tokens generated so far (not the prompt), as
+    # llama-cpp-python and OpenAI do; 0: off.
+    frequency_penalty: Penalty = 0.0
+    presence_penalty: Penalty = 0.0
+    # Token id -> bias added to its logit before any other sampling step.
+    logit_bias: LogitBias = {}
+    # None: no logprobs. N: each chunk carries, per token, its log-probability and the N likeliest
+    # alternatives (TokenLogprob below), from the model's raw logits.
+    logprobs: TopLogprobs | None = None
 
 
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -221,11 +233,39 @@ class Pong(msgspec.Struct, frozen=True, kw_only=True, tag="pong"):
     since_step_s: float = 0.0
 
 
+# A field named ``bytes`` hides the builtin inside the class body, where annotations resolve.
+_Bytes = bytes
+
+
+class TopLogprob(msgspec.Struct, frozen=True, kw_only=True):
+    """One candidate token: its id, its text (UTF-8 of its bytes, U+FFFD where a character is
+    split), its raw bytes, and its log-probability under the model's raw logits."""
+
+    id: int
+    text: str
+    bytes: _Bytes
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, kw_only=True):
+    """A generated token's log-probability and the ``logprobs`` likeliest tokens at its position
+    (most likely first; the chosen one may be among them)."""
+
+    id: int
+    text: str
+    bytes: _Bytes
+    logprob: float
+    top: list[TopLogprob] = []
+
+
 class Chunk(msgspec.Struct, frozen=True, kw_only=True, tag="chunk"):
     id: str
     text: str
     # Tokens this chunk covers (text of a multi-byte character can span tokens).
     tokens: int = 1
+    # One entry per token covered, when the request asked for logprobs; left out of the frame
+    # otherwise (UNSET is never encoded).
+    logprobs: list[TokenLogprob] | msgspec.UnsetType = msgspec.UNSET
 
 
 class Done(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
@@ -621,6 +661,9 @@ class MetricsReport(msgspec.Struct, frozen=True, kw_only=True):
 
 # Versions of this link the node speaks, oldest first. The handshake settles on one.
 PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
+# The minor version of the newest major, sent in Welcome: additions a Gateway may use when the
+# node says it has them (docs/protocol.md, "Versions"); an older node's Welcome has none (0).
+PROTOCOL_MINOR = 1
 NONCE_BYTES = 32
 MAC_BYTES = 32
 
@@ -668,6 +711,8 @@ class Welcome(msgspec.Struct, frozen=True, kw_only=True, tag="welcome"):
     mac_n: bytes
     # The largest frame the node accepts; larger ones close the connection with 1009.
     max_frame_bytes: int = 1 << 20
+    # What the node adds to ``version`` (docs/protocol.md, "Versions"); 0 from a node before minors.
+    minor: int = 0
 
 
 # -- Gateway → Node requests -------------------------------------------------------------------
@@ -750,6 +795,8 @@ class TokenChunk(msgspec.Struct, frozen=True, kw_only=True, tag="chunk"):
     id: str
     text: str
     tokens: int = 1
+    # As Chunk's: present only when the request asked for logprobs.
+    logprobs: list[TokenLogprob] | msgspec.UnsetType = msgspec.UNSET
 
 
 class InferDone(msgspec.Struct, frozen=True, kw_only=True, tag="done"):

@@ -288,7 +288,7 @@ class Session:
         def on_chunk(out: Chunk) -> None:
             # Held until the flush after the worker's pipe read: one decode step of a batch is
             # one chunk per stream, and they leave as one TLS record and one socket write.
-            hold(TokenChunk(id=gateway_id, text=out.text, tokens=out.tokens))
+            hold(TokenChunk(id=gateway_id, text=out.text, tokens=out.tokens, logprobs=out.logprobs))
 
         try:
             done = await self.node.infer_to(msg.model, msg.request, on_chunk, self.flush, request_id=req.node_rid,

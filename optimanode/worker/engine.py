@@ -185,6 +185,9 @@ class Engine:
         self._jobs: _Jobs | None = None
         self._waiting: collections.deque[_Job] = collections.deque()
         self._order = 0
+        # Runs that asked for logprobs: (how many alternatives, entries not yet in a chunk).
+        self._logprobs: dict[_Run, tuple[int, list[p.TokenLogprob]]] = {}
+        self._pieces: dict[int, bytes] = {}  # token -> its bytes, for logprobs (at most the vocabulary)
         # Counters for tests and the trace: prompt tokens asked for, and those actually evaluated.
         self.prompt_tokens_total = 0
         self.prompt_tokens_evaluated = 0
@@ -342,17 +345,30 @@ class Engine:
         """The request's sampler chain; None for plain greedy, which ``_argmax`` serves; a
         ``_Constrained`` (the chain or None, and the grammar) for a response_format.
 
-        The chain: the repeat penalty, then greedy or top-k / top-p / min-p / temperature /
-        dist. Raises _Reject (bad_request) when the grammar does not compile.
+        The chain: the logit bias, the repeat penalty, the frequency / presence penalties, then
+        greedy or top-k / top-p / min-p / temperature / dist. Raises _Reject (bad_request) when a
+        logit_bias token is not in the vocabulary or the grammar does not compile.
         """
+        outside = [t for t in params.logit_bias if t >= self.n_vocab]
+        if outside:
+            raise _Reject("bad_request", f"logit_bias: token {outside[0]} is not in the model's vocabulary "
+                                         f"(ids 0..{self.n_vocab - 1})")
         grammar = self._grammar(params.response_format) if params.response_format is not None else None
         chain = self._chain(params, prompt)
         return chain if grammar is None else _Constrained(chain, grammar, self._row_type)
 
     def _chain(self, params: p.SamplingParams, prompt: list[int]) -> Any:
-        if params.temperature == 0.0 and params.repeat_penalty == 1.0:
+        penalized = params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+        if params.temperature == 0.0 and params.repeat_penalty == 1.0 and not penalized and not params.logit_bias:
             return None
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if params.logit_bias:
+            # First, as in llama.cpp's common_sampler: the bias is part of what everything after sees.
+            biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))()
+            for entry, (token, bias) in zip(biases, params.logit_bias.items()):
+                entry.token, entry.bias = token, bias
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_logit_bias(
+                self.n_vocab, len(biases), biases))  # llama.cpp copies the array
         if params.repeat_penalty != 1.0:
             penalties = llama_cpp.llama_sampler_init_penalties(self.n_vocab, PENALTY_LAST_N, params.repeat_penalty,
                                                                0.0, 0.0)
@@ -361,6 +377,13 @@ class Engine:
             for token in prompt[-PENALTY_LAST_N:]:
                 llama_cpp.llama_sampler_accept(penalties, token)
             llama_cpp.llama_sampler_chain_add(chain, penalties)
+        if penalized:
+            # A penalties sampler of their own, fed nothing from the prompt: OpenAI (and
+            # llama-cpp-python's create_completion) count only the tokens generated so far. The
+            # chain's accept feeds it each generated token; it looks at the last PENALTY_LAST_N
+            # (llama-cpp-python's last_n_tokens_size).
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_penalties(
+                self.n_vocab, PENALTY_LAST_N, 1.0, params.frequency_penalty, params.presence_penalty))
         if params.temperature == 0.0:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         else:
@@ -556,11 +579,23 @@ class Engine:
         self._order += 1
         out = self._out
         job_id = job.id
+        # Logprob entries not yet in a chunk: the tokens fed since the last one, exactly those the
+        # next chunk covers (_sample appends; the chunk takes them all).
+        pending: list[p.TokenLogprob] = []
+
+        def emit(text: str, n: int) -> None:
+            if params.logprobs is None:
+                out.append(p.Chunk(id=job_id, text=text, tokens=n))
+            else:
+                out.append(p.Chunk(id=job_id, text=text, tokens=n, logprobs=pending[:]))
+                pending.clear()
+
         slot.run = _Run(
             job=job, prompt=tokens, max_tokens=min(params.max_tokens, room),
-            sampler=sampler,
-            stream=TextStream(params.stop, lambda text, n: out.append(p.Chunk(id=job_id, text=text, tokens=n))),
+            sampler=sampler, stream=TextStream(params.stop, emit),
             order=self._order, reused=n_common, pos=n_common)
+        if params.logprobs is not None:
+            self._logprobs[slot.run] = (params.logprobs, pending)
         self.prompt_tokens_total += len(tokens)
         self.prompt_tokens_evaluated += len(tokens) - n_common
 
@@ -665,6 +700,32 @@ class Engine:
         addr = ctypes.cast(llama_cpp.llama_get_logits_ith(self.ctx, row), ctypes.c_void_p).value
         return int(np.frombuffer(self._row_type.from_address(addr), dtype=np.float32).argmax())
 
+    def _token_logprob(self, row: int, token: int, top: int) -> p.TokenLogprob:
+        """``token``'s log-probability and the ``top`` likeliest tokens of ``row``: a log-softmax
+        over the whole vocabulary of the model's raw logits, before the logit bias, penalties,
+        temperature or truncation (what OpenAI and llama-cpp-python's create_completion report)."""
+        addr = ctypes.cast(llama_cpp.llama_get_logits_ith(self.ctx, row), ctypes.c_void_p).value
+        logits = np.frombuffer(self._row_type.from_address(addr), dtype=np.float32)
+        high = float(logits.max())
+        norm = high + float(np.log(np.exp(logits - high).sum(dtype=np.float64)))
+        alternatives: list[p.TopLogprob] = []
+        if top:
+            ids = np.argpartition(logits, -top)[-top:]
+            ids = ids[np.lexsort((ids, -logits[ids]))]  # likeliest first; ties by id
+            for t in ids.tolist():
+                piece = self._piece_of(t)
+                alternatives.append(p.TopLogprob(id=t, text=piece.decode("utf-8", "replace"), bytes=piece,
+                                                 logprob=float(logits[t]) - norm))
+        piece = self._piece_of(token)
+        return p.TokenLogprob(id=token, text=piece.decode("utf-8", "replace"), bytes=piece,
+                              logprob=float(logits[token]) - norm, top=alternatives)
+
+    def _piece_of(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self.piece(token)
+        return piece
+
     def _sample(self, slot: _Slot, run: _Run) -> None:
         if run.sampler is None:
             token = self._argmax(run.row)
@@ -678,6 +739,9 @@ class Engine:
         if llama_cpp.llama_vocab_is_eog(self.vocab, token):
             self._finish(slot, "stop")
             return
+        asked = self._logprobs.get(run)
+        if asked is not None:
+            asked[1].append(self._token_logprob(run.row, token, asked[0]))
         run.n_out += 1
         run.t_last = now
         if run.stream.feed(self.piece(token)):
@@ -695,6 +759,7 @@ class Engine:
             run.stream.finish()
         slot.run = None
         _free_sampler(run.sampler)
+        self._logprobs.pop(run, None)
         if TRACE:
             _log(f"request {run.job.id}: slot {slot.seq}, prompt {len(run.prompt)} tokens "
                  f"({run.reused} reused, {len(run.prompt) - run.reused} evaluated), "
@@ -707,6 +772,7 @@ class Engine:
         assert run is not None
         slot.run = None
         _free_sampler(run.sampler)
+        self._logprobs.pop(run, None)
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
         slot.cached.clear()
         _log(f"request {run.job.id} failed ({code}): {message}")

@@ -28,6 +28,7 @@ from optimanode.gateway.handshake import (
     transcript,
 )
 from optimanode.protocol import (
+    PROTOCOL_MINOR,
     Challenge,
     CompletionRequest,
     Hello,
@@ -39,6 +40,7 @@ from optimanode.protocol import (
     Usage,
     Welcome,
     decode_from_gateway,
+    decode_from_node,
     encode_link,
 )
 
@@ -261,3 +263,14 @@ def test_the_worked_example_in_docs_protocol_md_is_what_the_code_sends():
     assert frame("done") == encode_link(InferDone(id="r1", finish_reason="length",
                                                   usage=Usage(prompt_tokens=5, completion_tokens=2),
                                                   timings=Timings(ttft_s=0.25, tokens_per_s=20.0, total_s=0.3)))
+
+
+def test_the_welcome_says_the_nodes_minor_version_and_an_older_welcome_reads_as_minor_0():
+    challenge = Challenge(versions=[1], node_id="node-1", nonce_n=NONCE_N)
+    hello = make_hello(KEY, challenge, "gw-1", nonce_g=NONCE_G)
+    welcome = check_hello([KEY], challenge, hello)
+    assert welcome.minor == PROTOCOL_MINOR >= 1
+    # A node from before minors sent no "minor": a Gateway reads it as 0 and uses none of the additions.
+    older = msgspec.msgpack.encode({k: v for k, v in msgspec.structs.asdict(welcome).items() if k != "minor"}
+                                   | {"type": "welcome"})
+    assert decode_from_node(older).minor == 0
