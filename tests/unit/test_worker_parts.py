@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import threading
 import time
@@ -13,6 +14,7 @@ import pytest
 
 from optimanode import protocol as p
 from optimanode.executors.supervisor import read_blackbox
+from optimanode.worker import blackbox
 from optimanode.worker.blackbox import _BlackBox, _fault_injection
 from optimanode.worker.framing import _StreamBroken, _Writer, read_frame
 from optimanode.worker.jobs import _done, _Job, _Jobs
@@ -370,9 +372,23 @@ def test_the_black_box_without_a_descriptor_records_nothing(monkeypatch: Any) ->
 
 
 def test_fault_injection_is_off_unless_asked_and_spares_safe_mode(monkeypatch: Any) -> None:
-    monkeypatch.delenv("OPTIMANODE_TEST_FAULT", raising=False)
-    _fault_injection(False)
-    monkeypatch.setenv("OPTIMANODE_TEST_FAULT", "warmup-segv")
-    _fault_injection(True)  # safe mode avoids it, as it avoids the AMX fault
-    monkeypatch.setenv("OPTIMANODE_TEST_FAULT", "something-else")
-    _fault_injection(False)
+    # The two ways it dies, recorded instead of done (the real signals are tests/system/test_every_cpu.py's).
+    fired: list[object] = []
+    monkeypatch.setattr(blackbox.ctypes, "string_at", lambda addr: fired.append(("read", addr)))
+    monkeypatch.setattr(blackbox.os, "kill", lambda pid, sig: fired.append(sig))
+
+    def fires(fault: str | None, safe_mode: bool) -> list[object]:
+        if fault is None:
+            monkeypatch.delenv("OPTIMANODE_TEST_FAULT", raising=False)
+        else:
+            monkeypatch.setenv("OPTIMANODE_TEST_FAULT", fault)
+        fired.clear()
+        _fault_injection(safe_mode)
+        return list(fired)
+
+    assert fires(None, False) == []
+    assert fires("something-else", False) == []
+    assert fires("warmup-segv", False) == [("read", 0)]
+    assert fires("warmup-segv", True) == []  # safe mode avoids it, as it avoids the AMX fault
+    assert fires("warmup-sigill", False) == [signal.SIGILL]
+    assert fires("warmup-sigbus-always", True) == [signal.SIGBUS]
