@@ -109,9 +109,49 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     logprobs: TopLogprobs | None = None
 
 
-class ChatMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+# Tool calling (docs/protocol.md, "Tool calls", minor 2). The model's chat template renders
+# ``tools``; the worker parses calls out of the output (Hermes/Qwen, Llama 3, Mistral families).
+
+
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One function call the model made: ``arguments`` is JSON text (an object), as OpenAI's."""
+
+    # Unique within the reply ("call_" + random hex, made by the node when the model gives none).
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    arguments: str = "{}"
+
+
+class Tool(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A function the model may call: ``parameters`` is a JSON Schema of its arguments object."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.-]+$",
+                                      description="1 to 256 of A-Z a-z 0-9 _ . -")]
+    description: str = ""
+    parameters: dict[str, Any] = {}
+
+
+class NamedToolChoice(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """tool_choice naming one function: the reply is exactly one call of it."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+# "auto": the model chooses; "none": no call (tools still rendered, output not parsed); "required":
+# at least one call, decoding constrained by a grammar so it parses.
+ToolChoice = Literal["auto", "none", "required"] | NamedToolChoice
+
+
+class ChatMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    # system, user, assistant, tool (and any role the model's template knows).
     role: str
-    content: str
+    content: str = ""
+    # An assistant turn's calls (sent back in the history of the next request).
+    tool_calls: list[ToolCall] = []
+    # A "tool" turn: the id of the call whose result ``content`` is.
+    tool_call_id: str | None = None
+    # A "tool" turn: the function's name (templates that show it need it).
+    name: str | None = None
 
 
 class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True, tag="completion"):
@@ -119,12 +159,28 @@ class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True, tag="completi
     params: SamplingParams = msgspec.field(default_factory=SamplingParams)
 
 
-class ChatRequest(msgspec.Struct, frozen=True, kw_only=True, tag="chat"):
+class ChatRequest(msgspec.Struct, frozen=True, kw_only=True, tag="chat", omit_defaults=True):
     messages: list[ChatMessage]
+    params: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    tools: Annotated[list[Tool], msgspec.Meta(max_length=128, description="at most 128 tools")] = []
+    tool_choice: ToolChoice = "auto"
+
+
+# Embeddings (docs/protocol.md, "Embeddings", minor 2): one vector per input, in input order.
+EMBED_INPUTS_MAX = 256
+
+
+class EmbedRequest(msgspec.Struct, frozen=True, kw_only=True, tag="embed"):
+    input: Annotated[list[Annotated[str, msgspec.Meta(max_length=1 << 20)]],
+                     msgspec.Meta(min_length=1, max_length=EMBED_INPUTS_MAX,
+                                  description=f"1 to {EMBED_INPUTS_MAX} strings")]
+    # True: each vector scaled to unit L2 norm (what cosine similarity wants).
+    normalize: bool = True
+    # Only deadline_s is read; the sampling fields mean nothing to an embedding.
     params: SamplingParams = msgspec.field(default_factory=SamplingParams)
 
 
-InferenceRequest = CompletionRequest | ChatRequest
+InferenceRequest = CompletionRequest | ChatRequest | EmbedRequest
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
@@ -147,7 +203,8 @@ State = Literal["discovered", "enabled", "waiting", "starting", "running", "stop
 Trigger = Literal["enable", "disable", "hold", "start", "ready", "crash", "restart", "give_up", "stop", "stopped",
                   "invalidate", "vanish", "rediscover", "recover"]
 # Why a stream ended.
-FinishReason = Literal["stop", "length", "cancelled"]
+# "tool_calls" (minor 2): the reply ended with the tool calls it carries.
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 # Error codes, stable: a Gateway acts on them. Never rename one (errors.py maps each to its class).
 ErrorCode = Literal["unknown_model", "model_not_running", "overloaded", "bad_request", "worker_crashed",
                     "context_overflow", "unauthorized", "internal", "shutting_down", "cancelled",
@@ -266,6 +323,8 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True, tag="chunk"):
     # One entry per token covered, when the request asked for logprobs; left out of the frame
     # otherwise (UNSET is never encoded).
     logprobs: list[TokenLogprob] | msgspec.UnsetType = msgspec.UNSET
+    # Tool calls that completed with this chunk (a chat with tools): sent as each one parses.
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
 
 
 class Done(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
@@ -273,6 +332,10 @@ class Done(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
+    # Every tool call of the reply (also streamed in chunks); present only when there were some.
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
+    # An EmbedRequest's vectors, one per input in order; present only for one.
+    embeddings: list[list[float]] | msgspec.UnsetType = msgspec.UNSET
 
 
 class Failed(msgspec.Struct, frozen=True, kw_only=True, tag="failed"):
@@ -369,6 +432,9 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     value_length: int = 0
     # Hex SHA-256 of the file contents (all parts in order), "" until computed.
     sha256: str = ""
+    # How an embed request pools token vectors: the GGUF's ``{arch}.pooling_type`` (mean, cls,
+    # last, rank) or, for a decoder-only model that declares none, "mean" (minor 2).
+    pooling: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -663,7 +729,7 @@ class MetricsReport(msgspec.Struct, frozen=True, kw_only=True):
 PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
 # The minor version of the newest major, sent in Welcome: additions a Gateway may use when the
 # node says it has them (docs/protocol.md, "Versions"); an older node's Welcome has none (0).
-PROTOCOL_MINOR = 1
+PROTOCOL_MINOR = 2
 NONCE_BYTES = 32
 MAC_BYTES = 32
 
@@ -797,6 +863,8 @@ class TokenChunk(msgspec.Struct, frozen=True, kw_only=True, tag="chunk"):
     tokens: int = 1
     # As Chunk's: present only when the request asked for logprobs.
     logprobs: list[TokenLogprob] | msgspec.UnsetType = msgspec.UNSET
+    # As Chunk's (minor 2): tool calls that completed with this chunk.
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
 
 
 class InferDone(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
@@ -804,6 +872,9 @@ class InferDone(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
+    # As Done's (minor 2): every tool call of the reply; an EmbedRequest's vectors.
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
+    embeddings: list[list[float]] | msgspec.UnsetType = msgspec.UNSET
 
 
 class Error(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
