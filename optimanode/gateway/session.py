@@ -288,13 +288,15 @@ class Session:
         def on_chunk(out: Chunk) -> None:
             # Held until the flush after the worker's pipe read: one decode step of a batch is
             # one chunk per stream, and they leave as one TLS record and one socket write.
-            hold(TokenChunk(id=gateway_id, text=out.text, tokens=out.tokens, logprobs=out.logprobs))
+            hold(TokenChunk(id=gateway_id, text=out.text, tokens=out.tokens, logprobs=out.logprobs,
+                            tool_calls=out.tool_calls))
 
         try:
             done = await self.node.infer_to(msg.model, msg.request, on_chunk, self.flush, request_id=req.node_rid,
                                             by=self.by)
             self._forget(req)
-            self.send(InferDone(id=msg.id, finish_reason=done.finish_reason, usage=done.usage, timings=done.timings))
+            self.send(InferDone(id=msg.id, finish_reason=done.finish_reason, usage=done.usage, timings=done.timings,
+                                tool_calls=done.tool_calls, embeddings=done.embeddings))
         except RequestError as exc:
             self._forget(req)
             self.send(error_frame(msg.id, exc))
