@@ -5,7 +5,8 @@ environment and the flags below, in that order of precedence (docs/configuration
 ``run`` hands the node, its Gateway link and metrics, and the OpenMetrics endpoint when
 ``metrics_http.listen`` asks for it, to ``optimanode.service`` (sd_notify, signals: SIGTERM drains
 and stops cleanly, SIGHUP reloads). ``client``, ``keygen`` and ``fingerprint`` are
-``optimanode.client_cli``; ``doctor`` is ``optimanode.doctor``.
+``optimanode.client_cli``; ``doctor`` is ``optimanode.doctor``; ``openai`` is ``optimanode.openai_front``
+(the ``openai`` extra).
 """
 
 from __future__ import annotations
@@ -111,9 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     # These parse their own arguments (optimanode.client_cli).
     for name, text in (("client", "talk to a node over its Gateway link (models, infer, metrics, ...)"),
                        ("keygen", "write a new node access key (the previous one stays valid)"),
-                       ("fingerprint", "print the TLS certificate fingerprint a Gateway pins")):
+                       ("fingerprint", "print the TLS certificate fingerprint a Gateway pins"),
+                       ("openai", "an OpenAI-compatible HTTP front on a fleet of nodes (the openai extra)")):
         sub.add_parser(name, help=text, add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "openai":
+        try:
+            from optimanode import openai_front
+        except ImportError as exc:  # the extra is not installed: say how to get it, not a traceback
+            print(f"optimanode openai: {exc}", file=sys.stderr)
+            return 2
+        return openai_front.main(argv[1:])
     if argv and argv[0] in ("client", "keygen", "fingerprint"):
         # Handed over whole: argparse's REMAINDER would stop at the first "--option".
         from optimanode import client_cli

@@ -25,6 +25,8 @@ How it works:
 * ``infer`` is an async iterator of ``TokenChunk`` ... ``InferDone``; an ``Error`` frame raises
   ``RemoteError`` with the node's stable ``code``, ``message`` and ``details``. Leaving the loop
   early (``break``, cancellation) sends ``CancelInfer`` for it.
+* ``embed(model, inputs, normalize=True)`` sends one ``EmbedRequest`` (protocol minor 2; an older
+  node is refused here, before anything is sent) and returns (vectors in input order, usage).
 * When the connection drops, every waiting call raises ``ConnectionLost`` (with the close code).
 * ``NodePool`` spreads requests for a model over the nodes whose latest metrics show it running:
   most free slots first (less the requests this pool sent there since that report), then the
@@ -68,6 +70,7 @@ from optimanode.protocol import (
     CancelInfer,
     Configure,
     Disable,
+    EmbedRequest,
     Enable,
     Error,
     EventRecord,
@@ -87,9 +90,11 @@ from optimanode.protocol import (
     NodeToGateway,
     ReadEvents,
     Rescan,
+    SamplingParams,
     Subscribe,
     TokenChunk,
     Unsubscribe,
+    Usage,
     Welcome,
     decode_from_node,
     encode_link,
@@ -445,6 +450,14 @@ class NodeClient:
             if not finished:
                 self._send_later(CancelInfer(id=rid))
 
+    async def embed(self, model: str, inputs: list[str], normalize: bool = True, *,
+                    deadline_s: float | None = None) -> tuple[list[list[float]], Usage]:
+        """One vector per input, in order, and the usage (docs/protocol.md, "Embeddings"); the
+        node's Error raises RemoteError. Needs a node of protocol minor 2 or later."""
+        if self.minor < 2:
+            raise ClientError(f"node {self.node_id} speaks protocol minor {self.minor}; embeddings need minor 2")
+        return await _embedded(self.infer(model, _embed_request(inputs, normalize, deadline_s)))
+
     async def cancel(self, request_id: str) -> None:
         """Ask the node to stop request ``request_id``; its stream ends with InferDone or Error(cancelled)."""
         await self.send(CancelInfer(id=request_id))
@@ -506,6 +519,24 @@ class NodeClient:
                 self._metrics_event.clear()
                 await self._metrics_event.wait()
         return self.latest_metrics
+
+
+def _embed_request(inputs: list[str], normalize: bool, deadline_s: float | None) -> EmbedRequest:
+    if isinstance(inputs, str):  # a lone string would be embedded character by character
+        raise TypeError("inputs must be a list of strings, not a string")
+    params = SamplingParams(deadline_s=deadline_s) if deadline_s is not None else SamplingParams()
+    return EmbedRequest(input=list(inputs), normalize=normalize, params=params)
+
+
+async def _embedded(stream: AsyncIterator[TokenChunk | InferDone]) -> tuple[list[list[float]], Usage]:
+    """The vectors and usage of an embed request's stream (an InferDone, no chunks)."""
+    async with contextlib.aclosing(stream):
+        async for msg in stream:
+            if isinstance(msg, InferDone):
+                if msg.embeddings is msgspec.UNSET:
+                    raise ClientError(f"the node answered an embed request without vectors ({msg.finish_reason})")
+                return msg.embeddings, msg.usage
+    raise ClientError("the stream ended without InferDone")
 
 
 async def _handshake(conn: _GatewayConnection, handshake: GatewayHandshake) -> Welcome:
@@ -611,6 +642,11 @@ class NodePool:
                 last = exc
             log.info("node %s could not take a request for %s (%s); trying the next", client.node_id, model, last)
             tried.append(client)
+
+    async def embed(self, model: str, inputs: list[str], normalize: bool = True, *,
+                    deadline_s: float | None = None) -> tuple[list[list[float]], Usage]:
+        """Like NodeClient.embed, on the best node (moving on as ``infer`` does)."""
+        return await _embedded(self.infer(model, _embed_request(inputs, normalize, deadline_s)))
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)

@@ -7,8 +7,10 @@ Three entry points, each taking the arguments after its sub-command and returnin
   COMMAND``: a one-shot Gateway (optimanode.client) for looking at and steering a node by hand.
   Commands: ``models``, ``status ID``, ``enable ID``, ``disable ID [--now]``, ``configure ID --n-ctx N ...``,
   ``rescan``, ``events [ID] [--limit N]``, ``infer ID --prompt TEXT [--chat] [--stream]
-  [--max-tokens N]``, ``metrics [--watch] [--interval S]``. Plain text by default, ``--json`` for
-  machines (one JSON document, or one per line for streams).
+  [--max-tokens N] [--tools FILE [--tool-choice C]]`` (calls print as ``tool call ID: NAME(ARGS)``),
+  ``embed ID TEXT... [--no-normalize]`` (the vectors as one JSON array),
+  ``metrics [--watch] [--interval S]``. Plain text by default, ``--json`` for machines (one JSON
+  document, or one per line for streams).
 * ``keygen_main(argv)`` — ``optimanode keygen [--key-file F]``: a new access key; the replaced one
   stays valid as ``F.previous`` until deleted (docs/protocol.md, "Key rotation"). The key itself
   is never printed: copy the file to the Gateways.
@@ -46,11 +48,14 @@ from optimanode.protocol import (
     JsonObjectFormat,
     JsonSchemaFormat,
     MetricsReport,
+    NamedToolChoice,
     PREFILL_POLICIES,
     SAFE_MODES,
     ModelSettings,
     SamplingParams,
     TokenChunk,
+    Tool,
+    ToolCall,
 )
 
 _SETTING_FLAGS = ("n_ctx", "n_threads", "n_gpu_layers", "n_batch", "queue_size", "parallel")  # integers
@@ -104,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--json-object", action="store_true", help="constrain the output to a JSON object")
     shape.add_argument("--json-schema", metavar="FILE", help="constrain the output to this JSON schema (a file)")
     shape.add_argument("--grammar", metavar="FILE", help="constrain the output to this GBNF grammar (a file)")
+    inf.add_argument("--tools", metavar="FILE", help="functions the model may call: a JSON list of {name, description, "
+                                                    "parameters} (or OpenAI's {type: function, function: {...}}); "
+                                                    "implies --chat; the calls are printed")
+    inf.add_argument("--tool-choice", metavar="CHOICE", default=None,
+                     help="auto (the default), none, required, or the name of one function to call")
+    emb = sub.add_parser("embed", help="embed texts: one vector per text, printed as a JSON array of arrays")
+    emb.add_argument("model")
+    emb.add_argument("texts", nargs="+", metavar="TEXT", help="the inputs, one vector each, in order")
+    emb.add_argument("--no-normalize", dest="normalize", action="store_false",
+                     help="the raw pooled vectors (default: scaled to unit length)")
+    emb.add_argument("--deadline-s", type=float, default=None, help="end the request with deadline_exceeded after this")
     met = sub.add_parser("metrics", help="the node's metrics report")
     met.add_argument("--watch", action="store_true", help="keep printing reports (Ctrl-C ends)")
     met.add_argument("--interval", type=float, default=1.0)
@@ -149,6 +165,8 @@ def _read_files(args: argparse.Namespace) -> None:
             raise ValueError(f"--json-schema {args.json_schema}: not JSON: {exc}") from None
     if getattr(args, "grammar", None):
         args.grammar = Path(args.grammar).read_text()
+    if getattr(args, "tools", None):
+        args.tools = _tools(args.tools)
     if str(getattr(args, "chat_template", None) or "").startswith("@"):
         args.chat_template = Path(args.chat_template[1:]).read_text()
 
@@ -180,6 +198,14 @@ async def _command(c: NodeClient, args: argparse.Namespace) -> int:
         _emit(args, events, _events_text)
     elif cmd == "infer":
         return await _infer(c, args)
+    elif cmd == "embed":
+        vectors, usage = await c.embed(args.model, args.texts, args.normalize, deadline_s=args.deadline_s)
+        if args.json:
+            print(_json({"embeddings": vectors, "usage": usage}))
+        else:
+            print(_json(vectors))
+            print(f"[{len(vectors)} vectors of {len(vectors[0]) if vectors else 0} dimensions; "
+                  f"{usage.prompt_tokens} tokens]", file=sys.stderr)
     elif cmd == "metrics":
         count = 0
         async for report in c.metrics(args.interval):
@@ -205,8 +231,14 @@ async def _infer(c: NodeClient, args: argparse.Namespace) -> int:
     elif args.grammar:
         params["response_format"] = GrammarFormat(gbnf=args.grammar)
     sp = SamplingParams(**params)
-    request = (ChatRequest(messages=[ChatMessage(role="user", content=args.prompt)], params=sp) if args.chat
-               else CompletionRequest(prompt=args.prompt, params=sp))
+    chat: dict[str, Any] = {}
+    if args.tools:
+        chat["tools"] = args.tools
+    if args.tool_choice is not None:
+        chat["tool_choice"] = (args.tool_choice if args.tool_choice in ("auto", "none", "required")
+                               else NamedToolChoice(name=args.tool_choice))
+    request = (ChatRequest(messages=[ChatMessage(role="user", content=args.prompt)], params=sp, **chat)
+               if args.chat or chat else CompletionRequest(prompt=args.prompt, params=sp))
     text: list[str] = []
     done: InferDone | None = None
     async for msg in c.infer(args.model, request):
@@ -217,15 +249,20 @@ async def _infer(c: NodeClient, args: argparse.Namespace) -> int:
                     print(_json(msg), flush=True)
                 else:
                     print(msg.text, end="", flush=True)
+                    for call in msg.tool_calls or ():
+                        print(_call_text(call), flush=True)
         else:
             done = msg
     assert done is not None
+    calls = done.tool_calls or []
     if args.json:
         print(_json(done) if args.stream else _json({"text": "".join(text), "finish_reason": done.finish_reason,
-                                                     "usage": done.usage, "timings": done.timings}))
+                                                     "usage": done.usage, "timings": done.timings,
+                                                     **({"tool_calls": calls} if calls else {})}))
     else:
         if not args.stream:
-            print("".join(text), end="")
+            body = "".join(text)
+            print("\n".join(([body] if body else []) + [_call_text(c) for c in calls]), end="")
         print()
         t = done.timings
         print(f"[{done.finish_reason}; {done.usage.prompt_tokens} prompt + {done.usage.completion_tokens} completion "
@@ -233,7 +270,22 @@ async def _infer(c: NodeClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _tools(path: str) -> list[Tool]:
+    """--tools FILE: our Tool shape or OpenAI's ({"type": "function", "function": {...}})."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        if not isinstance(raw, list):
+            raise ValueError("expected a JSON list of functions")
+        return [msgspec.convert(t.get("function", t) if isinstance(t, dict) else t, Tool) for t in raw]
+    except (json.JSONDecodeError, msgspec.ValidationError, ValueError) as exc:
+        raise ValueError(f"--tools {path}: {exc}") from None
+
+
 # -- output ----------------------------------------------------------------------------------
+
+
+def _call_text(call: ToolCall) -> str:
+    return f"tool call {call.id}: {call.name}({call.arguments})"
 
 
 def _json(obj: Any) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,20 +22,28 @@ import msgspec
 
 from optimanode.constraints import (
     ChatTemplate,
+    EnableMode,
+    FlashAttn,
     Fraction,
+    Gpus,
+    KeepAlive,
+    KvCacheType,
+    MainGpu,
     ModelDeadline,
     NBatch,
     NCtx,
     NGpuLayers,
     NThreads,
-    Parallel,
+    ParallelSetting,
     Port,
     Prefill,
     QueueSize,
     SafeMode,
     Seconds,
     SecondsOrZero,
+    SplitMode,
     StallTimeout,
+    TensorSplit,
     explain,
     unwrap,
 )
@@ -95,8 +104,10 @@ class ModelDefaults(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     n_batch: NBatch = 512
     # Requests waiting per model beyond those being served; a full queue answers `overloaded`.
     queue_size: QueueSize = 16
-    # Requests a worker serves at once (continuous batching: one decode step serves them all).
-    parallel: Parallel = 1
+    # Requests a worker serves at once (continuous batching: one decode step serves them all);
+    # "auto": as many as fit in memory, up to 4, each with the whole n_ctx window (llama-server's
+    # automatic slot count; docs/configuration.md, "GPUs and memory").
+    parallel: ParallelSetting = "auto"
     # How prompts that wait share decode steps: auto, one_per_step or together (docs/configuration.md).
     prefill: Prefill = "auto"
     # auto, on or off: whether a model runs without llama.cpp's extra buffer types (weight
@@ -113,6 +124,21 @@ class ModelDefaults(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # A llama.cpp built-in template name (chatml, gemma, ...) or Jinja text; unset: the GGUF's own
     # tokenizer.chat_template, else chatml (docs/configuration.md, "Chat templates").
     chat_template: ChatTemplate | None = None
+    # The KV cache's element type: f16, q8_0 or q4_0 (a quantized cache needs flash attention).
+    kv_cache_type: KvCacheType = "f16"
+    # Flash attention: auto (llama.cpp decides per device), on or off.
+    flash_attn: FlashAttn = "auto"
+    # Placement on NVIDIA GPUs (with n_gpu_layers != 0): "auto" (the GPU, or fewest GPUs, with the
+    # most free memory) or a list of indices; how layers are split (none, layer, row); the share
+    # per GPU ([]: by free memory); the main GPU (an index into the model's GPUs).
+    gpus: Gpus = "auto"
+    split_mode: SplitMode = "layer"
+    tensor_split: TensorSplit = msgspec.field(default_factory=list)
+    main_gpu: MainGpu = 0
+    # always: an enabled model stays loaded; on_demand: loaded by its first request, unloaded after
+    # keep_alive_s without one, or evicted (least recently used first) when another needs memory.
+    enable: EnableMode = "always"
+    keep_alive_s: KeepAlive = 300.0
 
 
 class JournalSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -165,6 +191,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Memory kept free for the rest of the machine when deciding whether a model fits.
     memory_reserve_mb: Annotated[int, msgspec.Meta(ge=0, description="an integer >= 0")] = 512
+    # Kept free on each GPU likewise (the CUDA context itself, other processes' growth).
+    vram_reserve_mb: Annotated[int, msgspec.Meta(ge=0, description="an integer >= 0")] = 256
+    # A cap on the RAM estimates of all loaded models together (0: none, only what is available).
+    memory_budget_mb: Annotated[int, msgspec.Meta(ge=0, description="an integer >= 0")] = 0
     # On SIGTERM, running requests may finish for this long; then they are cancelled (shutting_down).
     drain_deadline_s: SecondsOrZero = 30.0
     # A worker being replaced (configure, a new file, new model defaults) or disabled stops taking
@@ -250,6 +280,16 @@ def _coerce(source: str, key: str, raw: str) -> Any:
             return int(raw)
         if typ is float:
             return float(raw)
+        members = typing.get_args(typ)
+        if members and int in {unwrap(m) for m in members}:
+            # "4" or "auto" (model_defaults.parallel)
+            return int(raw) if raw.strip().lstrip("-").isdigit() else raw
+        if list in {typing.get_origin(unwrap(t)) for t in (typ, *members)}:
+            # "0,1" or "[0, 1]" (model_defaults.gpus, model_defaults.tensor_split); "auto" stays
+            text = raw.strip().removeprefix("[").removesuffix("]")
+            if raw.strip() == "auto":
+                return raw
+            return [float(x) if "." in x else int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(source, key, typ.__name__, raw) from None
     return raw

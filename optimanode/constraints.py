@@ -82,6 +82,38 @@ LogitBias = Annotated[
 # logprobs: how many alternatives to report per generated token, besides the chosen one.
 LOGPROBS_MAX = 20
 TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=LOGPROBS_MAX, description=f"an integer from 0 to {LOGPROBS_MAX}")]
+# GPU operator's settings (docs/configuration.md, "GPUs and memory"). The KV cache's element type
+# (llama.cpp's type_k/type_v; a quantized V cache needs flash attention, so flash_attn "off" with
+# q8_0/q4_0 is refused where both are known), flash attention, and placement: which GPUs
+# ("auto": the ones with the most free memory), how layers are split across them (llama.cpp's
+# split_mode), in what proportions (tensor_split, one share per GPU used) and which GPU holds
+# the results and small tensors (main_gpu, an index into the model's GPUs).
+KvCacheType = Literal["f16", "q8_0", "q4_0"]
+FlashAttn = Literal["auto", "on", "off"]
+SplitMode = Literal["none", "layer", "row"]
+GPU_INDEX_MAX = 63
+GpuIndex = Annotated[int, msgspec.Meta(ge=0, le=GPU_INDEX_MAX, description=f"a GPU index from 0 to {GPU_INDEX_MAX}")]
+Gpus = Literal["auto"] | Annotated[list[GpuIndex], msgspec.Meta(
+    min_length=1, max_length=GPU_INDEX_MAX + 1,
+    description="a list of GPU indices (0..63), e.g. [0, 1]")]
+TensorSplit = Annotated[list[Annotated[float, msgspec.Meta(ge=0, le=1e6)]], msgspec.Meta(
+    max_length=GPU_INDEX_MAX + 1,
+    description="a list of at most 64 shares >= 0, one per GPU the model uses, e.g. [3, 1]")]
+MainGpu = Annotated[int, msgspec.Meta(ge=0, le=GPU_INDEX_MAX,
+                                      description="an index into the model's GPUs, 0 to 63")]
+# "auto" (the default): as many slots as fit in memory, up to PARALLEL_AUTO_MAX (llama-server's
+# automatic slot count), each with the full n_ctx window.
+PARALLEL_AUTO_MAX = 4
+ParallelSetting = Parallel | Literal["auto"]
+# On-demand loading (docs/configuration.md, "On-demand models"): "always" keeps an enabled model
+# loaded; "on_demand" loads it with the first request and unloads it after keep_alive_s idle (0:
+# as soon as it is idle), or sooner when another model needs its memory (least recently used first).
+EnableMode = Literal["always", "on_demand"]
+KeepAlive = Annotated[float, msgspec.Meta(ge=0, le=31_536_000, description="0 or a number of seconds up to "
+                                                                          "31536000 (a year)")]
+KV_CACHE_TYPES: tuple[str, ...] = typing.get_args(KvCacheType)
+FLASH_ATTN_MODES: tuple[str, ...] = typing.get_args(FlashAttn)
+SPLIT_MODES: tuple[str, ...] = typing.get_args(SplitMode)
 PREFILL_POLICIES: tuple[str, ...] = typing.get_args(Prefill)
 SAFE_MODES: tuple[str, ...] = typing.get_args(SafeMode)
 
@@ -144,8 +176,15 @@ def _expectation(root: Any, path: str) -> str:
 
 
 def describe(tp: Any) -> str:
-    """What a value of type ``tp`` must be, in words: its Meta description or Literal choices."""
+    """What a value of type ``tp`` must be, in words: its Meta description or Literal choices.
+
+    A union of several (``1..256 or "auto"``) is described member by member."""
     for layer in _layers(tp):
+        members = [a for a in typing.get_args(layer) if a is not type(None)]
+        if typing.get_origin(layer) in (typing.Union, types.UnionType) and len(members) > 1:
+            said = [", ".join(f'"{c}"' for c in typing.get_args(m)) if typing.get_origin(m) is Literal
+                    else describe(m) for m in members]
+            return " or ".join(w for w in said if w)
         if typing.get_origin(layer) is Annotated:
             for meta in typing.get_args(layer)[1:]:
                 if isinstance(meta, msgspec.Meta) and meta.description:

@@ -15,6 +15,10 @@ except a temporary file created and removed in the state directory (the only hon
   AVX2, AVX-512, VNNI, AMX...; elsewhere only ``platform.processor()``). A CPU without AVX2 is a
   warning: llama.cpp runs, much more slowly.
 * nvidia: NVML initialises (driver present), with the GPU count and driver version.
+* gpu N (one per GPU, when NVML answers): its free memory, and which models of the models
+  directory fit on it with every layer offloaded (or with ``model_defaults.n_gpu_layers`` when
+  that is set), at one slot and the default context, less ``vram_reserve_mb``: the memory
+  estimate the node admits models by (``executors/memory.py``), from their headers alone.
 * llama_cpp: imported *in a subprocess* (``python -c``): only the worker process may load
   llama.cpp, and a broken build can crash the interpreter that imports it. The probe reports the
   version, ``llama_supports_gpu_offload()`` and ``llama_print_system_info()`` (the CPU features
@@ -44,7 +48,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from optimanode.config import Settings
+from optimanode.config import Settings, metrics_address
+from optimanode.executors.effective import effective
+from optimanode.executors.memory import estimate
+from optimanode.executors.registry import Registry
+from optimanode.metrics import GpuProbe
+from optimanode.protocol import ModelSettings
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -113,11 +122,15 @@ def run_doctor(settings: Settings, *, nvml: Any = None, python: str = sys.execut
         lambda: check_key(settings),
         lambda: check_certificate(settings),
         lambda: check_port(settings),
+        # Only when the OpenMetrics endpoint is on (it is off by default).
+        *([lambda: check_metrics_port(settings)] if metrics_address(settings.metrics_http.listen) else []),
         lambda: check_cpu(cpuinfo),
     ]
     out = [c() for c in checks]
     gpu = check_nvidia(nvml)
     out.append(gpu)
+    if gpu.status == "ok":
+        out.extend(check_gpus(settings, nvml))
     out.append(check_llama_cpp(python=python, env=env, gpu_present=gpu.status == "ok", cpuinfo=cpuinfo))
     return out
 
@@ -243,11 +256,23 @@ def check_certificate(settings: Settings, now: datetime | None = None) -> Check:
 
 
 def check_port(settings: Settings) -> Check:
-    host, port = settings.listen.host, settings.listen.port
+    return _check_bindable("port", settings.listen.host, settings.listen.port, "listen.host", "listen.port")
+
+
+def check_metrics_port(settings: Settings) -> Check:
+    """The OpenMetrics endpoint's address (``metrics_http.listen``), as ``check_port`` checks the link's."""
+    address = metrics_address(settings.metrics_http.listen)
+    if address is None:
+        return Check("metrics port", "ok", "metrics_http.listen is off")
+    return _check_bindable("metrics port", address[0], address[1], "metrics_http.listen", "metrics_http.listen")
+
+
+def _check_bindable(name: str, host: str, port: int, host_setting: str, port_setting: str) -> Check:
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        return Check("port", "fail", f"listen.host {host!r} does not resolve: {exc}", "set listen.host to an address")
+        return Check(name, "fail", f"{host_setting} {host!r} does not resolve: {exc}",
+                     f"set {host_setting} to an address")
     family, _, _, _, addr = infos[0]
     with contextlib.closing(socket.socket(family, socket.SOCK_STREAM)) as s:
         # As the server will: SO_REUSEADDR, so a port in TIME_WAIT after a restart is not "in use".
@@ -256,14 +281,14 @@ def check_port(settings: Settings) -> Check:
             s.bind(addr)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                return Check("port", "fail", f"{host}:{port} is in use (expected if the node is running)",
-                             f"stop what holds it (ss -ltnp 'sport = :{port}') or set listen.port")
+                return Check(name, "fail", f"{host}:{port} is in use (expected if the node is running)",
+                             f"stop what holds it (ss -ltnp 'sport = :{port}') or set {port_setting}")
             if exc.errno == errno.EACCES:
-                return Check("port", "fail", f"{host}:{port} may not be bound by this user",
+                return Check(name, "fail", f"{host}:{port} may not be bound by this user",
                              "use a port above 1023 (the service has no capabilities)")
-            return Check("port", "fail", f"{host}:{port} cannot be bound: {exc.strerror or exc}",
-                         "set listen.host to an address of this machine")
-    return Check("port", "ok", f"{host}:{port} is free")
+            return Check(name, "fail", f"{host}:{port} cannot be bound: {exc.strerror or exc}",
+                         f"set {host_setting} to an address of this machine")
+    return Check(name, "ok", f"{host}:{port} is free")
 
 
 def read_cpuinfo() -> str:
@@ -345,6 +370,38 @@ def check_nvidia(nvml: Any = None) -> Check:
         return Check("nvidia", "warn", f"NVIDIA driver loaded but no GPU visible{driver}",
                      "under systemd, install the nvidia.conf drop-in (PrivateDevices hides /dev/nvidia*)")
     return Check("nvidia", "ok", f"{count} GPU{'s' if count != 1 else ''}: {', '.join(names)}{driver}")
+
+
+def check_gpus(settings: Settings, nvml: Any = None) -> list[Check]:
+    """One check per GPU: free memory, and the models that fit on it (see the module docstring)."""
+    probe = GpuProbe(nvml)
+    try:
+        gpus = probe()
+    finally:
+        probe.close()
+    try:
+        models = Registry(settings.models_path).scan().models if settings.models_path.is_dir() else {}
+    except OSError:
+        models = {}
+    d = settings.model_defaults
+    wanted = ModelSettings(n_gpu_layers=d.n_gpu_layers or -1, parallel=1)
+    needs = {}
+    for eid, info in sorted(models.items()):
+        est = estimate(info, effective(info, wanted, d, ""))
+        needs[eid] = est.gpu_weights + est.gpu_kv + est.gpu_compute + est.gpu_logits
+    mib = 1024 * 1024
+    out = []
+    for g in gpus:
+        free = (g.memory_free_bytes or 0) - settings.vram_reserve_mb * mib
+        fits = [f"{eid} ({n // mib} MiB)" for eid, n in needs.items() if n <= free]
+        big = [f"{eid} ({n // mib} MiB)" for eid, n in needs.items() if n > free]
+        layers = "all layers" if wanted.n_gpu_layers == -1 else f"{wanted.n_gpu_layers} layers"
+        detail = (f"{g.name}: {(g.memory_free_bytes or 0) // mib} MiB free of {g.memory_total_bytes // mib} MiB; "
+                  f"fits ({layers} offloaded, 1 slot, after vram_reserve_mb): {', '.join(fits) or 'none'}"
+                  + (f"; too big: {', '.join(big)}" if big else ""))
+        out.append(Check(f"gpu {g.index}", "ok" if fits or not needs else "warn", detail,
+                         "" if fits or not needs else "free memory on this GPU, or use a smaller model or quantization"))
+    return out
 
 
 def check_llama_cpp(*, python: str = sys.executable, env: dict[str, str] | None = None,

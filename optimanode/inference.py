@@ -60,6 +60,7 @@ from optimanode.protocol import (
     Done,
     DrainEnded,
     DrainStarted,
+    EmbedRequest,
     EventBody,
     InferenceRequest,
     RequestFinished,
@@ -186,6 +187,12 @@ class _Flight:
     admitted_at: float = field(default_factory=time.monotonic)
 
 
+def _ttft(request: InferenceRequest, done: Done | None) -> float | None:
+    """The time to the first token for the metrics and the journal; none for an embed request
+    (it generates no token: its time is in total_s), so embeddings do not skew completions' TTFT."""
+    return None if done is None or isinstance(request, EmbedRequest) else done.timings.ttft_s
+
+
 def _serving(ex: Executor) -> bool:
     """The model has a worker that takes requests."""
     return ex.state == "running" and ex.worker is not None
@@ -219,7 +226,7 @@ class Inference:
     def traffic(self, ex: Executor) -> Traffic:
         """``ex``'s traffic, its admission resized when the effective bounds changed."""
         defaults = self.runtime.settings.model_defaults
-        parallel, queue = effective_parallel(ex.settings, defaults), queue_size(ex.settings, defaults)
+        parallel, queue = effective_parallel(ex.settings, defaults, ex.parallel_auto), queue_size(ex.settings, defaults)
         t = self._traffic.get(ex.id)
         if t is None:
             t = self._traffic[ex.id] = Traffic(Admission(parallel, queue))
@@ -286,7 +293,7 @@ class Inference:
                 done = flight.done
                 self.stats.finished(executor_id, flight.outcome, duration_s=time.monotonic() - arrived,
                                     queued_s=flight.admitted_at - arrived,
-                                    ttft_s=done.timings.ttft_s if done is not None else None)
+                                    ttft_s=_ttft(request, done))
 
     @contextlib.asynccontextmanager
     async def _admitted(self, executor_id: str, request: InferenceRequest, request_id: str | None,
@@ -297,6 +304,10 @@ class Inference:
         ex = self.runtime.get(executor_id)
         # A Gateway's frame was checked when it was decoded; an in-process caller's Struct is checked here.
         checked(request, "request")
+        if not _serving(ex) and not ex.replacing:
+            # An idle on-demand model is loaded for this request, which queues meanwhile.
+            self.runtime.demand(ex)
+        self.runtime.touch(ex)
         if not _serving(ex) and not ex.replacing:
             raise ModelNotRunning(f"model {ex.id} is {ex.state}" + (f": {ex.reason}" if ex.reason else ""),
                                   state=ex.state, executor=ex.id)
@@ -343,6 +354,7 @@ class Inference:
             finally:
                 if timer is not None:
                     timer.cancel()
+                self.runtime.touch(ex)  # an on-demand model's idle time counts from here
                 self._requests.pop(rid, None)
                 self._shut_out.discard(rid)
                 done = flight.done
@@ -352,7 +364,7 @@ class Inference:
                     request_id=rid, outcome=flight.outcome,
                     prompt_tokens=done.usage.prompt_tokens if done else 0,
                     completion_tokens=done.usage.completion_tokens if done else 0,
-                    ttft_s=done.timings.ttft_s if done else None, total_s=done.timings.total_s if done else None))
+                    ttft_s=_ttft(request, done), total_s=done.timings.total_s if done else None))
 
     @contextlib.asynccontextmanager
     async def _accounted(self, executor_id: str, rid: str, request: InferenceRequest,
@@ -377,6 +389,11 @@ class Inference:
             raise ShuttingDown(f"the node is shutting down; request cancelled after the "
                                f"{self.runtime.settings.drain_deadline_s:g} s drain deadline")
         flight.done, flight.outcome = done, done.finish_reason
+
+    def in_use(self, ex: Executor) -> int:
+        """Requests running on or waiting for ``ex``."""
+        t = self._traffic.get(ex.id)
+        return t.admission.running + t.admission.waiting if t is not None else 0
 
     def busy(self) -> int:
         """Requests running or queued on any model."""

@@ -21,8 +21,16 @@ How it works:
   starts there too (``replay(full=True)`` from the base: the oldest history retention kept). So
   start-up costs what happened since the last checkpoint, not the journal's age.
 * Retention (optimanode/retention.py) deletes old rows on a connection of its own, one short
-  transaction at a time under ``write_lock``, the lock every group commit takes: an append waits
-  for at most one of those transactions, and the two writers never meet SQLite's busy handler.
+  transaction at a time under ``write_lock``, the lock every group commit takes, so the two writers
+  never meet SQLite's busy handler. An append that finds the lock held calls ``on_append_waiting``
+  (set by retention while it holds the lock): retention's transaction is interrupted and rolled
+  back, so the append waits for the rollback, not for retention's work.
+* Integrity at open: ``PRAGMA quick_check`` reads the whole file (about 1 s per GiB). It runs at
+  open, refusing a damaged journal, when the previous run did not close the journal (the
+  ``journal_meta`` key ``open`` is still 1: a kill, a crash, a power cut) or when the file is at
+  most ``full_check_below`` bytes. Otherwise (a clean stop, a large file) the same check runs in the
+  background after a short delay, on a read-only connection of its own; ``integrity`` says what it
+  found, a damaged journal is logged as an error and reported in metrics (docs/reliability.md).
 
 Every sqlite3 error, and every row that does not decode (a damaged page SQLite cannot see, or an
 event type written by a newer node), is re-raised as JournalError naming the file; a failed batch
@@ -32,15 +40,18 @@ rolls back whole and its callers see the error (a full disk loses nothing that w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import importlib.resources
+import logging
 import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib.resources.abc import Traversable
 from pathlib import Path
+from time import monotonic
 from typing import Any, TypeVar
 
 import aiosqlite
@@ -65,6 +76,7 @@ from optimanode.protocol import (
 )
 
 _T = TypeVar("_T")
+log = logging.getLogger(__name__)
 NODE_STREAM = "node"
 MIGRATIONS_PACKAGE = "optimanode.migrations"
 MIGRATION_FILES = "[0-9][0-9][0-9][0-9]_*.sql"
@@ -93,6 +105,10 @@ REPLAY_FETCH_ROWS = 4096
 REQUEST_TYPES = ("request_started", "request_finished")
 WAL_SIZE_LIMIT = 16 << 20
 STATE_TYPES = ("registered", "transition", "desired", "hashed")
+# Files up to this size are checked in full at every open (about 0.25 s); larger ones only after a
+# run that did not close the journal, else in the background (module docstring).
+FULL_CHECK_BELOW = 256 << 20
+BACKGROUND_CHECK_DELAY_S = 10.0
 # Placeholder a caller appends; the writer replaces it by the fold at the event's own position.
 _CHECKPOINT_MARK = Checkpoint()
 
@@ -311,11 +327,23 @@ class Journal:
         self.events_since_checkpoint = 0
         # Held by every group commit and by each of retention's transactions (module docstring).
         self.write_lock = asyncio.Lock()
+        # Set by whoever holds write_lock besides the writer (retention): called when an append waits.
+        self.on_append_waiting: Callable[[], None] | None = None
+        # monotonic() of the last commit of appends (retention paces itself by it).
+        self.last_append = 0.0
+        # "" until checked, "ok", or what quick_check found (module docstring).
+        self.integrity = ""
+        self.checked_at_open = False
+        self._check: asyncio.Task[None] | None = None
 
     # -- opening ---------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: str | os.PathLike[str], migrations: Traversable = DEFAULT_MIGRATIONS) -> Journal:
+    async def open(cls, path: str | os.PathLike[str], migrations: Traversable = DEFAULT_MIGRATIONS, *,
+                   full_check_below: int = FULL_CHECK_BELOW,
+                   background_check_delay_s: float | None = BACKGROUND_CHECK_DELAY_S) -> Journal:
+        """``full_check_below``, ``background_check_delay_s``: the integrity check (module docstring;
+        None: no background check, ``check_integrity`` is the caller's)."""
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -324,7 +352,7 @@ class Journal:
             raise _sqlite_error(f"open of {path}", exc) from exc
         journal = cls(db, path)
         try:
-            await journal._prepare(migrations)
+            await journal._prepare(migrations, full_check_below)
         except BaseException as exc:
             await db.close()
             if isinstance(exc, JournalError):
@@ -334,9 +362,12 @@ class Journal:
                 raise JournalError(str(_sqlite_error(f"open of {path}", exc)) + _space_left(path)) from exc
             raise
         journal._writer = asyncio.get_running_loop().create_task(journal._write_loop(), name="journal-writer")
+        if not journal.checked_at_open and background_check_delay_s is not None:
+            journal._check = asyncio.get_running_loop().create_task(
+                journal._check_later(background_check_delay_s), name="journal-check")
         return journal
 
-    async def _prepare(self, migrations: Traversable) -> None:
+    async def _prepare(self, migrations: Traversable, full_check_below: int) -> None:
         db = self._db
         mode = await (await db.execute("PRAGMA journal_mode=WAL")).fetchone()
         if mode is None or mode[0].lower() != "wal":
@@ -347,12 +378,58 @@ class Journal:
         # The WAL file keeps its largest size unless told otherwise; this bounds what it keeps after
         # a checkpoint (retention counts the WAL against journal.max_bytes).
         await db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-        check = await (await db.execute("PRAGMA quick_check")).fetchall()
-        if check != [("ok",)]:
-            raise JournalError(f"journal {self.path} is corrupt: {check[:3]}")
+        if not await self._closed_cleanly() or self.path.stat().st_size <= full_check_below:
+            check = await (await db.execute("PRAGMA quick_check")).fetchall()
+            if check != [("ok",)]:
+                raise JournalError(f"journal {self.path} is corrupt: {check[:3]}")
+            self.integrity, self.checked_at_open = "ok", True
         await apply_migrations(db, migrations)
         await self._load_position()
         self._views = await self._load_projection()
+        await self._set_open_mark(1)
+
+    async def _closed_cleanly(self) -> bool:
+        """Whether the last run that opened this journal closed it (``journal_meta.open`` = 0). A
+        journal without the mark (new, or from an older node) counts as not closed: checked in full."""
+        try:
+            row = await (await self._db.execute("SELECT value FROM journal_meta WHERE key = 'open'")).fetchone()
+        except sqlite3.OperationalError:  # no journal_meta yet (a new file, or before migration 0003)
+            return False
+        return row is not None and row[0] == "0"
+
+    async def _set_open_mark(self, value: int) -> None:
+        try:
+            await self._db.execute("INSERT OR REPLACE INTO journal_meta (key, value) VALUES ('open', ?)",
+                                   (str(value),))
+        except sqlite3.OperationalError:  # migrations without journal_meta (tests of old schemas)
+            pass
+
+    async def _check_later(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        await self.check_integrity()
+
+    async def check_integrity(self) -> str:
+        """``PRAGMA quick_check`` of the whole file on a read-only connection of its own (a thread;
+        appends go on): "ok" or what it found, kept in ``integrity``; a damaged journal is logged."""
+
+        def check() -> list[tuple[Any, ...]]:
+            db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                return db.execute("PRAGMA quick_check").fetchall()
+            finally:
+                db.close()
+
+        try:
+            rows = await asyncio.to_thread(check)
+            found = "ok" if rows == [("ok",)] else "; ".join(str(r[0]) for r in rows[:3])
+        except sqlite3.Error as exc:
+            found = f"{exc.__class__.__name__}: {exc}"
+        self.integrity = found
+        if found != "ok":
+            log.error("journal %s is corrupt: %s (PRAGMA quick_check; the node goes on serving, but appends"
+                      " may fail: stop it and see docs/reliability.md \"The journal file is corrupt\")",
+                      self.path, found)
+        return found
 
     async def _load_position(self) -> None:
         """Versions, notes and open requests: the newest checkpoint's, then the events after it."""
@@ -444,6 +521,8 @@ class Journal:
                     fut.set_result(res)
 
     async def _commit(self, batches: list[list[tuple[str, EventBody]]]) -> list[list[Event]]:
+        if self.write_lock.locked() and self.on_append_waiting is not None:
+            self.on_append_waiting()  # retention yields: its transaction rolls back (module docstring)
         async with self.write_lock:
             return await self._commit_locked(batches)
 
@@ -500,6 +579,7 @@ class Journal:
                 raise
         except sqlite3.Error as exc:
             raise _sqlite_error("append", exc) from exc
+        self.last_append = monotonic()
         self._versions, self._views, self._notes, self._open = versions, views, notes, open_
         self._last_seq = seq
         if checkpoint is not None:
@@ -564,10 +644,17 @@ class Journal:
         if self._closed:
             return
         self._closed = True
+        if self._check is not None:
+            self._check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._check
         if self._writer is not None:
             # The sentinel queues behind every accepted append: close never drops one.
             await self._queue.put(None)
             await asyncio.shield(self._writer)
+            # A clean close: the next open may skip the full check (module docstring).
+            with contextlib.suppress(sqlite3.Error):
+                await self._set_open_mark(0)
         await self._db.close()
 
 

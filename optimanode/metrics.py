@@ -32,7 +32,13 @@ millisecond anyway (measured there). A lock serialises callers all the same.
   0 on the first sample, after a pid change or when the counter goes backwards. ``free_slots`` is
   ``max(0, parallel - in_flight)`` for a running executor and 0 otherwise.
 
-``sample_cost_s`` is the wall time ``sample()`` took, so the report states its own cost.
+``sample_cost_s`` is the wall time ``sample()`` took, so the report states its own cost. Each
+``GpuReport`` also carries NVML's free memory and the executors placed on that GPU (from
+``ExecutorStatus.gpus``, starting or running).
+
+``GpuProbe`` is the small NVML reader memory admission uses (``executors/runtime.py``): each
+call gives one ``GpuReport`` per GPU with its index, name, UUID, total and free memory only, or []
+without NVML (init retried at most every ``retry_s``), never an exception.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import msgspec
 import psutil
 
 from optimanode.protocol import (
@@ -125,6 +132,12 @@ class Sampler:
             now = self._clock()
             statuses = list(self._executors())
             gpus, gpu_status, vram = self._sample_gpus(now)
+            placed: dict[int, list[str]] = {}
+            for st in statuses:
+                if st.state in ("starting", "running", "restarting"):
+                    for i in st.gpus:
+                        placed.setdefault(i, []).append(st.id)
+            gpus = [msgspec.structs.replace(g, models=placed.get(g.index, [])) for g in gpus]
             executors = [self._sample_executor(st, now, vram) for st in statuses]
             live_pids, live_ids = {st.pid for st in statuses}, {st.id for st in statuses}
             self._procs = {pid: p for pid, p in self._procs.items() if pid in live_pids}
@@ -233,6 +246,7 @@ class Sampler:
                 utilization_percent=float(util.gpu) if util is not None else None,
                 memory_total_bytes=int(mem.total) if mem is not None else 0,
                 memory_used_bytes=int(mem.used) if mem is not None else 0,
+                memory_free_bytes=int(mem.free) if mem is not None else None,
                 temperature_c=float(temp) if temp is not None else None,
                 power_w=power / 1000 if power is not None else None,  # NVML gives milliwatts
                 power_limit_w=limit / 1000 if limit is not None else None))
@@ -266,7 +280,10 @@ class Sampler:
             queue_depth=st.queue_depth, in_flight=st.in_flight, parallel=st.parallel,
             queue_size=st.queue_size,
             free_slots=max(0, st.parallel - st.in_flight) if st.state == "running" else 0,
-            tokens_per_s=tokens_per_s, requests_served=st.requests_served, restarts=st.restarts)
+            tokens_per_s=tokens_per_s, requests_served=st.requests_served, restarts=st.restarts,
+            gpus=list(st.gpus), memory_estimate_bytes=st.memory_estimate_bytes,
+            vram_estimate_bytes=sum(st.vram_estimate_bytes.values()), loaded=st.loaded, last_used=st.last_used,
+            evictions=st.evictions)
 
     def _sample_process(self, pid: int) -> tuple[int | None, float | None]:
         held = self._procs.get(pid)
@@ -287,3 +304,64 @@ class Sampler:
         if held is None or now <= held[2]:
             return rss, None
         return rss, max(0.0, (busy - held[1]) / (now - held[2]) * 100)
+
+
+class GpuProbe:
+    """Each GPU's memory, for admission: ``probe()`` → [GpuReport(index, name, uuid, total, free)]."""
+
+    def __init__(self, nvml: NvmlLike | None = None, *, clock: Callable[[], float] = time.monotonic,
+                 retry_s: float = 60.0) -> None:
+        self._nvml: Any = nvml
+        self._clock = clock
+        self._retry_s = retry_s
+        self._gpus: list[tuple[Any, str, str]] | None = None
+        self._next_init = float("-inf")
+        self.status = ""
+
+    def __call__(self) -> list[GpuReport]:
+        try:
+            if self._gpus is None and not self._init():
+                return []
+            nvml, out = self._nvml, []
+            for index, (h, name, uuid) in enumerate(self._gpus or []):
+                try:
+                    mem = nvml.nvmlDeviceGetMemoryInfo(h)
+                except nvml.NVMLError:
+                    continue  # a GPU that cannot say its memory takes no model
+                out.append(GpuReport(index=index, name=name, uuid=uuid, memory_total_bytes=int(mem.total),
+                                     memory_used_bytes=int(mem.used), memory_free_bytes=int(mem.free)))
+            return out
+        except Exception as exc:  # noqa: BLE001  (admission goes on without GPUs; the status says why)
+            self.status = f"NVML: unexpected {type(exc).__name__}: {exc}"
+            return []
+
+    def _init(self) -> bool:
+        now = self._clock()
+        if now < self._next_init:
+            return False
+        self._next_init = now + self._retry_s
+        if self._nvml is None:
+            try:
+                import pynvml
+            except ImportError as exc:
+                self.status = f"no NVML bindings ({exc})"
+                return False
+            self._nvml = pynvml
+        nvml = self._nvml
+        try:
+            nvml.nvmlInit()
+            handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+            self._gpus = [(h, _text(nvml.nvmlDeviceGetName(h)), _text(nvml.nvmlDeviceGetUUID(h))) for h in handles]
+        except nvml.NVMLError as exc:
+            self.status = describe_nvml_error(exc)
+            return False
+        self.status = "" if self._gpus else "no NVIDIA GPU (NVML found none)"
+        return True
+
+    def close(self) -> None:
+        if self._gpus is not None:
+            self._gpus = None
+            try:
+                self._nvml.nvmlShutdown()
+            except self._nvml.NVMLError:
+                pass

@@ -33,19 +33,21 @@ import contextlib
 import logging
 import os
 import time
+from typing import Any
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from optimanode import __version__
 from optimanode.config import Settings
-from optimanode.errors import JournalError
-from optimanode.executors.effective import chat_template_in_force, checked
+from optimanode.errors import BadRequest, JournalError
+from optimanode.executors.effective import chat_template_in_force, checked, conflict
 from optimanode.executors.reconciler import Facts, crashes_in_window
 from optimanode.executors.registry import Registry, ScanResult
 from optimanode.executors.runtime import Background, Executor, Runtime
 from optimanode.executors.scanner import Scanner
 from optimanode.inference import Inference
 from optimanode.journal import NODE_STREAM, Event, Journal
+from optimanode.metrics import GpuProbe
 from optimanode.protocol import (
     OUTCOME_NODE_DIED,
     Chunk,
@@ -79,9 +81,11 @@ class Node:
     """The node. ``async with Node(settings) as node:`` starts it and stops it cleanly."""
 
     def __init__(self, settings: Settings, *, journal: Journal | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, nvml: Any = None) -> None:
         self.settings = settings
         self.clock = clock
+        # Each GPU's free memory for admission (NVML; ``nvml=`` injects a stand-in, e.g. FakeNvml).
+        self.gpu_probe = GpuProbe(nvml)
         self._journal = journal
         self._parts: _Parts | None = None
         self._retention: Retention | None = None
@@ -143,7 +147,7 @@ class Node:
                                            for stream, rid in cut])
             await journal.append(NODE_STREAM, NodeStarted(pid=os.getpid(), version=__version__))
             self._retention = await Retention.open(journal, self.settings.journal, clock=self.clock)
-            runtime = Runtime(self.settings, journal, self._background, clock=self.clock)
+            runtime = Runtime(self.settings, journal, self._background, clock=self.clock, gpu_probe=self.gpu_probe)
             parts = self._parts = _Parts(runtime, Scanner(runtime, Registry(self.settings.models_path)),
                                          Inference(runtime, self._background))
             # Admission follows each transition, and a worker that is stopped drains first.
@@ -203,6 +207,7 @@ class Node:
             with contextlib.suppress(JournalError):
                 await self._journal.append(NODE_STREAM, NodeStopped(reason=reason))
             await self._journal.close()
+        self.gpu_probe.close()
 
     # -- desired state (the operator's API) ------------------------------------------------
 
@@ -221,6 +226,9 @@ class Node:
         runtime = self._p.runtime
         ex = runtime.get(executor_id)
         checked(settings, "settings")
+        refused = conflict(settings, self.settings.model_defaults)
+        if refused is not None:
+            raise BadRequest(f"settings.{refused[0]}: expected {refused[1]}", field=f"settings.{refused[0]}")
         await runtime.desire(ex, ex.enabled, settings, by)
         return self.status(executor_id)
 
@@ -260,6 +268,7 @@ class Node:
         traffic = inference.traffic(ex)
         adm = traffic.admission
         why = runtime.safe_mode_reason(ex)
+        est, placed = runtime.memory(ex)
         return ExecutorStatus(
             id=ex.id, state=ex.state, enabled=ex.enabled, reason=ex.reason, info=ex.info, settings=ex.settings,
             effective=runtime.effective(ex), pid=ex.worker.pid if ex.worker else None, restarts=ex.restarts,
@@ -268,6 +277,9 @@ class Node:
             requests_served=traffic.requests_served, tokens_generated=traffic.tokens_generated,
             backend=ex.backend, safe_mode=bool(why), safe_mode_reason=why,
             chat_template=chat_template_in_force(ex.info, ex.settings, self.settings.model_defaults),
+            memory_estimate_bytes=est.ram_bytes, vram_estimate_bytes=dict(placed.vram),
+            gpus=list(placed.gpus), loaded=ex.state == "running", evictions=ex.evictions,
+            last_used=ex.last_used,
         )
 
     def list(self) -> list[ExecutorStatus]:

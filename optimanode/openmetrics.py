@@ -19,7 +19,8 @@ How it works:
   A loop that does not answer within ``scrape_timeout_s`` gives ``optimanode_event_loop_responsive
   0`` and the process metrics instead of an error page, and the time the loop took to run the read
   is ``optimanode_event_loop_lag_seconds``.
-* What is served: host CPU, load and memory, each NVIDIA GPU (NVML through the sampler), and per
+* What is served: host CPU, load and memory, each NVIDIA GPU (NVML through the sampler: its free
+  memory, and one ``optimanode_gpu_model`` series per model placed on it), and per
   model its state (one series per state, 1 for the current one), enabled, safe mode, restarts,
   crashes by cause (every cause present from the start, so ``increase()`` sees the first crash),
   crashes in the restart window, queue depth and size, requests in flight, slots and free slots,
@@ -136,16 +137,23 @@ def _gpus(r: MetricsReport) -> list[Metric]:
     temp = _gauge("optimanode_gpu_temperature_celsius", "GPU core temperature.", labels)
     power = _gauge("optimanode_gpu_power_watts", "GPU power draw.", labels)
     limit = _gauge("optimanode_gpu_power_limit_watts", "GPU enforced power limit.", labels)
+    free = _gauge("optimanode_gpu_memory_free_bytes", "VRAM free (NVML), what admission places models by.", labels)
+    placed = _gauge("optimanode_gpu_model", "1 for each model whose worker is placed on this GPU (starting or "
+                    "running).", ["gpu", "model"])
     for g in r.gpus:
         lv = [str(g.index), g.name, g.uuid]
         total.add_metric(lv, g.memory_total_bytes)
         used.add_metric(lv, g.memory_used_bytes)
+        if g.memory_free_bytes is not None:
+            free.add_metric(lv, g.memory_free_bytes)
+        for model in g.models:
+            placed.add_metric([str(g.index), model], 1)
         # A field the driver refuses (None) has no sample rather than a made-up 0.
         for family, value in ((util, g.utilization_percent), (temp, g.temperature_c), (power, g.power_w),
                               (limit, g.power_limit_w)):
             if value is not None:
                 family.add_metric(lv, value)
-    return [count, util, total, used, temp, power, limit]
+    return [count, util, total, used, temp, power, limit, free, placed]
 
 
 def _models(snap: Snapshot) -> list[Metric]:
@@ -170,6 +178,14 @@ def _models(snap: Snapshot) -> list[Metric]:
     cpu = _gauge("optimanode_model_worker_cpu_percent", "The worker's CPU use since the previous sample, % of one "
                  "core.", m)
     vram = _gauge("optimanode_model_worker_vram_bytes", "VRAM the worker holds (NVML's per-process accounting).", m)
+    est_ram = _gauge("optimanode_model_memory_estimate_bytes", "The memory estimate's RAM part (weights, KV cache, "
+                     "compute buffers on the CPU).", m)
+    est_vram = _gauge("optimanode_model_vram_estimate_bytes", "The memory estimate's GPU part, by GPU.", ["model", "gpu"])
+    loaded = _gauge("optimanode_model_loaded", "1 while the model's worker is running (on-demand models come and go).", m)
+    last_used = _gauge("optimanode_model_last_used_seconds", "When a request last started or ended on the model "
+                       "(Unix seconds; 0: not since the node started).", m)
+    evictions = CounterMetricFamily("optimanode_model_evictions", "Times the model was unloaded for another "
+                                    "model's memory.", labels=m)
     sampled = {e.id: e for e in snap.report.executors}
     for st in snap.statuses:
         lv = [st.id]
@@ -187,6 +203,12 @@ def _models(snap: Snapshot) -> list[Metric]:
         in_flight.add_metric(lv, st.in_flight)
         slots.add_metric(lv, st.parallel)
         tokens.add_metric(lv, st.tokens_generated)
+        est_ram.add_metric(lv, st.memory_estimate_bytes)
+        loaded.add_metric(lv, int(st.loaded))
+        last_used.add_metric(lv, st.last_used)
+        evictions.add_metric(lv, st.evictions)
+        for gpu, b in sorted(st.vram_estimate_bytes.items()):
+            est_vram.add_metric([st.id, str(gpu)], b)
         e = sampled.get(st.id)
         free.add_metric(lv, e.free_slots if e is not None else 0)
         tps.add_metric(lv, e.tokens_per_s if e is not None else 0.0)
@@ -197,7 +219,7 @@ def _models(snap: Snapshot) -> list[Metric]:
     budget = _gauge("optimanode_restart_crash_budget", "restart.crash_budget: crashes in the window that fail a model.")
     budget.add_metric([], snap.crash_budget)
     return [state, enabled, safe, restarts, crashes, recent, budget, queue, queue_size, in_flight, slots, free,
-            tokens, tps, rss, cpu, vram]
+            tokens, tps, rss, cpu, vram, est_ram, est_vram, loaded, last_used, evictions]
 
 
 def _journal(snap: Snapshot) -> list[Metric]:
@@ -211,7 +233,9 @@ def _journal(snap: Snapshot) -> list[Metric]:
             ("optimanode_journal_max_bytes", cap, "journal.max_bytes: the cap retention keeps the file and its "
              "WAL under."),
             ("optimanode_journal_near_cap", None if j is None else int(j.near_cap), "1 past 90 % of the cap, or "
-             "when retention had to fold early to stay under it.")):
+             "when retention had to fold early to stay under it."),
+            ("optimanode_journal_damaged", None if j is None or not j.integrity else int(j.integrity != "ok"),
+             "1 when PRAGMA quick_check found the journal damaged (absent until the check has run).")):
         if value is not None:
             g = _gauge(name, doc)
             g.add_metric([], value)

@@ -28,7 +28,16 @@ from optimanode.constraints import (
     CHAT_TEMPLATE_NAMES,
     PREFILL_POLICIES,
     ChatTemplate,
+    EnableMode,
+    FlashAttn,
+    KeepAlive,
+    Gpus,
+    KvCacheType,
+    MainGpu,
+    ParallelSetting,
     SAFE_MODES,
+    SplitMode,
+    TensorSplit,
     LogitBias,
     Penalty,
     TopLogprobs,
@@ -36,7 +45,6 @@ from optimanode.constraints import (
     NCtx,
     NGpuLayers,
     NThreads,
-    Parallel,
     Prefill,
     ModelDeadline,
     QueueSize,
@@ -233,6 +241,15 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, tag="settings"):
     # The operator's chat template: a name from CHAT_TEMPLATE_NAMES or Jinja text; "": the GGUF's
     # own tokenizer.chat_template, else "chatml" (llama-server's fallback).
     chat_template: str = ""
+    # The KV cache's element type (K and V alike) and flash attention (constraints.KvCacheType,
+    # FlashAttn). Placement: how layers are split over the GPUs the worker sees (the node pins
+    # it to its GPUs with CUDA_VISIBLE_DEVICES, so indices here count from 0 among those), the
+    # shares per GPU ([]: llama.cpp's default, by free memory) and the main GPU.
+    kv_cache_type: str = "f16"
+    flash_attn: str = "auto"
+    split_mode: str = "layer"
+    tensor_split: list[float] = []
+    main_gpu: int = 0
 
 
 class Generate(msgspec.Struct, frozen=True, kw_only=True, tag="generate"):
@@ -397,13 +414,36 @@ class ModelSettings(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     n_gpu_layers: NGpuLayers | None = None
     n_batch: NBatch | None = None
     queue_size: QueueSize | None = None
-    parallel: Parallel | None = None
+    # An integer, or "auto": as many slots as memory allows, up to 4 (docs/configuration.md).
+    parallel: ParallelSetting | None = None
     prefill: Prefill | None = None
     safe_mode: SafeMode | None = None
     # Read by the supervisor and admission, not the worker: a change restarts nothing.
     stall_timeout_s: StallTimeout | None = None
     deadline_s: ModelDeadline | None = None
     chat_template: ChatTemplate | None = None
+    # GPUs and memory (docs/configuration.md, "GPUs and memory"; protocol minor 2 additions).
+    kv_cache_type: KvCacheType | None = None
+    flash_attn: FlashAttn | None = None
+    gpus: Gpus | None = None
+    split_mode: SplitMode | None = None
+    tensor_split: TensorSplit | None = None
+    main_gpu: MainGpu | None = None
+    # Loaded always (while enabled) or on demand, unloaded after keep_alive_s idle; neither is a
+    # worker setting (a change restarts nothing).
+    enable: EnableMode | None = None
+    keep_alive_s: KeepAlive | None = None
+
+
+# llama.cpp's enum llama_pooling_type (llama.h) → ModelInfo.pooling. NONE (0) gives a vector per
+# token, not one per input: a model that declares it, or declares nothing (a decoder-only model),
+# is pooled by mean, so every model answers an embed request with one vector per input.
+POOLING_TYPES: dict[int, str] = {1: "mean", 2: "cls", 3: "last", 4: "rank"}
+
+
+def pooling_in_force(declared: object) -> str:
+    """ModelInfo.pooling for a GGUF's ``{arch}.pooling_type`` value (None when absent)."""
+    return POOLING_TYPES.get(declared, "mean") if isinstance(declared, int) else "mean"
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -435,6 +475,16 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     # How an embed request pools token vectors: the GGUF's ``{arch}.pooling_type`` (mean, cls,
     # last, rank) or, for a decoder-only model that declares none, "mean" (minor 2).
     pooling: str = ""
+    # For the memory estimate (executors/memory.py): tensor bytes per repeating layer (blk.N), the
+    # bytes of the other tensors (embedding, output head, norms), and the vocabulary size. Empty/0
+    # in records journaled before they existed: the estimate then spreads size_bytes evenly.
+    layer_bytes: list[int] = []
+    other_bytes: int = 0
+    n_vocab: int = 0
+    # The output head's bytes (output.weight, or the tied token embedding): on the GPU when
+    # n_gpu_layers offloads every layer and the output.
+    output_bytes: int = 0
+    output_tied: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -634,6 +684,16 @@ class ExecutorStatus(msgspec.Struct, frozen=True, kw_only=True):
     # The chat template the worker renders chats with (effective.chat_template_in_force): "file",
     # "custom" or a llama.cpp built-in name ("chatml" where the file has none and none is set).
     chat_template: str = ""
+    # The memory estimate (executors/memory.py) for the effective settings: bytes in RAM, and per
+    # GPU index the bytes on that GPU; the GPUs its worker is placed on (empty: CPU only).
+    memory_estimate_bytes: int = 0
+    vram_estimate_bytes: dict[int, int] = {}
+    gpus: list[int] = []
+    # On-demand loading: its worker is running; when a request last used it (Unix seconds, 0:
+    # not since the node started); how often it was unloaded for another model's memory.
+    loaded: bool = False
+    last_used: float = 0.0
+    evictions: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -668,6 +728,10 @@ class GpuReport(msgspec.Struct, frozen=True, kw_only=True):
     temperature_c: float | None = None
     power_w: float | None = None
     power_limit_w: float | None = None
+    # NVML's free memory (total less used, and less what the driver reserves), and the executors
+    # whose workers are placed on this GPU (starting or running).
+    memory_free_bytes: int | None = None
+    models: list[str] = []
 
 
 class ExecutorMetrics(msgspec.Struct, frozen=True, kw_only=True):
@@ -687,6 +751,13 @@ class ExecutorMetrics(msgspec.Struct, frozen=True, kw_only=True):
     tokens_per_s: float = 0.0
     requests_served: int = 0
     restarts: int = 0
+    # The GPUs its worker is placed on, and the memory estimate (RAM; VRAM summed over its GPUs).
+    gpus: list[int] = []
+    memory_estimate_bytes: int = 0
+    vram_estimate_bytes: int = 0
+    loaded: bool = False
+    last_used: float = 0.0
+    evictions: int = 0
 
 
 class JournalReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -699,6 +770,9 @@ class JournalReport(msgspec.Struct, frozen=True, kw_only=True):
     # Since the node started: request events folded into hourly aggregates, state events deleted.
     requests_folded: int = 0
     events_deleted: int = 0
+    # PRAGMA quick_check of the file: "" not yet (the background check after a clean start),
+    # "ok", or what it found (a damaged journal: docs/reliability.md).
+    integrity: str = ""
 
 
 class MetricsReport(msgspec.Struct, frozen=True, kw_only=True):

@@ -19,17 +19,30 @@ How it works (docs/journal.md "Retention"; settings in ``[journal]``, docs/confi
 * A cap: when the file passes 90 % of ``max_bytes`` the pass folds the oldest requests whatever
   their age (and, if that is not enough, moves the base up to the newest checkpoint) until the
   live data is under 80 %; ``near_cap`` says so in metrics and doctor.
-* Every change is a short transaction (``FOLD_ROWS``/``DELETE_ROWS`` rows) on a connection of
-  its own, run on a thread while holding ``Journal.write_lock``, which every group commit takes: an
-  append waits for at most one such transaction, and the rows to fold are read and decoded before
-  the lock is taken. ``PRAGMA incremental_vacuum`` (auto_vacuum=INCREMENTAL, migration 0004) then
-  returns the freed pages to the file system in steps of ``VACUUM_PAGES``.
+* The fold is set-based: a step takes the request events in a range of seq from the oldest one
+  (``FOLD_WHERE``, a primary-key range) and SQLite sums them per model and hour (GROUP BY, JSON
+  read by SQLite), on a reader thread at nice 19 that holds no lock; the step under the lock adds
+  those sums to ``request_hours`` and deletes the same rows (the same WHERE; the count must match).
+* Every change is a short transaction (``FOLD_ROWS``/``DELETE_ROWS`` rows, ``VACUUM_PAGES`` pages)
+  on a connection of its own (``synchronous=NORMAL``: no fsync of its own; a step lost to a power
+  cut is redone), on a writer thread while holding ``Journal.write_lock``, which every group commit
+  takes. Steps yield to appends: an append that finds the lock held calls ``_interrupt``
+  (``Journal.on_append_waiting``), which stops the step's statement (sqlite3_interrupt) or the
+  step at its next statement; it rolls back, the append goes first, and the step is retried at half
+  the size (``FOLD_ROWS_MIN`` at least; after ``FORCE_AFTER_YIELDS`` yields in a row one step runs
+  to its end, so retention progresses under any load). A step that goes through grows the next by a
+  quarter. Between steps retention sleeps ``PACE_BUSY`` times what the step took while appends
+  come, ``PACE_IDLE`` times it on a quiet node (a catch-up runs at nearly full speed there).
+  ``PRAGMA incremental_vacuum`` (auto_vacuum=INCREMENTAL, migration 0004) returns the freed pages
+  to the file system in such steps, and a PASSIVE WAL checkpoint every ``CHECKPOINT_STEPS`` steps
+  copies the WAL back outside the lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -38,26 +51,37 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from optimanode.config import JournalSettings
 from optimanode.errors import JournalError
 from optimanode.journal import REQUEST_TYPES, WAL_SIZE_LIMIT, Journal, base_seq
-from optimanode.protocol import JournalReport, RequestFinished, RequestStarted
+from optimanode.protocol import JournalReport
 
 log = logging.getLogger(__name__)
 
 DAY_S = 86400.0
-# Rows (pages) per transaction: docs/benchmarks.md "One-year journal" measures how long each holds
-# the write lock (a few milliseconds on the development machine).
-FOLD_ROWS = 250
+# Rows (pages) per transaction, at most and at least: a step an append interrupted is retried at
+# half the size, one that went through grows by a quarter (docs/benchmarks.md "One-year journal").
+FOLD_ROWS = 1000
+FOLD_ROWS_MIN = 32
 DELETE_ROWS = 250
-VACUUM_PAGES = 16
-PACE = 3.0
+VACUUM_PAGES = 64
+VACUUM_PAGES_MIN = 4
+# After this many interrupted steps in a row the next one runs to its end (an append may wait for
+# one step of the smallest size): retention progresses under any load.
+FORCE_AFTER_YIELDS = 8
+# Pacing: after each step retention sleeps PACE_BUSY times what the step took while appends come
+# (one in the last IDLE_S), PACE_IDLE times it while none do.
+PACE_BUSY = 1.0
+PACE_IDLE = 0.1
+IDLE_S = 1.0
+# A PASSIVE WAL checkpoint after this many steps (each writes a few dozen pages): often enough that
+# the WAL stays under the appends' autocheckpoint (1000 pages), seldom enough to fsync little.
+CHECKPOINT_STEPS = 8
 # The cap: past HIGH_WATER of max_bytes a pass folds early, down to LOW_WATER.
 HIGH_WATER = 0.9
 LOW_WATER = 0.8
@@ -66,9 +90,6 @@ LOW_WATER = 0.8
 GAMMA = 2 ** (1 / 8)
 MIN_VALUE_S = 1e-4
 ZERO_BUCKET = math.ceil(math.log(MIN_VALUE_S, GAMMA))
-
-_request_decoder = msgspec.json.Decoder(RequestStarted | RequestFinished)
-
 
 def bucket(value: float) -> int:
     return ZERO_BUCKET if value <= MIN_VALUE_S else math.ceil(math.log(value, GAMMA))
@@ -117,30 +138,6 @@ class HourFold:
                "ttft_count", "ttft_sum_s", "ttft_hist", "total_count", "total_sum_s", "total_hist",
                "first_seq", "last_seq")
     JSON = frozenset({"outcomes", "ttft_hist", "total_hist"})
-
-    def add(self, seq: int, body: RequestStarted | RequestFinished | None) -> None:
-        self.first_seq = seq if not self.first_seq else min(self.first_seq, seq)
-        self.last_seq = max(self.last_seq, seq)
-        if isinstance(body, RequestStarted):
-            self.started += 1
-            return
-        self.requests += 1
-        if body is None:  # a row that does not decode: counted, so the totals still add up
-            self.outcomes["unreadable"] = self.outcomes.get("unreadable", 0) + 1
-            return
-        self.outcomes[body.outcome] = self.outcomes.get(body.outcome, 0) + 1
-        self.prompt_tokens += body.prompt_tokens
-        self.completion_tokens += body.completion_tokens
-        if body.ttft_s is not None:
-            self.ttft_count += 1
-            self.ttft_sum_s += body.ttft_s
-            k = str(bucket(body.ttft_s))
-            self.ttft_hist[k] = self.ttft_hist.get(k, 0) + 1
-        if body.total_s is not None:
-            self.total_count += 1
-            self.total_sum_s += body.total_s
-            k = str(bucket(body.total_s))
-            self.total_hist[k] = self.total_hist.get(k, 0) + 1
 
     def merge(self, other: HourFold) -> None:
         for name in ("started", "requests", "prompt_tokens", "completion_tokens", "ttft_count", "ttft_sum_s",
@@ -209,35 +206,97 @@ def read_hours(db: sqlite3.Connection, *, stream: str | None = None, since: floa
 
 @dataclass
 class Folded:
-    """Request events read and folded, not yet written: ``seqs`` are deleted into ``hours``."""
+    """Request events read and folded, not yet written: the ``rows`` request events with seq in
+    ``lo..hi`` and ts before ``before_ts`` (``FOLD_WHERE``) are deleted into ``hours``."""
 
-    seqs: list[int]
+    lo: int
+    hi: int
+    before_ts: float
+    rows: int
     hours: dict[tuple[str, int], HourFold]
 
 
+# The rows one fold step takes: a range of seq (the primary key: a range scan, whatever the journal's
+# size) and, in it, the request events old enough. write_fold deletes with the same WHERE.
+FOLD_WHERE = ("seq BETWEEN ? AND ? AND type IN ('request_started', 'request_finished') AND ts < ?")
+_HOUR = "CAST(ts / 3600 AS INTEGER) * 3600"
+# A body SQLite's JSON cannot parse is counted (started, or a request with outcome "unreadable") and
+# contributes nothing else, so the totals still add up.
+_FIN = "type = 'request_finished' AND json_valid(data)"
+_FOLD_TOTALS = (
+    f"SELECT stream, {_HOUR} AS hour, sum(type = 'request_started'), sum(type = 'request_finished'),"
+    f" coalesce(sum(CASE WHEN {_FIN} THEN json_extract(data, '$.prompt_tokens') END), 0),"
+    f" coalesce(sum(CASE WHEN {_FIN} THEN json_extract(data, '$.completion_tokens') END), 0),"
+    f" count(CASE WHEN {_FIN} THEN json_extract(data, '$.ttft_s') END),"
+    f" total(CASE WHEN {_FIN} THEN json_extract(data, '$.ttft_s') END),"
+    f" count(CASE WHEN {_FIN} THEN json_extract(data, '$.total_s') END),"
+    f" total(CASE WHEN {_FIN} THEN json_extract(data, '$.total_s') END),"
+    f" min(seq), max(seq) FROM events WHERE {FOLD_WHERE} GROUP BY stream, hour")
+_FOLD_OUTCOMES = (
+    f"SELECT stream, {_HOUR} AS hour,"
+    " coalesce(CASE WHEN json_valid(data) THEN json_extract(data, '$.outcome') END, 'unreadable') AS o, count(*)"
+    f" FROM events WHERE {FOLD_WHERE} AND type = 'request_finished' GROUP BY stream, hour, o")
+# bucket() in SQL: the same expression (ln(v) / ln(GAMMA), C's log on both sides), so the same bucket.
+_FOLD_HIST = (
+    "SELECT stream, hour, CASE WHEN v <= ? THEN ? ELSE CAST(ceil(ln(v) / ln(?)) AS INTEGER) END AS b, count(*)"
+    f" FROM (SELECT stream, {_HOUR} AS hour, CASE WHEN json_valid(data) THEN json_extract(data, '$.{{field}}') END"
+    f" AS v FROM events WHERE {FOLD_WHERE} AND type = 'request_finished') WHERE v IS NOT NULL GROUP BY stream, hour, b")
+
+
+def oldest_request(db: sqlite3.Connection) -> int | None:
+    """The seq of the oldest request event (two lookups in events_type)."""
+    seqs = [db.execute("SELECT min(seq) FROM events WHERE type = ?", (t,)).fetchone()[0] for t in REQUEST_TYPES]
+    return min((s for s in seqs if s is not None), default=None)
+
+
 def read_fold(db: sqlite3.Connection, *, before_ts: float, before_seq: int, limit: int = FOLD_ROWS) -> Folded:
-    """The oldest ``limit`` request events before both bounds, folded per model per hour. Only
-    retention deletes rows, so what this reads is still there when ``write_fold`` deletes it."""
-    rows = db.execute(
-        "SELECT seq, ts, stream, type, data FROM events INDEXED BY events_ts"
-        " WHERE ts < ? AND seq < ? AND type IN ('request_started', 'request_finished') ORDER BY ts LIMIT ?",
-        (before_ts, before_seq, limit)).fetchall()
+    """The oldest request events (at most ``limit``: the seq range from the oldest one, ``limit``
+    long) before both bounds, folded per model per hour by SQLite itself (GROUP BY over the range;
+    nothing per row in Python, so the event loop's thread never waits for the GIL behind it). Only
+    retention deletes rows, and appends only add seqs past ``before_seq``, so what this reads is
+    still there when ``write_fold`` deletes it."""
+    lo = oldest_request(db)
+    if lo is None or lo >= before_seq:
+        return Folded(0, 0, before_ts, 0, {})
+    hi = min(lo + limit - 1, before_seq - 1)
+    ts = min(before_ts, 1e300)  # SQLite has no infinity literal for a bound parameter
+    args = (lo, hi, ts)
     hours: dict[tuple[str, int], HourFold] = {}
-    for seq, ts, stream, type_, data in rows:
-        hour = int(ts // 3600) * 3600
-        fold = hours.get((stream, hour))
-        if fold is None:
-            fold = hours[(stream, hour)] = HourFold(stream=stream, hour=hour)
-        try:
-            body: RequestStarted | RequestFinished | None = _request_decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            body = None if type_ == "request_finished" else RequestStarted(request_id="", kind="")
-        fold.add(seq, body)
-    return Folded([r[0] for r in rows], hours)
+    rows = 0
+    for (stream, hour, started, requests, prompt, completion, ttft_n, ttft_sum, total_n, total_sum, first,
+         last) in db.execute(_FOLD_TOTALS, args):
+        hours[(stream, hour)] = HourFold(
+            stream=stream, hour=hour, started=started, requests=requests, prompt_tokens=prompt,
+            completion_tokens=completion, ttft_count=ttft_n, ttft_sum_s=ttft_sum, total_count=total_n,
+            total_sum_s=total_sum, first_seq=first, last_seq=last)
+        rows += started + requests
+    if not rows:
+        return Folded(lo, hi, ts, 0, {})
+    for stream, hour, outcome, n in db.execute(_FOLD_OUTCOMES, args):
+        hours[(stream, hour)].outcomes[str(outcome)] = n
+    for field_, attr in (("ttft_s", "ttft_hist"), ("total_s", "total_hist")):
+        for stream, hour, b, n in db.execute(_FOLD_HIST.format(field=field_),
+                                             (MIN_VALUE_S, ZERO_BUCKET, GAMMA, *args)):
+            getattr(hours[(stream, hour)], attr)[str(b)] = n
+    return Folded(lo, hi, ts, rows, hours)
 
 
-def write_fold(db: sqlite3.Connection, folded: Folded) -> None:
-    """Add the folds to their hours and delete their events: one transaction."""
+class Yielded(Exception):
+    """Retention's transaction was interrupted because an append was waiting; it rolled back."""
+
+
+YIELDED = object()  # what Retention._locked returns for a step that yielded
+
+
+def _go_on(yielding: threading.Event | None) -> None:
+    """Between statements: sqlite3_interrupt stops only a statement that is running."""
+    if yielding is not None and yielding.is_set():
+        raise Yielded
+
+
+def write_fold(db: sqlite3.Connection, folded: Folded, yielding: threading.Event | None = None) -> None:
+    """Add the folds to their hours and delete their events: one transaction (rolled back when
+    ``yielding`` is set before its end: Retention._locked)."""
     db.execute("BEGIN IMMEDIATE")
     try:
         for (stream, hour), fold in folded.hours.items():
@@ -248,7 +307,13 @@ def write_fold(db: sqlite3.Connection, folded: Folded) -> None:
                 fold = merged
             db.execute(f"INSERT OR REPLACE INTO request_hours ({', '.join(HourFold.COLUMNS)})"
                        f" VALUES ({', '.join('?' * len(HourFold.COLUMNS))})", fold.row())
-        _delete(db, folded.seqs)
+        _go_on(yielding)
+        deleted = db.execute(f"DELETE FROM events WHERE {FOLD_WHERE}",
+                             (folded.lo, folded.hi, folded.before_ts)).rowcount
+        if deleted != folded.rows:  # pragma: no cover - only retention deletes, one pass at a time
+            raise JournalError(f"journal retention: folded {folded.rows} request events but the same range"
+                               f" now holds {deleted}; nothing was changed")
+        _go_on(yielding)
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
@@ -283,12 +348,14 @@ def read_state_chunk(db: sqlite3.Connection, *, after_seq: int, below_seq: int, 
     return seqs, end
 
 
-def write_state_chunk(db: sqlite3.Connection, seqs: Sequence[int], *, cleaned: int | None) -> None:
+def write_state_chunk(db: sqlite3.Connection, seqs: Sequence[int], *, cleaned: int | None,
+                      yielding: threading.Event | None = None) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
         _delete(db, seqs)
         if cleaned is not None:
             db.execute("INSERT OR REPLACE INTO journal_meta (key, value) VALUES ('cleaned_seq', ?)", (str(cleaned),))
+        _go_on(yielding)
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
@@ -360,6 +427,8 @@ class PassReport:
     bytes_before: int = 0
     bytes_after: int = 0
     holds_s: list[float] = field(default_factory=list)
+    # Steps an append interrupted (rolled back and retried smaller).
+    yields: int = 0
     # The same durations by what held the lock: fold, delete, vacuum.
     holds_by: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
@@ -385,6 +454,17 @@ class Retention:
         # connection from under it.
         self._using = threading.Lock()
         self._read_s = 0.0
+        # Reads (the fold's GROUP BY, the scans for what to delete) on a thread at the lowest CPU
+        # priority: they hold no lock, so they take only CPU time the appends leave. Steps under the
+        # lock on a thread at the normal one, so an interrupted step rolls back at once.
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="retention-read", initializer=_lowest_priority)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="retention-write")
+        # Set (with sqlite3_interrupt) when an append waits for the lock a step holds.
+        self._yield = threading.Event()
+        self._yields_in_row = 0
+        self._steps = 0
+        self._fold_rows = FOLD_ROWS
+        self._vacuum_pages = VACUUM_PAGES
 
     @classmethod
     async def open(cls, journal: Journal, settings: JournalSettings, *,
@@ -397,8 +477,8 @@ class Retention:
             db.execute("PRAGMA busy_timeout=5000")
             db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             # No checkpoint inside a retention commit (it would copy the WAL into the file while
-            # holding the write lock); _locked runs a PASSIVE one after each transaction instead,
-            # outside the lock, so the appends' commits seldom find a full WAL to checkpoint either.
+            # holding the write lock); _locked runs a PASSIVE one every CHECKPOINT_STEPS steps
+            # instead, outside the lock, so the appends' commits seldom find a full WAL to checkpoint.
             db.execute("PRAGMA wal_autocheckpoint=0")
             return db
 
@@ -409,7 +489,9 @@ class Retention:
         return cls(journal, settings, db, clock=clock)
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._run, lambda db: db.close())
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._run, lambda db: db.close())
+        self._reader.shutdown(wait=False)
+        self._writer.shutdown(wait=False)
 
     def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         with self._using:
@@ -436,39 +518,80 @@ class Retention:
         cap = self.settings.max_bytes
         early = self.last is not None and self.last.early
         return JournalReport(bytes=size, cap_bytes=cap, near_cap=early or size >= HIGH_WATER * cap,
-                             requests_folded=self.requests_folded, events_deleted=self.events_deleted)
+                             requests_folded=self.requests_folded, events_deleted=self.events_deleted,
+                             integrity=self.journal.integrity)
 
-    async def _locked(self, report: PassReport, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn`` on the retention connection holding the journal's write lock, then pause."""
+    def _interrupt(self) -> None:
+        """An append waits for the lock (Journal.on_append_waiting), or the node stops: the step's
+        transaction ends at its next statement boundary, or SQLite interrupts the one running."""
+        self._yield.set()
+        self._db.interrupt()
+
+    def _step(self, db: sqlite3.Connection, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(db, *args, **kwargs)
+        except sqlite3.OperationalError as exc:
+            if self._yield.is_set():  # "interrupted": SQLite rolled the transaction back
+                raise Yielded from exc
+            raise
+
+    async def _locked(self, report: PassReport, fn: Callable[..., Any], *args: Any, interruptible: bool = True,
+                      **kwargs: Any) -> Any:
+        """Run ``fn`` on the retention connection holding the journal's write lock, then pause.
+
+        Interruptible (unless told otherwise, or after FORCE_AFTER_YIELDS interrupted steps in a
+        row): an append that comes meanwhile interrupts it, it rolls back and this returns YIELDED
+        (the caller retries, smaller). ``fn`` gets ``yielding`` to look at between statements.
+        """
+        force = not interruptible or self._yields_in_row >= FORCE_AFTER_YIELDS
+        if interruptible:
+            kwargs["yielding"] = self._yield
+        result: Any = YIELDED
         async with self.journal.write_lock:
+            self._yield.clear()
+            if not force:
+                self.journal.on_append_waiting = self._interrupt
             start = time.perf_counter()
-            work = asyncio.ensure_future(asyncio.to_thread(self._run, fn, *args, **kwargs))
+            work = asyncio.get_running_loop().run_in_executor(
+                self._writer, functools.partial(self._run, self._step, fn, *args, **kwargs))
             try:
                 result = await asyncio.shield(work)
+            except Yielded:
+                pass
             except asyncio.CancelledError:
-                # The node is stopping: the transaction runs to its end on its thread; the lock is
-                # held until then, so the writer never meets it half-way (a few milliseconds).
+                # The node is stopping: the transaction is interrupted and rolls back on its thread;
+                # the lock is held until then, so the writer never meets it half-way.
+                self._interrupt()
                 while not work.done():
                     with contextlib.suppress(asyncio.CancelledError):
                         await asyncio.wait([work])
                 raise
             finally:
+                self.journal.on_append_waiting = None
                 held = time.perf_counter() - start
                 report.holds_s.append(held)
                 report.holds_by.setdefault(fn.__name__.strip("_"), []).append(held)
-        await self._read(_wal_checkpoint)
-        # Paced: after each transaction retention sleeps PACE times what the transaction and the
-        # reading around it took (_read adds that up), so it takes at most 1 / (1 + PACE) of the
-        # time: the appends and the event loop (its reads and decoding run on threads that share
-        # the GIL) keep theirs.
-        await asyncio.sleep((held + self._read_s) * PACE)
+        if result is YIELDED:
+            report.yields += 1
+            self._yields_in_row += 1
+        else:
+            self._yields_in_row = 0
+            self._steps += 1
+            if self._steps % CHECKPOINT_STEPS == 0:
+                await self._read(_wal_checkpoint)
+        # Paced: after each step retention sleeps PACE_BUSY (appends coming) or PACE_IDLE times what
+        # the step and the reading around it took (_read adds that up): the appends and the event
+        # loop keep their share of the two cores while traffic flows; a quiet node catches up fast.
+        busy = time.monotonic() - self.journal.last_append < IDLE_S
+        await asyncio.sleep((held + self._read_s) * (PACE_BUSY if busy else PACE_IDLE))
         self._read_s = 0.0
         return result
 
     async def _read(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
-            return await asyncio.to_thread(self._run, fn, *args, **kwargs)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._reader, functools.partial(self._run, fn, *args, **kwargs))
         finally:
             self._read_s += time.perf_counter() - start
 
@@ -499,11 +622,21 @@ class Retention:
         base = await self._read(base_seq)
         # 4. Checkpoints: the base, the newest and one a day.
         drop = thin_checkpoints(await self._read(checkpoints), base)
-        for i in range(0, len(drop), DELETE_ROWS):
-            await self._locked(report, write_state_chunk, drop[i:i + DELETE_ROWS], cleaned=None)
+        i = 0
+        while i < len(drop):
+            if await self._locked(report, write_state_chunk, drop[i:i + DELETE_ROWS], cleaned=None) is YIELDED:
+                continue
             report.checkpoints_deleted += len(drop[i:i + DELETE_ROWS])
+            i += DELETE_ROWS
         # 5. Give the freed pages back.
-        while (returned := await self._locked(report, _vacuum, VACUUM_PAGES)) > 0:
+        while True:
+            returned = await self._locked(report, _vacuum, self._vacuum_pages)
+            if returned is YIELDED:
+                self._vacuum_pages = max(VACUUM_PAGES_MIN, self._vacuum_pages // 2)
+                continue
+            if returned <= 0:
+                break
+            self._vacuum_pages = min(VACUUM_PAGES, self._vacuum_pages * 5 // 4 + 1)
             report.pages_vacuumed += returned
         # The file shrinks when the WAL is copied back into it.
         await self._read(_wal_checkpoint)
@@ -515,16 +648,17 @@ class Retention:
     async def _fold(self, report: PassReport, *, before_ts: float, until_bytes: int | None = None) -> None:
         chunks = 0
         while True:
-            folded: Folded = await self._read(read_fold, before_ts=before_ts, before_seq=self.journal.checkpoint_seq)
-            if not folded.seqs:
+            folded: Folded = await self._read(read_fold, before_ts=before_ts, before_seq=self.journal.checkpoint_seq,
+                                              limit=self._fold_rows)
+            if not folded.rows:
                 return
-            await self._locked(report, write_fold, folded)
-            n = len(folded.seqs)
-            report.requests_folded += n
-            self.requests_folded += n
+            if await self._locked(report, write_fold, folded) is YIELDED:
+                self._fold_rows = max(FOLD_ROWS_MIN, self._fold_rows // 2)
+                continue
+            self._fold_rows = min(FOLD_ROWS, self._fold_rows * 5 // 4 + 1)
+            report.requests_folded += folded.rows
+            self.requests_folded += folded.rows
             chunks += 1
-            if n < FOLD_ROWS:
-                return
             # Freed pages are not live: the live size falls as the fold goes (checked now and then).
             if until_bytes is not None and chunks % 20 == 0 and await self._read(live_bytes) <= until_bytes:
                 return
@@ -534,7 +668,7 @@ class Retention:
         then delete what lies below it in chunks; ``cleaned_seq`` records how far that got, so a
         pass cut short is finished by the next one."""
         if new_base > await self._read(base_seq):
-            await self._locked(report, _set_meta, "base_seq", new_base)
+            await self._locked(report, _set_meta, "base_seq", new_base, interruptible=False)
         base = await self._read(base_seq)
         cleaned = await self._read(_meta, "cleaned_seq")
         if cleaned >= base:
@@ -546,7 +680,8 @@ class Retention:
             seqs, end = await self._read(read_state_chunk, after_seq=after, below_seq=base, keep=keep)
             done = end >= base
             if seqs or done:
-                await self._locked(report, write_state_chunk, seqs, cleaned=base if done else None)
+                if await self._locked(report, write_state_chunk, seqs, cleaned=base if done else None) is YIELDED:
+                    continue
             report.events_deleted += len(seqs)
             self.events_deleted += len(seqs)
             if done:
@@ -554,14 +689,21 @@ class Retention:
             after = end
 
 
+def _lowest_priority() -> None:
+    """Nice 19 for the calling thread only (on Linux the nice value is per thread)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 def _wal_checkpoint(db: sqlite3.Connection) -> None:
     # PASSIVE: copies what no reader still needs and never waits; the writer appends meanwhile.
     db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
-def _vacuum(db: sqlite3.Connection, pages: int) -> int:
+def _vacuum(db: sqlite3.Connection, pages: int, yielding: threading.Event | None = None) -> int:
     """Return up to ``pages`` free pages to the file system; how many it returned."""
     (before,) = db.execute("PRAGMA freelist_count").fetchone()
+    _go_on(yielding)
     # executescript steps the statement to its end: execute() would free one page per step taken.
     db.executescript(f"PRAGMA incremental_vacuum({int(pages)});")
     (after,) = db.execute("PRAGMA freelist_count").fetchone()
@@ -573,9 +715,9 @@ def fold_all(path: str | os.PathLike[str], *, before_ts: float, before_seq: int)
     db = sqlite3.connect(path, isolation_level=None)
     try:
         n = 0
-        while (folded := read_fold(db, before_ts=before_ts, before_seq=before_seq)).seqs:
+        while (folded := read_fold(db, before_ts=before_ts, before_seq=before_seq)).rows:
             write_fold(db, folded)
-            n += len(folded.seqs)
+            n += folded.rows
         return n
     finally:
         db.close()

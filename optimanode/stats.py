@@ -11,7 +11,7 @@ node at scrape time. An observation is a counter increment and three bucket look
 whether or not the endpoint is on.
 
 * ``optimanode_requests_total{model, outcome}``: the outcome is a Done's finish_reason (``stop``,
-  ``length``, ``cancelled``) or the error code the request ended with (docs/protocol.md).
+  ``length``, ``cancelled``, ``tool_calls``) or the error code the request ended with (docs/protocol.md).
 * ``optimanode_request_duration_seconds{model}``: on the node, from the request's arrival at its
   model (queue wait included) to its end.
 * ``optimanode_request_queue_seconds{model}``: the part of that spent waiting for a slot.

@@ -16,8 +16,10 @@ exceptions as the subset the sampler calls, checked against nvidia-ml-py 13:
 
 Configure a machine with ``FakeGpu`` entries, ``unsupported`` function names per GPU, ``errors``
 (function name → NVML error code) per GPU or for the whole fake, or ``init_error`` for a machine
-without the driver (``FakeNvml.without_driver()``). Everything is plain mutable state: change a
-GPU's numbers between samples, or set ``init_error = None`` to let the driver "appear".
+without the driver (``FakeNvml.without_driver()``). ``FakeNvml.machine(80, 24, 48, used_gib=...)``
+builds a machine of N GPUs of those sizes in GiB (distinct names and UUIDs), for memory admission
+and placement. Everything is plain mutable state: change a GPU's numbers between samples, or set
+``init_error = None`` to let the driver "appear".
 """
 
 from __future__ import annotations
@@ -99,6 +101,15 @@ class FakeNvml:
         self.refcount = 0
         self.init_calls = 0
         self.calls: dict[str, int] = {}
+
+    @classmethod
+    def machine(cls, *sizes_gib: float, used_gib: tuple[float, ...] = ()) -> FakeNvml:
+        """N GPUs of ``sizes_gib`` GiB each (``used_gib``: GiB already in use on each, default 0)."""
+        gpus = [FakeGpu(name=f"NVIDIA Fake {size:g}GB", uuid=f"GPU-fake{i:04d}-0000-0000-0000-{i:012d}",
+                        memory_total=int(size * GiB),
+                        memory_used=int(used_gib[i] * GiB) if i < len(used_gib) else 0)
+                for i, size in enumerate(sizes_gib)]
+        return cls(gpus)
 
     @classmethod
     def without_driver(cls, code: int = NVML_ERROR_LIBRARY_NOT_FOUND) -> FakeNvml:

@@ -44,6 +44,16 @@ def gemma3_path() -> Path:
     return fetch_model("gemma3")
 
 
+@pytest.fixture(scope="session")
+def smollm2_tools_path(smollm2_path: Path) -> Path:
+    """SmolLM2's weights with a Hermes-style tool template (tools/make-tool-model writes it once, with gguf)."""
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "make-tool-model"), "--dest", str(smollm2_path.parent)],
+                         capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        pytest.fail(f"tools/make-tool-model failed:\n{out.stderr}")
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
 def _workers() -> set[int]:
     me = psutil.Process()
     out = set()
@@ -107,6 +117,6 @@ def unit_tests_stay_pure(request, monkeypatch):
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """A unit test that asks for a real model fails before the model is fetched."""
-    wanted = {"smollm2_path", "gemma3_path"} & set(getattr(item, "fixturenames", ()))
+    wanted = {"smollm2_path", "gemma3_path", "smollm2_tools_path"} & set(getattr(item, "fixturenames", ()))
     if wanted and item.path.is_relative_to(UNIT):
         raise TierError(f"{item.nodeid} asks for {sorted(wanted)}: a real model belongs in tests/model")

@@ -8,7 +8,11 @@ every core this process may use. The runtime starts workers from it and calls a 
 the one input that is not a plain setting: with "auto", ``reconciler.on_exit`` turns it on after
 a worker died of a fatal signal while loading, and ``safe_mode_reason`` says why the next worker
 runs in it ("" when it does not). ``stall_timeout`` and ``deadline`` are the two settings read
-by the supervisor and admission rather than the worker (a change restarts nothing). ``checked`` applies the types' limits to a Struct built in
+by the supervisor and admission rather than the worker (a change restarts nothing).
+``parallel = "auto"`` is resolved by admission (the most slots, up to 4, whose estimate fits):
+``effective`` takes the resolved count as ``auto_parallel`` and gives each slot the whole n_ctx
+window (the worker's n_ctx is slots × n_ctx). ``gpu_wish`` is a model's placement settings;
+``conflict`` names a combination llama.cpp refuses (a quantized V cache without flash attention). ``checked`` applies the types' limits to a Struct built in
 Python (the in-process API), where msgspec did not decode it. Pure: no journal, no process.
 """
 
@@ -20,7 +24,8 @@ from typing import Any
 import msgspec
 
 from optimanode.config import ModelDefaults
-from optimanode.constraints import CHAT_TEMPLATE_NAMES, SafeMode, explain, validated
+from optimanode.constraints import CHAT_TEMPLATE_NAMES, PARALLEL_AUTO_MAX, SafeMode, explain, validated
+from optimanode.executors.memory import GpuWish
 from optimanode.errors import BadRequest
 from optimanode.protocol import ModelInfo, ModelSettings, WorkerSettings
 
@@ -52,21 +57,55 @@ def safe_mode_reason(setting: SafeMode, engaged: bool, engaged_reason: str) -> s
     return ""
 
 
-def effective(info: ModelInfo, model: ModelSettings, defaults: ModelDefaults, safe_reason: str) -> WorkerSettings:
+def effective(info: ModelInfo, model: ModelSettings, defaults: ModelDefaults, safe_reason: str,
+              auto_parallel: int = PARALLEL_AUTO_MAX) -> WorkerSettings:
     d, s = defaults, model
     n_ctx = s.n_ctx if s.n_ctx is not None else d.n_ctx
     n_threads = s.n_threads if s.n_threads is not None else d.n_threads
+    parallel = effective_parallel(s, d, auto_parallel)
+    n_ctx = n_ctx or info.context_length or 2048
     return WorkerSettings(
         model_path=info.path,
-        n_ctx=n_ctx or info.context_length or 2048,
+        # "auto" slots each get the whole window; a set parallel shares n_ctx among its slots.
+        n_ctx=n_ctx * parallel if parallel_is_auto(s, d) else n_ctx,
         n_threads=n_threads or usable_cores(),
         n_gpu_layers=s.n_gpu_layers if s.n_gpu_layers is not None else d.n_gpu_layers,
         n_batch=s.n_batch if s.n_batch is not None else d.n_batch,
-        parallel=effective_parallel(s, d),
+        parallel=parallel,
         prefill=s.prefill if s.prefill is not None else d.prefill,
         safe_mode=safe_reason != "",
         chat_template=chat_template_setting(s, d),
+        kv_cache_type=s.kv_cache_type if s.kv_cache_type is not None else d.kv_cache_type,
+        flash_attn=s.flash_attn if s.flash_attn is not None else d.flash_attn,
+        split_mode=s.split_mode if s.split_mode is not None else d.split_mode,
+        tensor_split=list(s.tensor_split if s.tensor_split is not None else d.tensor_split),
+        main_gpu=s.main_gpu if s.main_gpu is not None else d.main_gpu,
     )
+
+
+def gpu_wish(model: ModelSettings, defaults: ModelDefaults) -> GpuWish:
+    """A model's placement settings, its own over the defaults."""
+    gpus = model.gpus if model.gpus is not None else defaults.gpus
+    return GpuWish(gpus="auto" if gpus == "auto" else tuple(gpus),
+                   split_mode=model.split_mode if model.split_mode is not None else defaults.split_mode,
+                   tensor_split=tuple(model.tensor_split if model.tensor_split is not None else defaults.tensor_split),
+                   main_gpu=model.main_gpu if model.main_gpu is not None else defaults.main_gpu)
+
+
+def conflict(model: ModelSettings, defaults: ModelDefaults) -> tuple[str, str] | None:
+    """(field, what is wrong) for settings llama.cpp would refuse to load with, else None."""
+    kv = model.kv_cache_type if model.kv_cache_type is not None else defaults.kv_cache_type
+    fa = model.flash_attn if model.flash_attn is not None else defaults.flash_attn
+    if kv != "f16" and fa == "off":
+        return "kv_cache_type", f"f16 when flash_attn is off (llama.cpp quantizes the V cache only with flash attention; got {kv})"
+    wish = gpu_wish(model, defaults)
+    if wish.gpus != "auto" and len(set(wish.gpus)) != len(wish.gpus):
+        return "gpus", "a list of distinct GPU indices"
+    if wish.tensor_split and wish.gpus != "auto" and len(wish.tensor_split) != len(wish.gpus):
+        return "tensor_split", f"one share per GPU in gpus ({len(wish.gpus)})"
+    if wish.gpus != "auto" and wish.main_gpu >= len(wish.gpus):
+        return "main_gpu", f"an index into gpus, 0 to {len(wish.gpus) - 1}"
+    return None
 
 
 # What a worker renders chats with where the GGUF has no template and none is set (llama-server
@@ -89,9 +128,25 @@ def chat_template_in_force(info: ModelInfo, model: ModelSettings, defaults: Mode
     return "file" if info.chat_template else FALLBACK_CHAT_TEMPLATE
 
 
-def effective_parallel(model: ModelSettings, defaults: ModelDefaults) -> int:
-    """How many requests a model's worker runs at once (``effective(...).parallel``, without the rest)."""
-    return model.parallel if model.parallel is not None else defaults.parallel
+def effective_parallel(model: ModelSettings, defaults: ModelDefaults, auto: int = PARALLEL_AUTO_MAX) -> int:
+    """How many requests a model's worker runs at once (``effective(...).parallel``, without the rest);
+    ``auto``: what admission resolved "auto" to."""
+    value = model.parallel if model.parallel is not None else defaults.parallel
+    return auto if value == "auto" else value
+
+
+def on_demand(model: ModelSettings, defaults: ModelDefaults) -> bool:
+    """The model is loaded by requests and unloaded when idle (``enable = "on_demand"``)."""
+    return (model.enable if model.enable is not None else defaults.enable) == "on_demand"
+
+
+def keep_alive(model: ModelSettings, defaults: ModelDefaults) -> float:
+    """Seconds an on-demand model stays loaded without a request."""
+    return model.keep_alive_s if model.keep_alive_s is not None else defaults.keep_alive_s
+
+
+def parallel_is_auto(model: ModelSettings, defaults: ModelDefaults) -> bool:
+    return (model.parallel if model.parallel is not None else defaults.parallel) == "auto"
 
 
 def queue_size(model: ModelSettings, defaults: ModelDefaults) -> int:

@@ -7,6 +7,9 @@ key/values and the tensor infos. Big arrays are never materialised: fixed-size e
 skipped by arithmetic (the window seeks past them), string arrays by walking their length
 prefixes with ``struct.unpack_from``. From the tensor infos and an embedded table of ggml types it
 computes where the tensor data must end, so a truncated file is caught without reading the data.
+On the way it sums each tensor's bytes by repeating layer (``blk.N.``) and the rest, and reads the
+vocabulary size from the token embedding's shape: the memory estimate (``executors/memory.py``)
+places weights per layer on the CPU or a GPU from them.
 
 Every problem raises ``ModelFileError(path, reason)`` with a reason an operator can act on. Counts
 and lengths in a corrupt header are checked against the file size (and a few hard caps) before
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from optimanode.errors import ModelFileError
+from optimanode.protocol import pooling_in_force
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -107,6 +111,19 @@ class GGUFHeader:
     data_end: int
     # Scalars and strings as read; small integer arrays as tuples; the rest as Skipped.
     metadata: dict[str, Any] = field(repr=False, compare=False)
+    # Tensor bytes by repeating layer (index N of "blk.N.*"; missing indices hold 0), and the bytes
+    # of the other tensors: token embedding, output head, norms.
+    layer_bytes: tuple[int, ...] = ()
+    other_bytes: int = 0
+    # Rows of token_embd.weight (its second dimension): the vocabulary size, 0 when absent.
+    n_vocab: int = 0
+    # The output head's bytes: output.weight, or token_embd.weight where the two are tied
+    # (llama.cpp then duplicates it onto the output's device).
+    output_bytes: int = 0
+    output_tied: bool = False
+    # How an embed request pools: ``{arch}.pooling_type`` by name, or "mean" where the file
+    # declares none (protocol.pooling_in_force).
+    pooling: str = "mean"
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +297,10 @@ def _parse(w: _Window, path: str, size: int) -> GGUFHeader:
 
     elements = 0
     data_len = 0
+    layers: dict[int, int] = {}
+    other = 0
+    n_vocab = 0
+    head = {"output.weight": 0, "token_embd.weight": 0}
     for _ in range(n_tensors):
         name = w.name("tensor name")
         n_dims = w.u32()
@@ -297,7 +318,17 @@ def _parse(w: _Window, path: str, size: int) -> GGUFHeader:
             raise ModelFileError(path, f"tensor {name!r} has ggml type {gtype}, unknown to this reader "
                                        "(removed from llama.cpp, or newer than this node)")
         elements += ne
-        data_len = max(data_len, offset + -(-ne // t[1]) * t[2])
+        nbytes = -(-ne // t[1]) * t[2]
+        data_len = max(data_len, offset + nbytes)
+        layer = _layer_of(name)
+        if layer is None:
+            other += nbytes
+        else:
+            layers[layer] = layers.get(layer, 0) + nbytes
+        if name in head:
+            head[name] = nbytes
+        if name == "token_embd.weight" and n_dims >= 2:
+            n_vocab = dims[1]
 
     alignment = _int(meta.get("general.alignment", DEFAULT_ALIGNMENT))
     if alignment <= 0 or alignment & (alignment - 1):
@@ -337,4 +368,16 @@ def _parse(w: _Window, path: str, size: int) -> GGUFHeader:
         split_no=_int(meta.get("split.no", 0)), split_count=split_count,
         split_tensors_count=_int(meta.get("split.tensors.count", 0)),
         alignment=alignment, data_offset=data_offset, data_end=data_end, metadata=meta,
+        layer_bytes=tuple(layers.get(i, 0) for i in range(max(layers) + 1)) if layers else (),
+        other_bytes=other, n_vocab=n_vocab, output_bytes=head["output.weight"] or head["token_embd.weight"],
+        output_tied=head["output.weight"] == 0,
+        pooling=pooling_in_force(meta.get(f"{arch}.pooling_type")),
     )
+
+
+def _layer_of(name: str) -> int | None:
+    """N for a tensor named "blk.N.<...>", else None."""
+    if not name.startswith("blk."):
+        return None
+    index, dot, _ = name[4:].partition(".")
+    return int(index) if dot and index.isdigit() and len(index) < 7 else None

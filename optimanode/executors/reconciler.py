@@ -31,10 +31,22 @@ new ones, one model at a time: no stale stop while another model's replacement (
 from the old worker's stop to the new one running) is under way. The old worker drains first
 (the runtime's ``stop_worker``).
 
-Memory admission: a model starts only when its estimate (weights plus the KV cache for its
-context) fits in what the machine has available, less ``memory_reserve_mb`` and less the
-estimates of models that are still loading (they have not allocated yet). Otherwise it is held
-in ``waiting`` with the reason, and started when memory frees up.
+Memory admission: a model starts only when its estimate (``memory.estimate``: weights, KV cache
+and compute buffers, split between the CPU and the GPUs by ``n_gpu_layers``) fits: its RAM part
+in what the machine has available, less ``memory_reserve_mb`` and less the RAM of models still
+loading (they have not allocated yet); its GPU part on the GPUs ``memory.place`` picks (or the
+operator listed), each GPU's NVML free memory less ``vram_reserve_mb`` and less what models still
+loading will take there. A model with ``parallel = "auto"`` brings one estimate per slot count,
+most first; the first that fits is started with that count. Otherwise it is held in ``waiting``
+with the reason naming the device and the shortfall, and started when memory frees up.
+``memory_budget_bytes`` (when set) caps the RAM estimates of all live models together.
+
+On-demand models (``enable = "on_demand"``): enabled, one is started only while a request wants
+it (``demanded``), and a running one idle for ``keep_alive_s`` is stopped. When a demanded model
+does not fit, idle running on-demand models are evicted (stopped), least recently used first,
+as many as it takes to make room; the demanded model starts once their memory is back. Models
+with ``enable = "always"`` and models with requests are never evicted, and while an evicted
+worker is still stopping no further model is evicted.
 """
 
 from __future__ import annotations
@@ -46,7 +58,8 @@ from dataclasses import dataclass, field
 from optimanode.config import Restart
 from optimanode.constraints import SafeMode
 from optimanode.executors.effective import SAFE_MODE_OFF
-from optimanode.executors.lifecycle import LOADING, SERVING
+from optimanode.executors.lifecycle import LIVE, LOADING, SERVING
+from optimanode.executors.memory import Estimate, GpuMemory, GpuWish, Placement, Shortfall, place
 from optimanode.executors.supervisor import ExitInfo
 from optimanode.protocol import ModelInfo, State, Trigger
 
@@ -64,6 +77,20 @@ class Facts:
     safe_mode: SafeMode = "auto"
     # Its running worker is being replaced: drained, stopped, the new one not running yet.
     replacing: bool = False
+    # (parallel, estimate) to try, in order of preference (``parallel = "auto"``: 4 slots first);
+    # empty: ``estimate_bytes`` alone, all in RAM.
+    options: tuple[tuple[int, Estimate], ...] = ()
+    # Its placement settings, and while it loads, the bytes it will take on each GPU.
+    wish: GpuWish = GpuWish()
+    placed: Mapping[int, int] = field(default_factory=dict)
+    # On-demand loading: loaded only on demand; a request waits for it to load; seconds since its
+    # last request ended while nothing runs or waits on it (None: busy or not running); when it
+    # was last used (for least-recently-used eviction); keep_alive_s.
+    on_demand: bool = False
+    demanded: bool = False
+    idle_s: float | None = None
+    last_used: float = 0.0
+    keep_alive_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +98,10 @@ class Action:
     executor_id: str
     trigger: Trigger
     reason: str = ""
+    # For a start: the slot count chosen (0: as set), the GPUs and the bytes on each, the estimate.
+    parallel: int = 0
+    placement: Placement = Placement()
+    estimate: Estimate | None = None
 
 
 @dataclass(frozen=True)
@@ -109,11 +140,21 @@ def crashes_in_window(crash_times: Sequence[float], now: float, policy: Restart)
 
 
 def decide(facts: Mapping[str, Facts], now: float, available_bytes: int, policy: Restart,
-           reserve_bytes: int = 0) -> Decision:
+           reserve_bytes: int = 0, gpus: Sequence[GpuMemory] = (), vram_reserve_bytes: int = 0,
+           memory_budget_bytes: int = 0) -> Decision:
     actions: list[Action] = []
     wake_at: float | None = None
     # Models still loading have not allocated their memory yet: count it as spoken for.
     budget = available_bytes - reserve_bytes - sum(f.estimate_bytes for f in facts.values() if f.state in LOADING)
+    if memory_budget_bytes:
+        budget = min(budget, memory_budget_bytes - sum(f.estimate_bytes for f in facts.values() if f.state in LIVE))
+    evicted: set[str] = set()
+    gpu_free = {g.index: g.free_bytes - vram_reserve_bytes for g in gpus}
+    for f in facts.values():
+        if f.state in LOADING:
+            for i, b in f.placed.items():
+                if i in gpu_free:
+                    gpu_free[i] -= b
     # Stale workers are replaced one at a time (new model defaults can make several stale at
     # once): each replacement drains a worker and leaves its model without one until the new
     # worker loads, so the node never has more than one model out of service for it.
@@ -125,14 +166,36 @@ def decide(facts: Mapping[str, Facts], now: float, available_bytes: int, policy:
         elif f.state in ("enabled", "waiting"):
             if not f.enabled:
                 actions.append(Action(eid, "disable", "desired disabled"))
-            elif f.estimate_bytes <= budget:
-                budget -= f.estimate_bytes
-                actions.append(Action(eid, "start"))
-            elif f.state == "enabled":
-                actions.append(Action(eid, "hold", _memory_reason(f.estimate_bytes, budget)))
+            elif f.on_demand and not f.demanded:
+                continue  # loaded by its first request
+            else:
+                admitted = admit(f, budget, gpus, gpu_free)
+                if not isinstance(admitted, Action) and f.on_demand:
+                    victims = _evict_for(eid, f, facts, budget, gpus, gpu_free, evicted)
+                    if victims is not None:
+                        for v in victims:
+                            evicted.add(v)
+                            actions.append(Action(v, "stop", f"evicted: the least recently used idle on-demand "
+                                                             f"model, for {eid}, which needs its memory"))
+                        continue  # started once their memory is back
+                if isinstance(admitted, Action):
+                    budget -= admitted.estimate.ram_bytes if admitted.estimate else f.estimate_bytes
+                    for i, b in admitted.placement.vram.items():
+                        gpu_free[i] -= b
+                    actions.append(Action(eid, "start", parallel=admitted.parallel, placement=admitted.placement,
+                                          estimate=admitted.estimate))
+                elif f.state == "enabled":
+                    actions.append(Action(eid, "hold", admitted))
         elif f.state in SERVING:
+            if eid in evicted:
+                continue
             if not f.enabled:
                 actions.append(Action(eid, "stop", "desired disabled"))
+            elif f.on_demand and f.state == "running" and f.idle_s is not None and f.idle_s >= f.keep_alive_s:
+                actions.append(Action(eid, "stop", f"idle for {f.idle_s:.0f} s (keep_alive_s {f.keep_alive_s:g})"))
+            elif f.on_demand and f.state == "running" and f.idle_s is not None:
+                due = now + f.keep_alive_s - f.idle_s
+                wake_at = due if wake_at is None else min(wake_at, due)
             elif f.stale and not replacing:
                 replacing = True
                 actions.append(Action(eid, "stop", "settings or file changed; restarting with the new ones"))
@@ -191,10 +254,48 @@ def _safe_mode_failed(info: ExitInfo) -> str:
             "thread's stack); try another build or quantization, then re-enable it")
 
 
-def _memory_reason(need: int, budget: int) -> str:
-    mib = 1024 * 1024
-    return (f"not enough memory: needs about {need // mib} MiB (weights + KV cache), "
-            f"{max(budget, 0) // mib} MiB available after the reserve and models still loading")
+def _evict_for(eid: str, f: Facts, facts: Mapping[str, Facts], budget: int, gpus: Sequence[GpuMemory],
+               gpu_free: Mapping[int, int], already: set[str]) -> list[str] | None:
+    """The idle on-demand models to stop, least recently used first, so that ``f`` fits; [] while an
+    on-demand model's worker is still stopping (its memory is on its way back: wait for it); None
+    when no set of idle models would make room."""
+    if any(g.state == "stopping" and g.on_demand for g in facts.values()):
+        return []
+    idle = sorted((g.last_used, v) for v, g in facts.items()
+                  if v != eid and v not in already and g.on_demand and g.state == "running"
+                  and g.idle_s is not None and not g.demanded)
+    victims: list[str] = []
+    free = dict(gpu_free)
+    for _, v in idle:
+        victims.append(v)
+        budget += facts[v].estimate_bytes
+        for i, b in facts[v].placed.items():
+            if i in free:
+                free[i] += b
+        if isinstance(admit(f, budget, gpus, free), Action):
+            return victims
+    return None
+
+
+def admit(f: Facts, budget: int, gpus: Sequence[GpuMemory], gpu_free: Mapping[int, int]) -> Action | str:
+    """The first of ``f``'s options that fits (as a start Action, placed), or why none does."""
+    if not f.options:
+        if f.estimate_bytes <= budget:
+            return Action("", "start")
+        return Shortfall("RAM", f.estimate_bytes, budget, "weights + KV cache").reason
+    why = ""
+    for parallel, est in f.options:
+        if est.ram_bytes > budget:
+            why = Shortfall("RAM", est.ram_bytes, budget, est.describe_ram()).reason
+            continue
+        placed = place(est, gpus, f.wish, gpu_free)
+        if isinstance(placed, Shortfall):
+            why = placed.reason
+            continue
+        return Action("", "start", parallel=parallel, placement=placed, estimate=est)
+    if len(f.options) > 1:
+        why += f" (with parallel {f.options[-1][0]}, the fewest slots \"auto\" tries)"
+    return why
 
 
 def estimate_bytes(info: ModelInfo, n_ctx: int) -> int:

@@ -306,7 +306,7 @@ class Registry:
                                          f"split.tensors.count says {first.split_tensors_count}")
             return
         params = first.parameter_count if first.parameter_count_declared else sum(h.tensor_elements for h in headers)
-        result.models[eid] = _info(base, first, tensors, params)
+        result.models[eid] = _info(base, first, tensors, params, headers)
 
 
 def _ordered(parts: Mapping[int, _File]) -> list[_File]:
@@ -324,7 +324,14 @@ def _unchanged(k: ModelInfo, path: str, fs: Sequence[_File]) -> bool:
     return k.tensor_count > 0 and _same(k, path, fs)
 
 
-def _info(base: ModelInfo, h: gguf.GGUFHeader, tensors: int, params: int) -> ModelInfo:
+def _info(base: ModelInfo, h: gguf.GGUFHeader, tensors: int, params: int,
+          parts: Sequence[gguf.GGUFHeader] = ()) -> ModelInfo:
+    parts = parts or [h]
+    # A split model's parts each hold some tensors: sum their bytes layer by layer.
+    layers = [0] * max(len(p.layer_bytes) for p in parts)
+    for p in parts:
+        for i, b in enumerate(p.layer_bytes):
+            layers[i] += b
     return ModelInfo(
         path=base.path, files=base.files, size_bytes=base.size_bytes, mtime_ns=base.mtime_ns,
         architecture=h.architecture, name=h.name, size_label=h.size_label, parameter_count=params,
@@ -333,6 +340,10 @@ def _info(base: ModelInfo, h: gguf.GGUFHeader, tensors: int, params: int) -> Mod
         head_count=h.head_count, head_count_kv=h.head_count_kv,
         key_length=_int(h.metadata.get(f"{h.architecture}.attention.key_length")),
         value_length=_int(h.metadata.get(f"{h.architecture}.attention.value_length")),
+        layer_bytes=layers, other_bytes=sum(p.other_bytes for p in parts),
+        n_vocab=max(p.n_vocab for p in parts), output_bytes=max(p.output_bytes for p in parts),
+        output_tied=all(p.output_tied for p in parts),
+        pooling=h.pooling,
     )
 
 

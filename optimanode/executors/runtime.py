@@ -10,9 +10,12 @@ How it works:
   whoever waits in ``wait_for_state`` are woken. Desired-state changes (``desire``, ``enable``)
   are journaled before they return.
 * The loop (``run``) ticks every second, at the next backoff deadline, or when woken: it gathers
-  one ``Facts`` per executor, calls the pure ``reconciler.decide`` and applies its actions:
-  firing the trigger, then for ``start``/``restart`` spawning a worker (``supervisor``), for
-  ``stop`` stopping one.
+  one ``Facts`` per executor (with its memory estimates, ``memory.estimate``), reads the free
+  RAM (psutil) and each GPU's free memory (``gpu_probe``: NVML through ``metrics.GpuProbe``),
+  calls the pure ``reconciler.decide`` and applies its actions: firing the trigger, then for
+  ``start``/``restart`` spawning a worker (``supervisor``) pinned to its placement's GPUs with
+  ``CUDA_VISIBLE_DEVICES`` (by UUID; "" for a CPU-only model on a GPU machine), for ``stop``
+  stopping one.
 * A worker that serves is drained before it is stopped (``stop_worker``, for the reconciler's
   stops and ``retire``): the ``Drainer`` (inference, set by the node) is told of every transition
   in the step that makes it (``changed``: the stop closes the model's admission), then lets the
@@ -46,8 +49,21 @@ import psutil
 
 from optimanode.config import Settings
 from optimanode.errors import IllegalTransition, JournalError, RequestError, UnknownModel
-from optimanode.executors.effective import SAFE_MODE_OFF, effective, safe_mode_reason, safe_mode_setting, stall_timeout
+from optimanode.constraints import PARALLEL_AUTO_MAX
+from optimanode.executors.effective import (
+    SAFE_MODE_OFF,
+    effective,
+    effective_parallel,
+    gpu_wish,
+    keep_alive,
+    on_demand,
+    parallel_is_auto,
+    safe_mode_reason,
+    safe_mode_setting,
+    stall_timeout,
+)
 from optimanode.executors.lifecycle import LIVE, LOADING, SERVING, Lifecycle, allowed
+from optimanode.executors.memory import Estimate, GpuMemory, Placement, estimate
 from optimanode.executors.reconciler import (
     Action,
     ExitDecision,
@@ -59,7 +75,16 @@ from optimanode.executors.reconciler import (
 )
 from optimanode.executors.supervisor import ExitInfo, WorkerProcess
 from optimanode.journal import ExecutorView, Journal
-from optimanode.protocol import DesiredChanged, ModelInfo, ModelSettings, State, Transition, Trigger, WorkerSettings
+from optimanode.protocol import (
+    DesiredChanged,
+    GpuReport,
+    ModelInfo,
+    ModelSettings,
+    State,
+    Transition,
+    Trigger,
+    WorkerSettings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +126,17 @@ class Executor:
     replacing: bool = False
     # The next stop of its worker cuts the running requests at once (a disable with ``now``).
     stop_now: bool = False
+    # What admission chose at its last start: the slot count for parallel = "auto", the GPUs
+    # (and bytes on each), the estimate it was admitted with.
+    parallel_auto: int = PARALLEL_AUTO_MAX
+    placement: Placement = field(default_factory=Placement)
+    estimate: Estimate | None = None
+    # On-demand loading: a request waits for this model to load; when a request last started or
+    # ended on it, and when its worker became ready (clock time); times evicted for another model.
+    demanded: bool = False
+    last_used: float = 0.0
+    ready_at: float = 0.0
+    evictions: int = 0
 
     @property
     def state(self) -> State:
@@ -124,6 +160,9 @@ class Drainer(Protocol):
 
     def hurry(self, ex: Executor) -> None:
         """Cut ``ex``'s drain in progress short: its running requests are cut now (disable with now)."""
+
+    def in_use(self, ex: Executor) -> int:
+        """Requests running on or waiting for ``ex`` (an on-demand model with none is idle)."""
 
 
 def _serves(worker: WorkerProcess) -> bool:
@@ -166,7 +205,7 @@ class Runtime:
     """Every executor of the node, and the loop that keeps each where the reconciler wants it."""
 
     def __init__(self, settings: Settings, journal: Journal, background: Background, *,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], gpu_probe: Callable[[], list[GpuReport]] | None = None) -> None:
         # Replaced as a whole on a reload (Node.apply_settings); read where it is used.
         self.settings = settings
         self.journal = journal
@@ -177,6 +216,9 @@ class Runtime:
         self._changed = asyncio.Condition()
         # Set by the node to its inference part: admission follows each change, and a stop drains.
         self.drainer: Drainer | None = None
+        # Each GPU's free memory (metrics.GpuProbe); the last answer, read by facts between probes.
+        self.gpu_probe = gpu_probe
+        self.gpus: list[GpuMemory] = []
 
     def get(self, executor_id: str) -> Executor:
         ex = self.executors.get(executor_id)
@@ -233,6 +275,10 @@ class Runtime:
             ex.reason = str(details.get("reason", ""))
             if ex.replacing and (dst == "running" or dst not in REPLACE_PATH):
                 ex.replacing = False
+                # The load a request asked for is done, or failed (its requests are told why).
+                ex.demanded = False
+            if dst == "running":
+                ex.ready_at = self.clock()
             # In the same step as the move: no request can slip between the state and its admission.
             if self.drainer is not None:
                 self.drainer.changed(ex)
@@ -283,9 +329,52 @@ class Runtime:
                             safe_mode=False if ex.safe else None)
             ex.safe, ex.safe_reason = False, ""
 
-    def effective(self, ex: Executor) -> WorkerSettings:
+    def effective(self, ex: Executor, auto_parallel: int | None = None) -> WorkerSettings:
         """The settings ``ex``'s worker runs (or would run) with."""
-        return effective(ex.info, ex.settings, self.settings.model_defaults, self.safe_mode_reason(ex))
+        return effective(ex.info, ex.settings, self.settings.model_defaults, self.safe_mode_reason(ex),
+                         auto_parallel=auto_parallel or ex.parallel_auto)
+
+    def demand(self, ex: Executor) -> bool:
+        """A request wants ``ex``, an enabled on-demand model that is not serving: have it loaded, and
+        let requests queue for it meanwhile (as for a replacement). False when that does not apply."""
+        if not (ex.enabled and on_demand(ex.settings, self.settings.model_defaults)
+                and ex.state in ("enabled", "waiting", "stopping", "discovered")):
+            return False
+        if ex.state == "waiting":
+            # Known not to fit: this request is refused with the reason at once; the model is
+            # loaded (evicting idle ones if that makes room) for the requests that follow.
+            ex.demanded = True
+            self._wake.set()
+            return False
+        ex.demanded = ex.replacing = True
+        ex.last_used = self.clock()
+        if self.drainer is not None:
+            self.drainer.changed(ex)
+        self._wake.set()
+        return True
+
+    def touch(self, ex: Executor) -> None:
+        """A request started or ended on ``ex`` (least-recently-used order, keep_alive_s)."""
+        ex.last_used = self.clock()
+
+    def options(self, ex: Executor) -> tuple[tuple[int, Estimate], ...]:
+        """(parallel, estimate) admission may start ``ex`` with, most slots first."""
+        d = self.settings.model_defaults
+        counts = (range(PARALLEL_AUTO_MAX, 0, -1) if parallel_is_auto(ex.settings, d)
+                  else (effective_parallel(ex.settings, d),))
+        return tuple((n, estimate(ex.info, self.effective(ex, n), gpus_available=bool(self.gpus))) for n in counts)
+
+    def memory(self, ex: Executor) -> tuple[Estimate, Placement]:
+        """``ex``'s estimate and placement: as admitted while it is live, else for its settings now."""
+        if ex.state in LIVE and ex.estimate is not None:
+            return ex.estimate, ex.placement
+        return estimate(ex.info, self.effective(ex), gpus_available=bool(self.gpus)), Placement()
+
+    def probe_gpus(self) -> list[GpuMemory]:
+        if self.gpu_probe is not None:
+            self.gpus = [GpuMemory(index=g.index, name=g.name, total_bytes=g.memory_total_bytes,
+                                   free_bytes=g.memory_free_bytes or 0, uuid=g.uuid) for g in self.gpu_probe()]
+        return self.gpus
 
     def safe_mode_reason(self, ex: Executor) -> str:
         """Why the next worker of ``ex`` runs in safe mode, or "" when it does not."""
@@ -297,10 +386,24 @@ class Runtime:
         wanted = self.effective(ex)
         stale = (ex.worker_key is not None and ex.state in LIVE
                  and ex.worker_key != (wanted, ex.info.size_bytes, ex.info.mtime_ns))
+        # Estimates matter where admission decides (enabled, waiting), and for a live model (loading:
+        # not allocated yet; running: what evicting it frees) what it was admitted with.
+        admitting = ex.state in ("enabled", "waiting")
+        live = ex.state in LIVE and ex.estimate is not None
+        options = self.options(ex) if admitting else ()
+        need = (ex.estimate.ram_bytes if live and ex.estimate is not None
+                else options[-1][1].ram_bytes if options else estimate_bytes(ex.info, wanted.n_ctx))
+        d = self.settings.model_defaults
+        busy = self.drainer.in_use(ex) if self.drainer is not None else 0
         return Facts(state=ex.state, enabled=ex.enabled, crash_times=tuple(ex.crash_times),
-                     restart_at=ex.restart_at, estimate_bytes=estimate_bytes(ex.info, wanted.n_ctx),
+                     restart_at=ex.restart_at, estimate_bytes=need,
                      stale=stale, safe_mode=safe_mode_setting(ex.settings, self.settings.model_defaults),
-                     replacing=ex.replacing)
+                     replacing=ex.replacing, options=options,
+                     wish=gpu_wish(ex.settings, self.settings.model_defaults),
+                     placed=dict(ex.placement.vram) if live else {},
+                     on_demand=on_demand(ex.settings, d), demanded=ex.demanded, last_used=ex.last_used,
+                     idle_s=None if busy or ex.state != "running" else self.clock() - max(ex.last_used, ex.ready_at),
+                     keep_alive_s=keep_alive(ex.settings, d))
 
     def facts(self) -> dict[str, Facts]:
         return {eid: self.fact(ex) for eid, ex in self.executors.items()}
@@ -308,8 +411,11 @@ class Runtime:
     async def reconcile_once(self) -> float | None:
         """One decision and its actions; returns when something next becomes due."""
         await self._retry_unjournaled_exits()
+        gpus = self.probe_gpus()
         decision = decide(self.facts(), self.clock(), psutil.virtual_memory().available, self.settings.restart,
-                          reserve_bytes=self.settings.memory_reserve_mb * 1024 * 1024)
+                          reserve_bytes=self.settings.memory_reserve_mb * 1024 * 1024, gpus=gpus,
+                          vram_reserve_bytes=self.settings.vram_reserve_mb * 1024 * 1024,
+                          memory_budget_bytes=self.settings.memory_budget_mb * 1024 * 1024)
         for action in decision.actions:
             try:
                 await self._apply(action)
@@ -334,10 +440,19 @@ class Runtime:
         if action.trigger in ("start", "restart"):
             if action.trigger == "restart":
                 ex.restarts += 1
+            else:
+                # Admission's choice: a restart keeps the last one (its memory was freed by the crash).
+                ex.parallel_auto = action.parallel or ex.parallel_auto
+                ex.placement, ex.estimate = action.placement, action.estimate
             await self.fire(ex, action.trigger, reason=action.reason)
             await self._launch(ex)
         elif action.trigger == "stop":
-            if ex.enabled and ex.state == "running":
+            unload = action.reason.startswith(("evicted", "idle for"))
+            if action.reason.startswith("evicted"):
+                ex.evictions += 1
+            if ex.enabled and ex.state == "running" and not unload:
+                # (An on-demand model being replaced is loaded again for the requests that wait.)
+                ex.demanded = on_demand(ex.settings, self.settings.model_defaults)
                 # Stale: a new worker follows. Set before the stop transition, whose step closes
                 # the admission, so from then on new requests queue for the new worker.
                 ex.replacing = True
@@ -354,7 +469,7 @@ class Runtime:
         wanted = self.effective(ex)
         rs = self.settings.restart
         try:
-            worker = await WorkerProcess.spawn(ex.id, wanted, self._on_worker_exit,
+            worker = await WorkerProcess.spawn(ex.id, wanted, self._on_worker_exit, env=self.pin(ex),
                                                heartbeat_interval_s=rs.heartbeat_interval_s,
                                                heartbeat_timeout_s=rs.heartbeat_timeout_s,
                                                # Read at each beat: a configure or reload applies at once.
@@ -366,6 +481,15 @@ class Runtime:
             return
         ex.worker, ex.worker_key = worker, (wanted, ex.info.size_bytes, ex.info.mtime_ns)
         self._background.spawn(self._await_ready(ex, worker), f"ready-{ex.id}")
+
+    def pin(self, ex: Executor) -> dict[str, str]:
+        """The environment that pins ``ex``'s worker to its GPUs ({} on a machine without NVIDIA GPUs)."""
+        if not self.gpus:
+            return {}
+        by_index = {g.index: g for g in self.gpus}
+        # By UUID where NVML gave one: CUDA's own device order need not be NVML's (PCI bus) order.
+        ids = [by_index[i].uuid if i in by_index and by_index[i].uuid else str(i) for i in ex.placement.gpus]
+        return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(ids)}
 
     async def _await_ready(self, ex: Executor, worker: WorkerProcess) -> None:
         try:

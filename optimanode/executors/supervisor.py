@@ -39,7 +39,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from optimanode.errors import NodeFault, RequestError, WorkerCrashed, error_for
@@ -237,8 +237,9 @@ class WorkerProcess:
                     on_exit: Callable[[WorkerProcess, ExitInfo], Awaitable[None]], *,
                     heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float = 10.0,
                     stall_timeout_s: float | Callable[[], float] = DEFAULT_STALL_TIMEOUT_S,
-                    python: str = sys.executable) -> WorkerProcess:
-        env = dict(os.environ)
+                    python: str = sys.executable, env: Mapping[str, str] | None = None) -> WorkerProcess:
+        # ``env``: added to the node's (CUDA_VISIBLE_DEVICES: the GPUs admission placed it on).
+        env = {**os.environ, **(env or {})}
         # The worker must import this very package, wherever the node was started from.
         pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

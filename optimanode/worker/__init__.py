@@ -6,7 +6,9 @@ low-level API. docs/architecture.md, "The worker, step by step", is the design n
 says how its part works:
 
 * ``process``   start-up, the reader thread, exit codes (``__main__`` runs it)
-* ``engine``    the model, the context and the serving loop: the only module that imports llama_cpp
+* ``engine``    the model, the context and the serving loop: imports llama_cpp (as ``embed`` does)
+* ``embed``     embed requests: a second context on the model, pooled vectors, inputs batched
+* ``embedplan`` which inputs share an embedding decode; unit vectors; the reply's bound
 * ``slots``     slot state and the pure choices: which slot, which moves, which batch
 * ``text``      ``TextStream``: token bytes to whole-character chunks, stop strings
 * ``jobs``      the request queue between the reader thread and the loop; ``Done`` timings
@@ -16,5 +18,5 @@ says how its part works:
 * ``log``       stderr lines, the trace switch, exit codes
 
 This package imports nothing itself, so ``from optimanode.worker.text import TextStream`` (or
-jobs, progress, framing, slots, blackbox, log) works without llama_cpp.
+jobs, progress, framing, slots, blackbox, log, embedplan) works without llama_cpp.
 """

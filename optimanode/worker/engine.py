@@ -1,7 +1,7 @@
 """The model and the serving loop: everything of the worker that calls llama.cpp.
 
-This is the only module of the package that imports ``llama_cpp`` (``process`` gets it only by
-importing this one); ``import-linter`` keeps the pure modules free of it. ``Engine`` loads the model, makes one
+This and ``embed`` are the only modules of the package that import ``llama_cpp`` (``process`` gets
+it only by importing this one); ``import-linter`` keeps the pure modules free of it. ``Engine`` loads the model, makes one
 context with ``parallel`` sequences (slot *i* owns sequence *i*, per-sequence KV cells), attaches a
 persistent CPU threadpool (``_Threadpool``), warms up (``Engine._warm_up``: every kernel a request
 will run, before Ready) and then ``serve``s: each loop step takes what the reader queued, ends
@@ -10,8 +10,11 @@ sequences consecutive (``slots.compaction_moves``), builds one batch (``slots.pl
 ``llama_decode`` once and samples every sequence that has a logits row (its own sampler chain,
 ``_argmax`` for plain greedy, or ``_Constrained`` under a response_format's grammar, compiled by
 ``_grammar`` before the request takes a slot). Chats are rendered by the operator's template (a
-llama.cpp built-in name, ``_BuiltinChat``, or Jinja text), else the GGUF's, else ``chatml``.
-docs/architecture.md, "The worker, step by step", has the details.
+llama.cpp built-in name, ``_BuiltinChat``, or Jinja text), else the GGUF's, else ``chatml``; a
+Jinja template renders a chat's tools, and a reply that may hold tool calls streams through
+``toolcalls.CallStream`` (under its grammar when tool_choice requires a call). Embed requests skip
+the slots: ``serve`` hands them to ``embed.Embedder``, which decodes them on a context of its own
+after each step. docs/architecture.md, "The worker, step by step", has the details.
 
 llama.cpp functions are always called as attributes of the ``llama_cpp`` module
 (``llama_cpp.llama_decode(...)``), so a test that patches the module is seen here.
@@ -31,6 +34,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import numpy as np
 
 import llama_cpp
@@ -38,7 +42,9 @@ from llama_cpp import llama_grammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from optimanode import protocol as p
+from optimanode.worker import toolcalls
 from optimanode.worker.blackbox import _blackbox, _decode_hang, _fault_injection
+from optimanode.worker.embed import Embedder
 from optimanode.worker.jobs import _done, _Job, _Jobs, _Reject
 from optimanode.worker.log import TRACE, _log
 from optimanode.worker.progress import Progress
@@ -162,6 +168,12 @@ class _Threadpool:
         # One pool for generation and prompts: the worker sets n_threads_batch = n_threads.
         attach(ctx, handle, handle)
         self.handle = handle
+        self._attach = attach
+
+    def attach_to(self, ctx: Any) -> None:
+        """Attach the pool to another context driven by the same thread (the embedding context)."""
+        if self.handle is not None:
+            self._attach(ctx, self.handle, self.handle)
 
     def free(self) -> None:
         """After ``llama_free`` of the context that uses it."""
@@ -202,6 +214,7 @@ class Engine:
         # --no-repack turns off): the weights stay in the file's layout and the plain kernels run.
         self.safe_mode = settings.safe_mode
         mparams.use_extra_bufts = not settings.safe_mode
+        _shares = self._gpu_params(mparams, settings)  # referenced until the model is loaded
         self.model = llama_cpp.llama_model_load_from_file(settings.model_path.encode("utf-8"), mparams)
         if not self.model:
             raise RuntimeError("llama_model_load_from_file failed")
@@ -213,6 +226,21 @@ class Engine:
         except BaseException:
             self.close()
             raise
+
+    @staticmethod
+    def _gpu_params(mparams: Any, settings: p.WorkerSettings) -> Any:
+        """Split mode, main GPU and tensor split into ``mparams``; indices count among the GPUs the
+        node pinned this worker to (CUDA_VISIBLE_DEVICES). Returns the shares array to keep alive."""
+        modes = {"none": llama_cpp.LLAMA_SPLIT_MODE_NONE, "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
+                 "row": llama_cpp.LLAMA_SPLIT_MODE_ROW}
+        mparams.split_mode = modes.get(settings.split_mode, llama_cpp.LLAMA_SPLIT_MODE_LAYER)
+        mparams.main_gpu = settings.main_gpu
+        if not settings.tensor_split:
+            return None
+        n = llama_cpp.llama_max_devices()
+        shares = (ctypes.c_float * n)(*settings.tensor_split[:n])
+        mparams.tensor_split = shares
+        return shares
 
     def _init_context(self, settings: p.WorkerSettings) -> None:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
@@ -232,6 +260,16 @@ class Engine:
         cparams.n_threads = cparams.n_threads_batch = settings.n_threads
         cparams.kv_unified = False
         cparams.no_perf = True
+        # The KV cache's element type and flash attention (docs/configuration.md, "GPUs and memory");
+        # llama.cpp refuses a quantized V cache without flash attention (the node refuses it first).
+        kv_types = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+        flash = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                 "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+        if settings.kv_cache_type not in kv_types or settings.flash_attn not in flash:
+            raise ValueError(f"kv_cache_type {settings.kv_cache_type!r} / flash_attn {settings.flash_attn!r}: "
+                             f"expected one of {', '.join(kv_types)} / {', '.join(flash)}")
+        cparams.type_k = cparams.type_v = kv_types[settings.kv_cache_type]
+        cparams.flash_attn_type = flash[settings.flash_attn]
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             raise RuntimeError("llama_init_from_model failed")
@@ -258,9 +296,14 @@ class Engine:
         self._piece_buf = ctypes.create_string_buffer(256)
         self._tok_buf = (llama_cpp.llama_token * 4096)()
         self.chat, self.chat_template_in_force = self._chat_formatter()
+        # Control tokens that are a tool-call marker of the template's family (Llama 3's
+        # <|python_tag|>, Mistral's [TOOL_CALLS]): rendered for a request whose reply is parsed.
+        self._marker_pieces = self._markers()
         t0 = time.monotonic()
         self.warmup = self._warm_up()
         self.warmup_s = time.monotonic() - t0
+        # Embed requests (embed.py): their own context, made on the first one.
+        self.embeds = Embedder(self.model, settings, self.tokenize, self.progress, self.threadpool.attach_to)
 
     def close(self) -> None:
         if self.batch is not None:
@@ -270,6 +313,8 @@ class Engine:
             if slot.run is not None:
                 _free_sampler(slot.run.sampler)
                 slot.run = None
+        if getattr(self, "embeds", None) is not None:
+            self.embeds.close()
         if self.ctx:
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
@@ -308,7 +353,10 @@ class Engine:
         if isinstance(request, p.CompletionRequest):
             return self.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True)
         try:
-            text = self.chat([{"role": m.role, "content": m.content} for m in request.messages])
+            messages = toolcalls.template_messages(request.messages)
+            # The model's own template renders the tools (as transformers and llama-server do).
+            text = (self.chat(messages, toolcalls.template_tools(request.tools)) if request.tools
+                    else self.chat(messages))
         except Exception as exc:  # the template's raise_exception, e.g. roles out of order
             raise _Reject("bad_request", f"chat template: {exc}") from exc
         tokens = self.tokenize(text.encode("utf-8"), add_bos=False, special=True)
@@ -319,31 +367,47 @@ class Engine:
             tokens.insert(0, bos)
         return tokens
 
-    def _chat_formatter(self) -> tuple[Callable[[list[dict[str, str]]], str], str]:
+    def _chat_formatter(self) -> tuple[Callable[..., str], str]:
         """How chats are rendered, and its name for Ready: the operator's built-in name or Jinja
         text ("custom"), else the GGUF's own template ("file"), else FALLBACK_CHAT_TEMPLATE."""
         kind, value = self._chat_setting
+        # The tool-call family of a Jinja template (toolcalls.detect); built-in ones have none.
+        self.tool_family: toolcalls.Family | None = None
         if kind == "builtin":
+            self.template_name = f"the built-in {value!r} chat template"
             return _BuiltinChat(value), value
         if kind == "jinja":
+            self.tool_family, self.template_name = toolcalls.detect(value), "the configured chat template"
             return self._jinja_chat(value), "custom"
         template = llama_cpp.llama_model_chat_template(self.model, None)
         if template:
-            return self._jinja_chat(template.decode("utf-8", "replace")), "file"
+            text = template.decode("utf-8", "replace")
+            self.tool_family, self.template_name = toolcalls.detect(text), "the model's chat template"
+            return self._jinja_chat(text), "file"
+        self.template_name = f"the built-in {FALLBACK_CHAT_TEMPLATE!r} chat template (the file has none)"
         return _BuiltinChat(FALLBACK_CHAT_TEMPLATE), FALLBACK_CHAT_TEMPLATE
 
-    def _jinja_chat(self, template: str) -> Callable[[list[dict[str, str]]], str]:
+    def _markers(self) -> dict[int, bytes]:
+        out: dict[int, bytes] = {}
+        for marker in self.tool_family.markers if self.tool_family else ():
+            tokens = self.tokenize(marker.encode("utf-8"), add_bos=False, special=True)
+            if len(tokens) == 1 and not self.piece(tokens[0]):
+                out[tokens[0]] = marker.encode("utf-8")
+        return out
+
+    def _jinja_chat(self, template: str) -> Callable[..., str]:
         formatter = Jinja2ChatFormatter(
             template=template,
             eos_token=self._token_text(llama_cpp.llama_vocab_eos(self.vocab)),
             bos_token=self._token_text(llama_cpp.llama_vocab_bos(self.vocab)),
             add_generation_prompt=True,
         )
-        return lambda messages: formatter(messages=messages).prompt
+        return lambda messages, tools=None: formatter(messages=messages, tools=tools).prompt
 
-    def _sampler(self, params: p.SamplingParams, prompt: list[int]) -> Any:
+    def _sampler(self, params: p.SamplingParams, prompt: list[int], calls: p.ChatRequest | None = None) -> Any:
         """The request's sampler chain; None for plain greedy, which ``_argmax`` serves; a
-        ``_Constrained`` (the chain or None, and the grammar) for a response_format.
+        ``_Constrained`` (the chain or None, and the grammar) for a response_format, or for the
+        tool call that ``calls`` (a chat whose tool_choice is required or a function) must make.
 
         The chain: the logit bias, the repeat penalty, the frequency / presence penalties, then
         greedy or top-k / top-p / min-p / temperature / dist. Raises _Reject (bad_request) when a
@@ -354,6 +418,14 @@ class Engine:
             raise _Reject("bad_request", f"logit_bias: token {outside[0]} is not in the model's vocabulary "
                                          f"(ids 0..{self.n_vocab - 1})")
         grammar = self._grammar(params.response_format) if params.response_format is not None else None
+        if calls is not None:
+            assert self.tool_family is not None  # toolcalls.check said so
+            try:
+                gbnf = _strict_json_chars(toolcalls.grammar(self.tool_family, calls.tools, calls.tool_choice,
+                                                            llama_grammar.SchemaConverter))
+            except ValueError as exc:
+                raise _Reject("bad_request", str(exc)) from None
+            grammar = self._compile(gbnf, "tools")
         chain = self._chain(params, prompt)
         return chain if grammar is None else _Constrained(chain, grammar, self._row_type)
 
@@ -410,6 +482,10 @@ class Engine:
             gbnf = llama_grammar.JSON_GBNF
         else:
             gbnf = fmt.gbnf
+        return self._compile(gbnf, "response_format." + ("schema" if isinstance(fmt, p.JsonSchemaFormat) else "gbnf"))
+
+    def _compile(self, gbnf: str, field: str) -> Any:
+        """llama.cpp's grammar sampler for GBNF text, or _Reject(bad_request) naming ``field``."""
         # llama.cpp's grammar parser prints its reason to stderr (fd 2), not through the log
         # callback, which gets only "failed to parse grammar": catch what it prints.
         with _StderrCapture() as printed:
@@ -417,8 +493,7 @@ class Engine:
         if not sampler:
             reason = [line for line in printed.text().splitlines() if "error" in line]
             reason += [line for line in printed.logged if line not in reason]
-            field = "schema" if isinstance(fmt, p.JsonSchemaFormat) else "gbnf"
-            raise _Reject("bad_request", f"response_format.{field}: the grammar does not compile: "
+            raise _Reject("bad_request", f"{field}: the grammar does not compile: "
                                          + ("; ".join(reason) or "llama_sampler_init_grammar failed"))
         return sampler
 
@@ -492,7 +567,7 @@ class Engine:
         closing = False
         while True:
             running = any(s.run is not None for s in self.slots)
-            idle = not running and not self._waiting
+            idle = not running and not self._waiting and not self.embeds.busy
             if closing and idle and jobs.unanswered() == 0:
                 return
             # Block only when there is nothing to decode; after Shutdown, poll for a Generate
@@ -507,6 +582,10 @@ class Engine:
             for job in taken:
                 if job is None:
                     closing = True
+                elif isinstance(job.request, p.EmbedRequest):
+                    refused = self.embeds.add(job)
+                    if refused is not None:
+                        self._answer(job, refused)
                 else:
                     self._waiting.append(job)
             # Running requests first, so each request's messages stay in order (a cancelled
@@ -517,6 +596,8 @@ class Engine:
             self._admit()
             if any(s.run is not None for s in self.slots):
                 self._step()
+            if self.embeds.busy:
+                self.embeds.step(self._answer)
             self._flush()
 
     def _flush(self) -> None:
@@ -557,6 +638,14 @@ class Engine:
     def _start(self, job: _Job, free: list[_Slot]) -> None:
         # The request's limits were checked when its frame was decoded (they are on the types).
         params = job.request.params
+        # Tools and tool_choice that cannot be served (toolcalls.check): bad_request, first.
+        parse: toolcalls.Family | None = None
+        constrained = False
+        if isinstance(job.request, p.ChatRequest):
+            try:
+                parse, constrained = toolcalls.check(job.request, self.tool_family, self.template_name)
+            except ValueError as exc:
+                raise _Reject("bad_request", str(exc)) from None
         tokens = self.prompt_tokens(job.request)
         if not tokens:
             raise _Reject("bad_request", "the prompt is empty")
@@ -567,7 +656,7 @@ class Engine:
                           f"the prompt is {len(tokens)} tokens; the context window is {self.window}{per}")
         # Before the request takes a slot: a response_format whose grammar does not compile is
         # refused here (bad_request), and nothing of a slot has changed.
-        sampler = self._sampler(params, tokens)
+        sampler = self._sampler(params, tokens, job.request if constrained else None)  # type: ignore[arg-type]
         # Longest shared prefix, then fewest runs of running ids, then the lowest (slots.choose_slot).
         slot, n_common = choose_slot(free, [s.seq for s in self.slots if s.run is not None], tokens)
         if n_common < len(slot.cached):
@@ -583,16 +672,19 @@ class Engine:
         # next chunk covers (_sample appends; the chunk takes them all).
         pending: list[p.TokenLogprob] = []
 
-        def emit(text: str, n: int) -> None:
+        def emit(text: str, n: int, calls: list[p.ToolCall] | None = None) -> None:
+            more: dict[str, Any] = {"tool_calls": calls} if calls else {}
             if params.logprobs is None:
-                out.append(p.Chunk(id=job_id, text=text, tokens=n))
+                out.append(p.Chunk(id=job_id, text=text, tokens=n, **more))
             else:
-                out.append(p.Chunk(id=job_id, text=text, tokens=n, logprobs=pending[:]))
+                out.append(p.Chunk(id=job_id, text=text, tokens=n, logprobs=pending[:], **more))
                 pending.clear()
 
+        # A reply that may hold tool calls goes through their parser (toolcalls.CallStream).
+        stream = TextStream(params.stop, emit) if parse is None else toolcalls.CallStream(params.stop, parse, emit)
         slot.run = _Run(
             job=job, prompt=tokens, max_tokens=min(params.max_tokens, room),
-            sampler=sampler, stream=TextStream(params.stop, emit),
+            sampler=sampler, stream=stream,
             order=self._order, reused=n_common, pos=n_common)
         if params.logprobs is not None:
             self._logprobs[slot.run] = (params.logprobs, pending)
@@ -744,7 +836,10 @@ class Engine:
             asked[1].append(self._token_logprob(run.row, token, asked[0]))
         run.n_out += 1
         run.t_last = now
-        if run.stream.feed(self.piece(token)):
+        piece = self.piece(token)
+        if not piece and token in self._marker_pieces and isinstance(run.stream, toolcalls.CallStream):
+            piece = self._marker_pieces[token]  # a call marker that is a control token: the parser needs it
+        if run.stream.feed(piece):
             self._finish(slot, "stop")
         elif run.n_out >= run.max_tokens:
             self._finish(slot, "length")
@@ -764,7 +859,13 @@ class Engine:
             _log(f"request {run.job.id}: slot {slot.seq}, prompt {len(run.prompt)} tokens "
                  f"({run.reused} reused, {len(run.prompt) - run.reused} evaluated), "
                  f"{run.n_out} generated, {reason}")
-        self._answer(run.job, _done(run.job, reason, len(run.prompt), run.n_out, run.t_first, run.t_last))
+        done = _done(run.job, reason, len(run.prompt), run.n_out, run.t_first, run.t_last)
+        calls = run.stream.parser.calls if isinstance(run.stream, toolcalls.CallStream) else None
+        if calls:
+            # As OpenAI: a reply that made calls ends with "tool_calls" (unless cut by length or a cancel).
+            done = msgspec.structs.replace(done, tool_calls=calls,
+                                           finish_reason="tool_calls" if reason == "stop" else reason)
+        self._answer(run.job, done)
 
     def _fail(self, slot: _Slot, code: str, message: str) -> None:
         """End the slot's request with Failed and clear its cells (they may be incomplete)."""

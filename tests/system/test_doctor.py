@@ -100,3 +100,20 @@ def test_run_doctor_and_its_exit_code(tmp_path):
     buf = io.StringIO()
     assert print_checks(good, buf, as_json=True) == 0
     assert json.loads(buf.getvalue())["ok"] is True
+
+
+def test_the_metrics_port_is_checked_when_the_endpoint_is_on(tmp_path):
+    from optimanode.doctor import check_metrics_port
+
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        settings = settings_for(tmp_path, **{"metrics_http.listen": f"127.0.0.1:{port}"})
+        c = check_metrics_port(settings)
+        assert (c.name, c.status) == ("metrics port", "fail") and "in use" in c.detail, c
+        assert "metrics_http.listen" in c.fix
+        assert [x for x in run_doctor(settings, nvml=FakeNvml.without_driver()) if x.name == "metrics port"] == [c]
+    assert check_metrics_port(settings).status == "ok"
+    assert check_metrics_port(settings_for(tmp_path)).detail == "metrics_http.listen is off"

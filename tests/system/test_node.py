@@ -38,6 +38,9 @@ def make_settings(tmp_path: Path, **overrides: str):
         "models_dir": str(tmp_path / "models"),
         "state_dir": str(tmp_path / "state"),
         "model_defaults.n_ctx": "512",
+        # One slot, as these tests were written for; parallel = "auto" (the default since issue 14)
+        # is tested in test_gpu_placement.py.
+        "model_defaults.parallel": "1",
         "restart.backoff_base_s": "0.2",
         "restart.backoff_cap_s": "1.0",
         "restart.heartbeat_interval_s": "0.5",

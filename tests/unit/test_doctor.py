@@ -292,3 +292,37 @@ def test_nvidia_without_the_driver_warns_and_a_gpu_that_errors_fails():
     broken = FakeNvml([FakeGpu()])
     broken.errors = {"nvmlDeviceGetName": NVML_ERROR_GPU_IS_LOST}
     assert check_nvidia(broken).status == "fail"
+
+
+# -- each GPU: free memory, and which models fit where --------------------------------------------
+
+
+def test_each_gpu_is_listed_with_free_memory_and_the_models_that_fit_on_it(tmp_path):
+    import gguf_files as g
+
+    from optimanode.doctor import check_gpus
+    from optimanode.executors.effective import effective
+    from optimanode.executors.memory import estimate
+    from optimanode.protocol import ModelSettings
+    from optimanode.executors.registry import Registry
+    from optimanode.testing import GiB
+
+    models = tmp_path / "models"
+    models.mkdir()
+    p = g.write_model(models / "tiny.gguf")
+    os.utime(p, (1, 1))  # settled: registered at the first look
+    settings = settings_for(tmp_path, vram_reserve_mb="0")
+    ((eid, info),) = Registry(models).scan().models.items()
+    fake = FakeNvml.machine(80, 24, used_gib=(0, 24))  # GPU 1: full
+    est = estimate(info, effective(info, ModelSettings(n_gpu_layers=-1, parallel=1), settings.model_defaults, ""))
+    need_mib = (est.gpu_weights + est.gpu_kv + est.gpu_compute + est.gpu_logits) // (1024 * 1024)
+    c0, c1 = check_gpus(settings, fake)
+    assert (c0.name, c0.status) == ("gpu 0", "ok")
+    assert c0.detail == (f"NVIDIA Fake 80GB: {80 * GiB // 2**20} MiB free of {80 * GiB // 2**20} MiB; fits (all "
+                         f"layers offloaded, 1 slot, after vram_reserve_mb): {eid} ({need_mib} MiB)")
+    assert (c1.name, c1.status) == ("gpu 1", "warn")
+    assert c1.detail.endswith(f"fits (all layers offloaded, 1 slot, after vram_reserve_mb): none; too big: {eid} "
+                              f"({need_mib} MiB)") and "0 MiB free of 24576 MiB" in c1.detail
+    assert fake.refcount == 0  # NVML released
+    # No GPUs: no GPU checks.
+    assert check_gpus(settings, FakeNvml.without_driver()) == []

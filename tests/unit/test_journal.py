@@ -200,3 +200,82 @@ async def test_close_commits_every_append_it_accepted_even_one_mid_commit(tmp_pa
     assert [e.version for e in events] == [1, 2, 3, 4, 5]
     db = sqlite3.connect(tmp_path / "j.sqlite3")
     assert db.execute("SELECT COUNT(*) FROM events").fetchone() == (5,)
+
+
+async def _damaged_after_a_clean_close(path) -> bytes:
+    """A journal closed cleanly, then the root page of its events_ts index scrambled (as in
+    tests/system/test_reliability.py): damage only a whole-file check sees at open."""
+    import os
+
+    from optimanode.protocol import NodeStopped
+
+    j = await Journal.open(path)
+    await j.append_many([(NODE_STREAM, NodeStopped(reason="x" * 200)) for _ in range(500)])
+    await j.close()  # the WAL is checkpointed into the file
+    data = bytearray(path.read_bytes())
+    page = int.from_bytes(data[16:18], "big") or 65536
+    data[4 * page:5 * page] = os.urandom(page)  # page 5: the events_ts root (migrations/0001)
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def _open_mark(path) -> str | None:
+    db = sqlite3.connect(path)
+    row = db.execute("SELECT value FROM journal_meta WHERE key = 'open'").fetchone()
+    db.close()
+    return row[0] if row else None
+
+
+async def test_a_large_journal_closed_cleanly_opens_without_the_full_check_and_the_background_check_reports_damage(
+        tmp_path, caplog):
+    path = tmp_path / "j.sqlite3"
+    await _damaged_after_a_clean_close(path)
+    assert _open_mark(path) == "0"
+    # A small file is checked in full at every open, clean stop or not: refused.
+    with pytest.raises(JournalError, match="corrupt"):
+        await Journal.open(path)
+    # Above full_check_below after a clean close: open skips the whole-file read...
+    j = await Journal.open(path, full_check_below=0, background_check_delay_s=None)
+    assert (j.checked_at_open, j.integrity) == (False, "")
+    assert _open_mark(path) == "1"  # a kill from here on leaves the mark: the next open checks in full
+    # ...and the check after start-up finds the damage, says so in the log and the metrics' report.
+    with caplog.at_level("ERROR", logger="optimanode.journal"):
+        found = await j.check_integrity()
+    assert found != "ok" and j.integrity == found
+    assert any("is corrupt" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
+    from optimanode.config import JournalSettings
+    from optimanode.retention import Retention
+
+    ret = await Retention.open(j, JournalSettings())
+    assert ret.report().integrity == found
+    await ret.close()
+    await j.close()
+
+
+async def test_after_a_run_that_did_not_close_the_journal_a_damaged_one_is_refused_whatever_its_size(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    await _damaged_after_a_clean_close(path)
+    # What a killed node leaves: the mark its open set, never cleared by a close.
+    db = sqlite3.connect(path)
+    db.execute("UPDATE journal_meta SET value = '1' WHERE key = 'open'")
+    db.commit()
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(JournalError, match="is corrupt"):
+        await Journal.open(path, full_check_below=0)
+    assert path.read_bytes() == before  # refused before anything was written
+
+
+async def test_a_sound_journal_passes_the_background_check(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    j = await Journal.open(path)
+    await j.append(NODE_STREAM, NodeStarted(pid=1, version="x"))
+    await j.close()
+    j = await Journal.open(path, full_check_below=0, background_check_delay_s=0.0)
+    assert not j.checked_at_open
+    for _ in range(500):  # bounded: the check of a tiny file takes milliseconds
+        if j.integrity:
+            break
+        await asyncio.sleep(0.01)
+    assert j.integrity == "ok"
+    await j.close()

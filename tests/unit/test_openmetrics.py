@@ -113,7 +113,9 @@ def gpu_snapshot() -> Snapshot:
                   utilization_gpu=63, temperature_c=51, power_mw=312_000, power_limit_mw=700_000,
                   compute_processes={worker_pid: 18 * GiB})
     statuses = [status("llm", state="running", enabled=True, pid=worker_pid, parallel=4, in_flight=1, queue_depth=2,
-                       queue_size=16, restarts=3, recent_crashes=1, tokens_generated=1234),
+                       queue_size=16, restarts=3, recent_crashes=1, tokens_generated=1234, gpus=[0],
+                       memory_estimate_bytes=300 << 20, vram_estimate_bytes={0: 17 * GiB}, loaded=True,
+                       last_used=1700000000.5, evictions=2),
                 status("broken", state="failed", enabled=True, recent_crashes=5, safe_mode=True)]
     sampler = Sampler(lambda: statuses, node_id="node-1", nvml=FakeNvml([gpu]))
     try:
@@ -167,6 +169,18 @@ def test_capacity_tokens_gpu_host_and_journal_come_from_the_report(gpu_snapshot)
     assert one(m, "optimanode_gpu_temperature_celsius", **gpu) == 51
     assert one(m, "optimanode_gpu_power_watts", **gpu) == 312
     assert one(m, "optimanode_gpu_power_limit_watts", **gpu) == 700
+    # Placement: the GPU's free memory, the model placed on it, and the model's estimate.
+    assert one(m, "optimanode_gpu_memory_free_bytes", **gpu) == 121 * GiB
+    assert m["optimanode_gpu_model"] == {(("gpu", "0"), ("model", "llm")): 1}  # the failed model is on none
+    assert one(m, "optimanode_model_memory_estimate_bytes", model="llm") == 300 << 20
+    assert one(m, "optimanode_model_vram_estimate_bytes", model="llm", gpu="0") == 17 * GiB
+    e = {x.id: x for x in gpu_snapshot.report.executors}["llm"]
+    assert (e.gpus, e.memory_estimate_bytes, e.vram_estimate_bytes) == ([0], 300 << 20, 17 * GiB)
+    # On-demand loading.
+    assert (e.loaded, e.last_used, e.evictions) == (True, 1700000000.5, 2)
+    assert one(m, "optimanode_model_loaded", model="llm") == 1 and one(m, "optimanode_model_loaded", model="broken") == 0
+    assert one(m, "optimanode_model_last_used_seconds", model="llm") == 1700000000.5
+    assert one(m, "optimanode_model_evictions_total", model="llm") == 2
     r = gpu_snapshot.report
     assert one(m, "optimanode_host_memory_total_bytes") == r.memory.total_bytes > 0
     assert one(m, "optimanode_host_cpu_cores", kind="logical") == r.cpu.cores_logical

@@ -2,6 +2,8 @@
 
 import signal
 
+import pytest
+
 from optimanode.config import Restart
 from optimanode.executors.reconciler import Facts, backoff_delay, decide, estimate_bytes, on_exit, on_spawn_failed
 from optimanode.executors.supervisor import ExitInfo
@@ -175,3 +177,50 @@ def test_a_worker_that_cannot_be_spawned_is_a_crash_with_backoff():
                         10.0, POLICY, 0.0)
     assert d.reason == "could not spawn the worker: [Errno 12] no memory"
     assert d.crash_times == (9.0, 10.0) and d.restart_at == 12.0 and d.restart_in_s is None
+
+
+# -- on-demand models: loaded by requests, unloaded when idle, evicted least recently used first ---
+
+
+def _od(state: str, **kw) -> Facts:
+    return Facts(state=state, enabled=True, on_demand=True, estimate_bytes=GB, **kw)
+
+
+def test_an_on_demand_model_starts_only_when_a_request_wants_it() -> None:
+    assert decide({"a": _od("enabled")}, 0, 8 * GB, POLICY).actions == []
+    assert triggers(decide({"a": _od("enabled", demanded=True)}, 0, 8 * GB, POLICY)) == [("a", "start")]
+    # An "always" model starts without one, as before.
+    assert triggers(decide({"a": Facts(state="enabled", enabled=True)}, 0, 8 * GB, POLICY)) == [("a", "start")]
+
+
+def test_an_idle_on_demand_model_is_unloaded_after_keep_alive() -> None:
+    d = decide({"a": _od("running", idle_s=299.0, keep_alive_s=300.0)}, 1000.0, 8 * GB, POLICY)
+    assert d.actions == [] and d.wake_at == pytest.approx(1001.0)
+    d = decide({"a": _od("running", idle_s=300.0, keep_alive_s=300.0)}, 1000.0, 8 * GB, POLICY)
+    assert [(a.trigger, a.reason) for a in d.actions] == [("stop", "idle for 300 s (keep_alive_s 300)")]
+    # Busy (idle_s None) or "always": never unloaded for idleness.
+    assert decide({"a": _od("running", keep_alive_s=0.0)}, 1000.0, 8 * GB, POLICY).actions == []
+    assert decide({"a": Facts(state="running", enabled=True, idle_s=1e9, keep_alive_s=0.0)}, 0, 8 * GB,
+                  POLICY).actions == []
+
+
+def test_a_demanded_model_evicts_idle_on_demand_models_least_recently_used_first() -> None:
+    facts = {"old": _od("running", idle_s=50.0, last_used=10.0), "new": _od("running", idle_s=5.0, last_used=20.0),
+             "busy": _od("running", idle_s=None, last_used=1.0), "pinned": Facts(state="running", enabled=True,
+                                                                                estimate_bytes=GB),
+             "c": _od("enabled", demanded=True)}
+    # The budget caps the live models at 4 GB: 4 running, so c needs one evicted: the least recently used idle one.
+    d = decide(facts, 0, 64 * GB, POLICY, memory_budget_bytes=4 * GB)
+    assert [(a.executor_id, a.trigger) for a in d.actions] == [("old", "stop")]
+    assert d.actions[0].reason.startswith("evicted: the least recently used idle on-demand model, for c")
+    # Two needed (c takes 2 GB): old, then new; never busy or pinned ("always").
+    facts["c"] = Facts(state="enabled", enabled=True, on_demand=True, demanded=True, estimate_bytes=2 * GB)
+    d = decide(facts, 0, 64 * GB, POLICY, memory_budget_bytes=4 * GB)
+    assert sorted(a.executor_id for a in d.actions) == ["new", "old"]
+    # While an evicted worker is still stopping, nothing more is evicted and c waits (no hold).
+    facts["old"] = _od("stopping")
+    assert decide(facts, 0, 64 * GB, POLICY, memory_budget_bytes=4 * GB).actions == []
+    # Nothing idle to evict: c is held with the reason (its waiting requests are told it).
+    facts = {"busy": _od("running", idle_s=None), "c": _od("enabled", demanded=True)}
+    (a,) = decide(facts, 0, 64 * GB, POLICY, memory_budget_bytes=GB).actions
+    assert (a.executor_id, a.trigger) == ("c", "hold") and a.reason.startswith("not enough memory in RAM")

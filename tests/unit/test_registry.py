@@ -112,7 +112,8 @@ def test_valid_model_is_registered_from_its_header(models: Path) -> None:
         path=str(p), files=[str(p)], size_bytes=st.st_size, mtime_ns=st.st_mtime_ns, architecture="llama",
         name="Tiny", size_label="104", parameter_count=g.TINY_PARAMS, file_type="F32", context_length=4096,
         chat_template=True, tensor_count=3, block_count=1, embedding_length=8, head_count=2, head_count_kv=1,
-        sha256="")}
+        sha256="", pooling="mean", layer_bytes=[256], other_bytes=160, n_vocab=4, output_bytes=128,
+        output_tied=True)}
     assert (res.invalid, res.pending, res.errors, res.headers_read) == ({}, [], {}, 1)
 
 

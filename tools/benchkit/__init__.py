@@ -1,6 +1,6 @@
 """Measured, not assumed: the node beside direct llama-cpp-python and llama-server; lifecycle; soak.
 
-Three subcommands (``compare`` is the default):
+Four subcommands (``compare`` is the default):
 
 ``tools/bench [compare]``
     In ONE run, with the same model, thread count, context per slot, n_batch and prompt set,
@@ -45,6 +45,12 @@ Three subcommands (``compare`` is the default):
     worker every --every requests (100), tokens/s of the first and the last window, and whether
     RSS stays steady. Long: not run in CI.
 
+``tools/bench embeddings [--batches 1,8,32] [--mode request|concurrent]``
+    Inputs/s of embed requests through a node beside llama-server's ``/embedding`` (``--embedding
+    --pooling mean``, same sources, model, threads and batch size), requests of 1, 8 and 32
+    inputs, systems alternating within each round; the ratio node / llama-server per round and
+    the cosine between their vectors (embeddings.py says how).
+
 ``tools/bench plot IN.json OUT.png``
     Draw the compare plot again from a --json file.
 
@@ -62,10 +68,12 @@ Examples:
     tools/bench lifecycle --only journal             # just append throughput and the 1,000,000-event replay
     tools/bench lifecycle --json lifecycle.json
     tools/bench soak --requests 20                   # smoke; the real one is --requests 1000
+    tools/bench embeddings --json embed.json         # a few minutes on 2 cores; needs tools/build-llama-server
 """
 
 # Layout: cli.py (the parser, dispatch, clean-up); one module per subcommand: compare.py, lifecycle.py
-# (with lifecycle_flood.py and lifecycle_journal.py for two of its parts), soak.py, plot.py; shared:
+# (with lifecycle_flood.py and lifecycle_journal.py for two of its parts), soak.py, plot.py,
+# embeddings.py; shared:
 # common.py (paths, prompts, processes, figures, output, targets) and nodeproc.py (a node subprocess
 # and its Gateway connection). tools/bench is the launcher (re-exec under .venv, then cli.main).
 

@@ -1,0 +1,196 @@
+"""The OpenAI front's pure parts: its TOML file and tokens, the mapping of OpenAI bodies to protocol requests, statuses."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from optimanode.client import RemoteError, format_fingerprint
+from optimanode.errors import ConfigError
+from optimanode.openai_front import (
+    STATUS_BY_CODE,
+    ApiError,
+    ChatBody,
+    CompletionBody,
+    EmbeddingBody,
+    Tokens,
+    api_error,
+    chat_request,
+    completion_request,
+    embed_request,
+    load_config,
+)
+from optimanode.protocol import ERROR_CODES, JsonSchemaFormat, NamedToolChoice
+
+TOKEN = "t" * 24
+FP = format_fingerprint(bytes(range(32)))
+
+
+def write(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+@pytest.fixture
+def conf(tmp_path: Path):
+    write(tmp_path / "tokens", f"# comment\n\n{TOKEN}\n")
+    write(tmp_path / "node.key", "ab" * 32 + "\n")
+
+    def make(body: str = "", nodes: str | None = None) -> Path:
+        nodes = nodes if nodes is not None else f'[[nodes]]\nurl = "wss://10.0.0.1:8022"\nkey_file = "node.key"\nfingerprint = "{FP}"\n'
+        return write(tmp_path / "front.toml", 'tokens_file = "tokens"\n' + body + "\n" + nodes, 0o644)
+
+    return make
+
+
+def test_a_good_file_with_relative_paths_and_the_defaults(conf, tmp_path):
+    cfg = load_config(conf())
+    assert (cfg.host, cfg.port) == ("127.0.0.1", 8080)
+    assert cfg.tokens_file == tmp_path / "tokens" and len(cfg.nodes) == 1
+    assert cfg.nodes[0].key == bytes.fromhex("ab" * 32) and cfg.nodes[0].fingerprint == FP
+    assert cfg.gateway_id.startswith("openai-front@")
+    assert "ab" * 8 not in repr(cfg)  # the key is kept out of reprs (logs, tracebacks)
+    cfg = load_config(conf('listen = "[::1]:0"\ngateway_id = "gw"'))
+    assert (cfg.host, cfg.port, cfg.gateway_id) == ("::1", 0, "gw")
+
+
+@pytest.mark.parametrize("body, nodes, key, says", [
+    ('listen = "localhost"', None, "listen", "HOST:PORT"),
+    ('listen = "1.2.3.4:99999"', None, "listen", "HOST:PORT"),
+    ('lisen = "1.2.3.4:80"', None, "lisen", "unknown field `lisen`"),
+    ("metrics_interval_s = 0", None, "metrics_interval_s", ">= 0.25"),
+    ("", "", "nodes", "missing required field"),
+    ("", '[[nodes]]\nurl = "wss://h:1"\nkey_file = "node.key"\n', "nodes[0].fingerprint", "fingerprint"),
+    ("", '[[nodes]]\nurl = "wss://h:1"\nkey_file = "node.key"\nfingerprint = "sha256:12"\n', "nodes[0].fingerprint",
+     "sha256:"),
+    ("", '[[nodes]]\nurl = "ws://h:1"\nkey_file = "node.key"\n', "nodes[0].url", "insecure_plaintext"),
+    ("", f'[[nodes]]\nurl = "wss://h:1"\nkey_file = "nope.key"\nfingerprint = "{FP}"\n', "nodes[0].key_file",
+     "an existing access key file"),
+    ("", f'[[nodes]]\nurl = "wss://h:1"\nkey_file = "node.key"\nfingerprint = "{FP}"\n' * 2, "nodes", "once"),
+])
+def test_mistakes_name_the_file_the_key_and_what_was_expected(conf, body, nodes, key, says):
+    path = conf(body, nodes)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.source == str(path) and info.value.key == key and says in str(info.value), str(info.value)
+
+
+def test_secret_files_must_be_private_well_formed_and_are_never_echoed(conf, tmp_path):
+    path = conf()
+    (tmp_path / "tokens").chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_config(path)
+    write(tmp_path / "tokens", "short\n")
+    with pytest.raises(ConfigError, match="at least 16 characters") as info:
+        load_config(path)
+    assert "short" not in str(info.value)
+    write(tmp_path / "tokens", "# nothing\n")
+    with pytest.raises(ConfigError, match="at least one token"):
+        load_config(path)
+    write(tmp_path / "tokens", TOKEN + "\n")
+    write(tmp_path / "node.key", "secret-not-hex" * 4)
+    with pytest.raises(ConfigError, match="64 hex digits") as info:
+        load_config(path)
+    assert "secret-not-hex" not in str(info.value)
+
+
+def test_bearer_tokens_are_checked_and_a_changed_file_is_reread(tmp_path):
+    f = write(tmp_path / "tokens", TOKEN + "\n" + "u" * 20 + "\n")
+    tokens = Tokens(f)
+    assert tokens.check(f"Bearer {TOKEN}") and tokens.check("bearer " + "u" * 20)
+    assert not tokens.check(None) and not tokens.check(TOKEN) and not tokens.check("Bearer " + "x" * 24)
+    assert not tokens.check(f"Basic {TOKEN}")
+    write(f, "v" * 30 + "\n")
+    os.utime(f, ns=(1, 1))  # a different stamp even within the file system's time resolution
+    assert tokens.check("Bearer " + "v" * 30) and not tokens.check(f"Bearer {TOKEN}")
+    write(f, "bad\n")  # a broken new file keeps the tokens in force
+    os.utime(f, ns=(2, 2))
+    assert tokens.check("Bearer " + "v" * 30)
+
+
+def chat(**body) -> ChatBody:
+    return msgspec.convert({"model": "m", **body}, ChatBody)
+
+
+def test_a_chat_body_maps_to_the_protocol_request():
+    body = chat(messages=[
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather "}, {"type": "text", "text": "in Paris?"}]},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "call_1", "type": "function",
+                         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 C"},
+    ], tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=5,
+        max_completion_tokens=7, temperature=0.2, top_p=0.9, stop="\n", seed=3, logprobs=True, top_logprobs=2,
+        logit_bias={"15": -100, "16": 5.5}, frequency_penalty=0.5, presence_penalty=-0.5,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
+    req = chat_request(body)
+    m = req.messages
+    assert [x.role for x in m] == ["system", "user", "assistant", "tool"]
+    assert m[1].content == "Weather in Paris?" and m[2].content == ""
+    assert m[2].tool_calls[0].name == "get_weather" and m[2].tool_calls[0].arguments == '{"city": "Paris"}'
+    assert m[3].tool_call_id == "call_1" and m[3].name == "get_weather"  # the name, found from the call
+    assert req.tools[0].name == "get_weather" and req.tool_choice == NamedToolChoice(name="get_weather")
+    p = req.params
+    assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.seed, p.logprobs) == (7, 0.2, 0.9, ["\n"], 3, 2)
+    assert p.logit_bias == {15: -100.0, 16: 5.5} and (p.frequency_penalty, p.presence_penalty) == (0.5, -0.5)
+    assert p.response_format == JsonSchemaFormat(schema={"type": "object"})
+    # Left out: the node's defaults.
+    plain = chat_request(chat(messages=[{"role": "user", "content": "x"}]))
+    assert plain.params.temperature == 0.8 and plain.params.logprobs is None and plain.tool_choice == "auto"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"n": 2}, "n"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logit_bias": {"a": 1}}, "logit_bias"),
+    ({"temperature": -1}, "temperature"),
+    ({"top_logprobs": 50, "logprobs": True}, "logprobs"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+    ({"messages": []}, "messages"),
+])
+def test_what_cannot_be_served_is_a_400_naming_the_field(body, param):
+    with pytest.raises(ApiError) as info:
+        chat_request(chat(**{"messages": [{"role": "user", "content": "x"}], **body}))
+    assert info.value.status == 400 and info.value.param == param, info.value.message
+
+
+def test_completion_and_embedding_bodies():
+    req = completion_request(msgspec.convert({"model": "m", "prompt": ["Hi"], "logprobs": 3, "stop": ["a", "b"]},
+                                             CompletionBody))
+    assert req.prompt == "Hi" and req.params.logprobs == 3 and req.params.stop == ["a", "b"]
+    for bad in ({"echo": True}, {"suffix": "x"}, {"best_of": 2}, {"prompt": ["a", "b"]}):
+        with pytest.raises(ApiError):
+            completion_request(msgspec.convert({"model": "m", "prompt": "x", **bad}, CompletionBody))
+    assert embed_request(msgspec.convert({"model": "m", "input": "one"}, EmbeddingBody)).input == ["one"]
+    with pytest.raises(ApiError) as info:
+        embed_request(msgspec.convert({"model": "m", "input": []}, EmbeddingBody))
+    assert info.value.param == "input"
+
+
+def test_every_node_error_code_has_a_deliberate_status():
+    assert set(STATUS_BY_CODE) == set(ERROR_CODES)
+    expected = {"unknown_model": 404, "bad_request": 400, "context_overflow": 400, "overloaded": 429,
+                "model_not_running": 503, "deadline_exceeded": 504}
+    assert {k: STATUS_BY_CODE[k] for k in expected} == expected
+    err = api_error(RemoteError("overloaded", "queue full"))
+    assert err.status == 429 and err.headers == {"Retry-After": "1"}
+    assert err.body() == {"error": {"message": "queue full", "type": "rate_limit_error", "param": None,
+                                    "code": "overloaded"}}
+
+
+def test_the_command_refuses_a_bad_file_with_one_line_and_status_2(conf, tmp_path, capsys):
+    from optimanode import cli
+
+    assert cli.main(["openai", "--config", str(tmp_path / "missing.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("optimanode openai: bad configuration:") and "missing.toml" in err and len(err.splitlines()) == 1
+    path = conf('listen = "nowhere"')
+    assert cli.main(["openai", "--config", str(path)]) == 2
+    assert "listen: expected HOST:PORT" in capsys.readouterr().err
