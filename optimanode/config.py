@@ -37,6 +37,7 @@ from optimanode.constraints import (
     ParallelSetting,
     Port,
     Prefill,
+    PromptCacheMib,
     QueueSize,
     SafeMode,
     Seconds,
@@ -139,6 +140,10 @@ class ModelDefaults(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # keep_alive_s without one, or evicted (least recently used first) when another needs memory.
     enable: EnableMode = "always"
     keep_alive_s: KeepAlive = 300.0
+    # The worker's host-RAM prompt cache (sequence states of reused slots, keyed by their tokens):
+    # MiB, 0 off, or "auto": an eighth of the RAM available once the model has loaded, at most
+    # 8192 MiB (docs/configuration.md, "Prompt cache").
+    prompt_cache_mib: PromptCacheMib = "auto"
 
 
 class JournalSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -111,6 +111,9 @@ ParallelSetting = Parallel | Literal["auto"]
 EnableMode = Literal["always", "on_demand"]
 KeepAlive = Annotated[float, msgspec.Meta(ge=0, le=31_536_000, description="0 or a number of seconds up to "
                                                                           "31536000 (a year)")]
+# The worker's host-RAM prompt cache (docs/configuration.md, "Prompt cache"): MiB (0: off) or
+# "auto" (an eighth of the RAM available once the model has loaded, at most 8192 MiB).
+PromptCacheMib = Annotated[int, msgspec.Meta(ge=0, le=1 << 20, description="0 (off) to 1048576 MiB")] | Literal["auto"]
 KV_CACHE_TYPES: tuple[str, ...] = typing.get_args(KvCacheType)
 FLASH_ATTN_MODES: tuple[str, ...] = typing.get_args(FlashAttn)
 SPLIT_MODES: tuple[str, ...] = typing.get_args(SplitMode)

@@ -283,7 +283,7 @@ class Sampler:
             tokens_per_s=tokens_per_s, requests_served=st.requests_served, restarts=st.restarts,
             gpus=list(st.gpus), memory_estimate_bytes=st.memory_estimate_bytes,
             vram_estimate_bytes=sum(st.vram_estimate_bytes.values()), loaded=st.loaded, last_used=st.last_used,
-            evictions=st.evictions)
+            evictions=st.evictions, prompt_cache=st.prompt_cache)
 
     def _sample_process(self, pid: int) -> tuple[int | None, float | None]:
         held = self._procs.get(pid)

@@ -280,6 +280,8 @@ class Node:
             memory_estimate_bytes=est.ram_bytes, vram_estimate_bytes=dict(placed.vram),
             gpus=list(placed.gpus), loaded=ex.state == "running", evictions=ex.evictions,
             last_used=ex.last_used,
+            # The worker's last heartbeat (a test's stand-in worker may have none).
+            prompt_cache=getattr(getattr(ex.worker, "progress", None), "prompt_cache", None),
         )
 
     def list(self) -> list[ExecutorStatus]:

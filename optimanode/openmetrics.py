@@ -100,6 +100,7 @@ def families(snap: Snapshot) -> list[Metric]:
     out += _host(snap.report)
     out += _gpus(snap.report)
     out += _models(snap)
+    out += _prompt_cache(snap)
     out += _journal(snap)
     out += list(snap.extra)
     return out
@@ -220,6 +221,30 @@ def _models(snap: Snapshot) -> list[Metric]:
     budget.add_metric([], snap.crash_budget)
     return [state, enabled, safe, restarts, crashes, recent, budget, queue, queue_size, in_flight, slots, free,
             tokens, tps, rss, cpu, vram, est_ram, est_vram, loaded, last_used, evictions]
+
+
+def _prompt_cache(snap: Snapshot) -> list[Metric]:
+    """Each running worker's prompt cache (ExecutorStatus.prompt_cache, from its last heartbeat)."""
+    m = ["model"]
+    counters = [(CounterMetricFamily(f"optimanode_model_prompt_cache_{name}", doc, labels=m), name) for name, doc in (
+        ("tokens_served", "Prompt tokens served from cached K/V (the slot's own cells, another slot's, the host "
+                          "cache) since the worker started."),
+        ("slot_copies", "Prompts that copied a prefix from another slot's cells."),
+        ("hits", "Prompts that restored a prefix from the host-RAM prompt cache."),
+        ("misses", "Prompts evaluated past what the cells held, with nothing usable in the host cache."),
+        ("saves", "Sequence states saved to the host cache."),
+        ("evictions", "Host cache entries dropped to stay under prompt_cache_mib."))]
+    gauges = [(_gauge(f"optimanode_model_prompt_cache_{name}", doc, m), name) for name, doc in (
+        ("bytes", "Bytes the host cache holds."),
+        ("cap_bytes", "The host cache's cap (prompt_cache_mib; 0: off)."),
+        ("entries", "Entries the host cache holds."))]
+    for st in snap.statuses:
+        c = st.prompt_cache
+        if c is None:
+            continue
+        for family, name in (*counters, *gauges):
+            family.add_metric([st.id], getattr(c, name))
+    return [family for family, _ in (*counters, *gauges)]
 
 
 def _journal(snap: Snapshot) -> list[Metric]:

@@ -46,6 +46,7 @@ from optimanode.constraints import (
     NGpuLayers,
     NThreads,
     Prefill,
+    PromptCacheMib,
     ModelDeadline,
     QueueSize,
     RequestDeadline,
@@ -191,9 +192,12 @@ class EmbedRequest(msgspec.Struct, frozen=True, kw_only=True, tag="embed"):
 InferenceRequest = CompletionRequest | ChatRequest | EmbedRequest
 
 
-class Usage(msgspec.Struct, frozen=True, kw_only=True):
+class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     prompt_tokens: int
     completion_tokens: int
+    # Minor 2: prompt tokens whose K/V came from a cache (the slot's own cells, another slot's or
+    # the worker's host-RAM prompt cache) instead of being evaluated; left out of a frame when 0.
+    cached_tokens: int = 0
 
 
 class Timings(msgspec.Struct, frozen=True, kw_only=True):
@@ -250,6 +254,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, tag="settings"):
     split_mode: str = "layer"
     tensor_split: list[float] = []
     main_gpu: int = 0
+    # The host-RAM prompt cache's cap in MiB (optimanode/worker/prompt_cache.py): 0 off, -1 auto
+    # (the worker sizes it from the RAM available once its model has loaded).
+    prompt_cache_mib: int = -1
 
 
 class Generate(msgspec.Struct, frozen=True, kw_only=True, tag="generate"):
@@ -294,6 +301,25 @@ class Ready(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
     chat_template_in_force: str = ""
 
 
+class PromptCacheReport(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker's prompt cache since it started (optimanode/worker/prompt_cache.py; minor 2)."""
+
+    # Prompt tokens served from cached K/V (the slot's own cells, another slot's, the host cache).
+    tokens_served: int = 0
+    # Prompts that copied a prefix from another slot's cells.
+    slot_copies: int = 0
+    # Host cache: prompts that restored an entry / were evaluated past what the cells held.
+    hits: int = 0
+    misses: int = 0
+    # Entries stored, and dropped to stay under the cap.
+    saves: int = 0
+    evictions: int = 0
+    # Bytes and entries held now, and the cap (prompt_cache_mib; 0: off).
+    bytes: int = 0
+    cap_bytes: int = 0
+    entries: int = 0
+
+
 class Pong(msgspec.Struct, frozen=True, kw_only=True, tag="pong"):
     """The heartbeat's answer, from the worker's reader thread, with the decode thread's progress."""
 
@@ -305,6 +331,8 @@ class Pong(msgspec.Struct, frozen=True, kw_only=True, tag="pong"):
     # With requests pending: seconds since the last step ended, or since work arrived at an idle
     # worker if that is later. 0.0 with nothing pending. The supervisor's stall watch reads it.
     since_step_s: float = 0.0
+    # The prompt cache's counters (None from a worker that predates them).
+    prompt_cache: PromptCacheReport | None = None
 
 
 # A field named ``bytes`` hides the builtin inside the class body, where annotations resolve.
@@ -433,6 +461,8 @@ class ModelSettings(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     # worker setting (a change restarts nothing).
     enable: EnableMode | None = None
     keep_alive_s: KeepAlive | None = None
+    # The worker's host-RAM prompt cache in MiB, or "auto" (docs/configuration.md, "Prompt cache").
+    prompt_cache_mib: PromptCacheMib | None = None
 
 
 # llama.cpp's enum llama_pooling_type (llama.h) → ModelInfo.pooling. NONE (0) gives a vector per
@@ -694,6 +724,8 @@ class ExecutorStatus(msgspec.Struct, frozen=True, kw_only=True):
     loaded: bool = False
     last_used: float = 0.0
     evictions: int = 0
+    # Its worker's prompt cache, from the last heartbeat (None: no worker, or none reported yet).
+    prompt_cache: PromptCacheReport | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -758,6 +790,8 @@ class ExecutorMetrics(msgspec.Struct, frozen=True, kw_only=True):
     loaded: bool = False
     last_used: float = 0.0
     evictions: int = 0
+    # As ExecutorStatus.prompt_cache.
+    prompt_cache: PromptCacheReport | None = None
 
 
 class JournalReport(msgspec.Struct, frozen=True, kw_only=True):

@@ -21,7 +21,7 @@ How it works (docs/journal.md "Retention"; settings in ``[journal]``, docs/confi
   live data is under 80 %; ``near_cap`` says so in metrics and doctor.
 * The fold is set-based: a step takes the request events in a range of seq from the oldest one
   (``FOLD_WHERE``, a primary-key range) and SQLite sums them per model and hour (GROUP BY, JSON
-  read by SQLite), on a reader thread at nice 19 that holds no lock; the step under the lock adds
+  read by SQLite), on a reader thread at nice 10 that holds no lock; the step under the lock adds
   those sums to ``request_hours`` and deletes the same rows (the same WHERE; the count must match).
 * Every change is a short transaction (``FOLD_ROWS``/``DELETE_ROWS`` rows, ``VACUUM_PAGES`` pages)
   on a connection of its own (``synchronous=NORMAL``: no fsync of its own; a step lost to a power
@@ -34,7 +34,8 @@ How it works (docs/journal.md "Retention"; settings in ``[journal]``, docs/confi
   quarter. Between steps retention sleeps ``PACE_BUSY`` times what the step took while appends
   come, ``PACE_IDLE`` times it on a quiet node (a catch-up runs at nearly full speed there).
   ``PRAGMA incremental_vacuum`` (auto_vacuum=INCREMENTAL, migration 0004) returns the freed pages
-  to the file system in such steps, and a PASSIVE WAL checkpoint every ``CHECKPOINT_STEPS`` steps
+  to the file system in such steps, every ``VACUUM_EVERY`` delete steps (a short free list keeps
+  each vacuum step cheap), and a PASSIVE WAL checkpoint every ``CHECKPOINT_STEPS`` steps
   copies the WAL back outside the lock.
 """
 
@@ -82,6 +83,9 @@ IDLE_S = 1.0
 # A PASSIVE WAL checkpoint after this many steps (each writes a few dozen pages): often enough that
 # the WAL stays under the appends' autocheckpoint (1000 pages), seldom enough to fsync little.
 CHECKPOINT_STEPS = 8
+# The free pages go back to the file system after every this many delete steps, so the free list
+# stays short (Retention._deleted says why).
+VACUUM_EVERY = 8
 # The cap: past HIGH_WATER of max_bytes a pass folds early, down to LOW_WATER.
 HIGH_WATER = 0.9
 LOW_WATER = 0.8
@@ -454,10 +458,11 @@ class Retention:
         # connection from under it.
         self._using = threading.Lock()
         self._read_s = 0.0
-        # Reads (the fold's GROUP BY, the scans for what to delete) on a thread at the lowest CPU
-        # priority: they hold no lock, so they take only CPU time the appends leave. Steps under the
-        # lock on a thread at the normal one, so an interrupted step rolls back at once.
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="retention-read", initializer=_lowest_priority)
+        # Reads (the fold's GROUP BY, the scans for what to delete) on a thread at a low CPU priority
+        # (nice 10: about a tenth of a core that nice-0 work wants too, so a catch-up still moves while
+        # workers decode): they hold no lock. Steps under the lock on a thread at the normal priority,
+        # so an interrupted step rolls back at once.
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="retention-read", initializer=_low_priority)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="retention-write")
         # Set (with sqlite3_interrupt) when an append waits for the lock a step holds.
         self._yield = threading.Event()
@@ -465,6 +470,7 @@ class Retention:
         self._steps = 0
         self._fold_rows = FOLD_ROWS
         self._vacuum_pages = VACUUM_PAGES
+        self._deletes = 0
 
     @classmethod
     async def open(cls, journal: Journal, settings: JournalSettings, *,
@@ -475,6 +481,9 @@ class Retention:
             # its delete are one transaction either way.
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=5000")
+            # 16 MiB of page cache (SQLite's default is 2 MiB): a vacuum step that moves a page
+            # rewrites its parent and pointer-map pages, mostly the same ones from step to step.
+            db.execute("PRAGMA cache_size=-16384")
             db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             # No checkpoint inside a retention commit (it would copy the WAL into the file while
             # holding the write lock); _locked runs a PASSIVE one every CHECKPOINT_STEPS steps
@@ -579,6 +588,8 @@ class Retention:
             self._steps += 1
             if self._steps % CHECKPOINT_STEPS == 0:
                 await self._read(_wal_checkpoint)
+            else:
+                await self._read(_flush_wal)
         # Paced: after each step retention sleeps PACE_BUSY (appends coming) or PACE_IDLE times what
         # the step and the reading around it took (_read adds that up): the appends and the event
         # loop keep their share of the two cores while traffic flows; a quiet node catches up fast.
@@ -628,22 +639,35 @@ class Retention:
                 continue
             report.checkpoints_deleted += len(drop[i:i + DELETE_ROWS])
             i += DELETE_ROWS
-        # 5. Give the freed pages back.
-        while True:
-            returned = await self._locked(report, _vacuum, self._vacuum_pages)
-            if returned is YIELDED:
-                self._vacuum_pages = max(VACUUM_PAGES_MIN, self._vacuum_pages // 2)
-                continue
-            if returned <= 0:
-                break
-            self._vacuum_pages = min(VACUUM_PAGES, self._vacuum_pages * 5 // 4 + 1)
-            report.pages_vacuumed += returned
+        # 5. Give the freed pages back (the rest: most went back while the deletes went on).
+        await self._vacuum_all(report)
         # The file shrinks when the WAL is copied back into it.
         await self._read(_wal_checkpoint)
         report.bytes_after = file_bytes(self.journal.path)
         report.seconds = time.perf_counter() - start
         self.last = report
         return report
+
+    async def _vacuum_all(self, report: PassReport) -> None:
+        """Return every free page to the file system, in steps."""
+        while True:
+            returned = await self._locked(report, _vacuum, self._vacuum_pages)
+            if returned is YIELDED:
+                self._vacuum_pages = max(VACUUM_PAGES_MIN, self._vacuum_pages // 2)
+                continue
+            if returned <= 0:
+                return
+            self._vacuum_pages = min(VACUUM_PAGES, self._vacuum_pages * 5 // 4 + 1)
+            report.pages_vacuumed += returned
+
+    async def _deleted(self, report: PassReport) -> None:
+        """After each delete step: every VACUUM_EVERY of them, the free pages go back at once.
+        SQLite's incremental_vacuum takes a free page off the free list by walking the list's trunk
+        pages, so its cost per page grows with the list: a catch-up that freed gigabytes first and
+        vacuumed after read ~1,000 trunk pages per page returned (docs/benchmarks.md)."""
+        self._deletes += 1
+        if self._deletes % VACUUM_EVERY == 0:
+            await self._vacuum_all(report)
 
     async def _fold(self, report: PassReport, *, before_ts: float, until_bytes: int | None = None) -> None:
         chunks = 0
@@ -659,6 +683,7 @@ class Retention:
             report.requests_folded += folded.rows
             self.requests_folded += folded.rows
             chunks += 1
+            await self._deleted(report)
             # Freed pages are not live: the live size falls as the fold goes (checked now and then).
             if until_bytes is not None and chunks % 20 == 0 and await self._read(live_bytes) <= until_bytes:
                 return
@@ -684,15 +709,32 @@ class Retention:
                     continue
             report.events_deleted += len(seqs)
             self.events_deleted += len(seqs)
+            await self._deleted(report)
             if done:
                 return
             after = end
 
 
-def _lowest_priority() -> None:
-    """Nice 19 for the calling thread only (on Linux the nice value is per thread)."""
+READ_NICE = 10
+
+
+def _low_priority() -> None:
+    """READ_NICE for the calling thread only (on Linux the nice value is per thread)."""
     with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READ_NICE)
+
+
+def _flush_wal(db: sqlite3.Connection) -> None:
+    """fdatasync the WAL after a step, outside the lock: the step commits without an fsync
+    (synchronous=NORMAL), and its pages would otherwise be flushed by the next append's commit,
+    inside that append's latency."""
+    (name,) = db.execute("PRAGMA database_list").fetchone()[2:3]
+    with contextlib.suppress(OSError):
+        fd = os.open(f"{name}-wal", os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
 
 def _wal_checkpoint(db: sqlite3.Connection) -> None:

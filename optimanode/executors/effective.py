@@ -80,7 +80,14 @@ def effective(info: ModelInfo, model: ModelSettings, defaults: ModelDefaults, sa
         split_mode=s.split_mode if s.split_mode is not None else d.split_mode,
         tensor_split=list(s.tensor_split if s.tensor_split is not None else d.tensor_split),
         main_gpu=s.main_gpu if s.main_gpu is not None else d.main_gpu,
+        prompt_cache_mib=prompt_cache_mib(s, d),
     )
+
+
+def prompt_cache_mib(model: ModelSettings, defaults: ModelDefaults) -> int:
+    """WorkerSettings.prompt_cache_mib: the MiB set, or -1 for "auto" (the worker sizes it)."""
+    value = model.prompt_cache_mib if model.prompt_cache_mib is not None else defaults.prompt_cache_mib
+    return -1 if value == "auto" else value
 
 
 def gpu_wish(model: ModelSettings, defaults: ModelDefaults) -> GpuWish:

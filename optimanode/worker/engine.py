@@ -47,6 +47,7 @@ from optimanode.worker.blackbox import _blackbox, _decode_hang, _fault_injection
 from optimanode.worker.embed import Embedder
 from optimanode.worker.jobs import _done, _Job, _Jobs, _Reject
 from optimanode.worker.log import TRACE, _log
+from optimanode.worker.prefix import Prefixes, prompt_cache_bytes
 from optimanode.worker.progress import Progress
 from optimanode.worker.slots import _Run, _Slot, choose_slot, compaction_moves, plan_step
 from optimanode.worker.text import TextStream
@@ -290,6 +291,10 @@ class Engine:
         # Each sequence has its own n_ctx_seq cells (n_ctx / parallel, rounded up to 256).
         self.window = llama_cpp.llama_n_ctx_seq(self.ctx)
         self.slots = [_Slot(seq=i) for i in range(parallel)]
+        # Prefixes shared across slots and the host-RAM prompt cache (prefix.py, prompt_cache.py).
+        self.prefixes = Prefixes(self.ctx, self.mem, self.model, self.slots, self.window,
+                                 prompt_cache_bytes(settings.prompt_cache_mib), self.progress)
+        self.progress.cache = self.prefixes.stats
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         for i in range(self.n_batch):  # every token of ours belongs to exactly one sequence
             self.batch.n_seq_id[i] = 1
@@ -659,12 +664,9 @@ class Engine:
         sampler = self._sampler(params, tokens, job.request if constrained else None)  # type: ignore[arg-type]
         # Longest shared prefix, then fewest runs of running ids, then the lowest (slots.choose_slot).
         slot, n_common = choose_slot(free, [s.seq for s in self.slots if s.run is not None], tokens)
-        if n_common < len(slot.cached):
-            if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, n_common, -1):
-                # A memory that cannot drop a tail (recurrent models): start this sequence over.
-                llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
-                n_common = 0
-            del slot.cached[n_common:]
+        # Its own cells, another slot's (copied) or the host cache's (restored), whichever saves
+        # the most; what the slot loses is saved to the host cache first (prefix.Prefixes).
+        n_common, _ = self.prefixes.prepare(slot, n_common, tokens)
         self._order += 1
         out = self._out
         job_id = job.id
@@ -705,6 +707,7 @@ class Engine:
         if not self.movable:
             return
         for src, dst in compaction_moves(self.slots):
+            self.prefixes.before_overwrite(dst)  # the hole's cells go to the host cache
             llama_cpp.llama_memory_seq_cp(self.mem, src.seq, dst.seq, -1, -1)
             dst.run, src.run = src.run, None
             dst.cached = list(src.cached)
@@ -859,7 +862,7 @@ class Engine:
             _log(f"request {run.job.id}: slot {slot.seq}, prompt {len(run.prompt)} tokens "
                  f"({run.reused} reused, {len(run.prompt) - run.reused} evaluated), "
                  f"{run.n_out} generated, {reason}")
-        done = _done(run.job, reason, len(run.prompt), run.n_out, run.t_first, run.t_last)
+        done = _done(run.job, reason, len(run.prompt), run.n_out, run.t_first, run.t_last, cached=run.reused)
         calls = run.stream.parser.calls if isinstance(run.stream, toolcalls.CallStream) else None
         if calls:
             # As OpenAI: a reply that made calls ends with "tool_calls" (unless cut by length or a cancel).

@@ -7,7 +7,8 @@ step); ``Shutdown`` ``close``s, which cancels everything taken and queues None. 
 ``finished`` when its final message is queued, which frees the id; ``pending`` says how many are
 taken and unanswered and since when there has been work (the heartbeat's progress report). ``_Reject`` is a request that
 cannot be served as sent (it becomes ``Failed``); ``_done`` builds a request's ``Done`` with its
-usage and timings (``ttft_s`` from the reader taking the frame to the first sampled token).
+usage (``cached_tokens``: prompt tokens
+served from cached K/V) and timings (``ttft_s`` from the reader taking the frame to the first sampled token).
 """
 
 from __future__ import annotations
@@ -104,13 +105,13 @@ class _Jobs:
 
 
 def _done(job: _Job, finish: str, n_prompt: int, n_out: int, t_first: float | None,
-          t_last: float | None) -> p.Done:
+          t_last: float | None, cached: int = 0) -> p.Done:
     now = time.monotonic()
     total = now - job.received
     span = (t_last - t_first) if t_first is not None and t_last is not None else 0.0
     return p.Done(
         id=job.id, finish_reason=finish,
-        usage=p.Usage(prompt_tokens=n_prompt, completion_tokens=n_out),
+        usage=p.Usage(prompt_tokens=n_prompt, completion_tokens=n_out, cached_tokens=cached),
         timings=p.Timings(ttft_s=(t_first - job.received) if t_first is not None else total,
                           tokens_per_s=(n_out - 1) / span if n_out > 1 and span > 0 else 0.0,
                           total_s=total),

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from optimanode import protocol as p
+from optimanode.worker.prompt_cache import CacheStats
 
 
 class Progress:
@@ -26,6 +27,8 @@ class Progress:
         self._clock = clock
         self.steps = 0
         self.last_step = clock()
+        # The engine's prompt cache counters (prompt_cache.CacheStats), once it has made them.
+        self.cache: CacheStats | None = None
 
     def stepped(self) -> None:
         """One llama_decode for requests has returned."""
@@ -34,9 +37,14 @@ class Progress:
 
     def pong(self, seq: int, pending: int, busy_since: float | None) -> p.Pong:
         """The answer to ``Ping(seq)``; ``busy_since``: when the worker last went from no work to some."""
+        c = self.cache
+        cache = None if c is None else p.PromptCacheReport(
+            tokens_served=c.tokens_served, slot_copies=c.slot_copies, hits=c.hits, misses=c.misses,
+            saves=c.saves, evictions=c.evictions, bytes=c.bytes, cap_bytes=c.cap_bytes, entries=c.entries)
         if pending <= 0:
-            return p.Pong(seq=seq, steps=self.steps)
+            return p.Pong(seq=seq, steps=self.steps, prompt_cache=cache)
         # Work that arrived at an idle worker has waited only since it arrived, not since the
         # step before the idle spell.
         since = self._clock() - max(self.last_step, busy_since if busy_since is not None else self.last_step)
-        return p.Pong(seq=seq, steps=self.steps, pending=pending, since_step_s=round(max(since, 0.0), 3))
+        return p.Pong(seq=seq, steps=self.steps, pending=pending, since_step_s=round(max(since, 0.0), 3),
+                      prompt_cache=cache)

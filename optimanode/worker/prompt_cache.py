@@ -1,0 +1,160 @@
+"""The worker's host-RAM prompt cache: saved sequence states, keyed by their tokens, in a bounded LRU.
+
+How it works: when a slot is about to be reused for a prompt that does not continue what its cells
+hold, the engine saves the state of that sequence (``llama_state_seq_get_data``: the K/V of its
+cells) here, keyed by the tokens those cells hold (``PromptCache.put``). A later prompt looks up
+the entry sharing its longest prefix (``PromptCache.lookup``); the engine restores it into a slot
+(``llama_state_seq_set_data``), drops the cells past the shared prefix and evaluates only the rest.
+
+The bound is in bytes (``cap_bytes``, from ``prompt_cache_mib``): an entry's size is its state
+blob plus its key (4 bytes a token); ``put`` evicts least-recently-used entries until the new one
+fits, and refuses one larger than the whole cap, so ``bytes`` never exceeds ``cap_bytes``. An entry
+whose tokens are a prefix of the new one's is replaced by it (the longer one serves every prompt
+the shorter one did); a new one that is a prefix of an entry already held is not stored.
+
+Sliding-window models (Gemma 3): llama.cpp saves a sequence without the cells its SWA layers no
+longer see (those more than ``n_swa`` positions behind the last one), so an entry of L tokens can
+only be cut back to n tokens where those layers still have every cell position n will attend to:
+``usable`` checks that (the lowest position saved is at most n - n_swa + 1), and the engine checks
+the restored cells (``llama_memory_seq_pos_min``) before it relies on them.
+
+Pure Python (no llama_cpp): ``blob`` is any object with a length in bytes (the engine stores the
+ctypes buffer llama.cpp wrote into). ``CacheStats`` counts what the heartbeat reports.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any
+
+from optimanode.worker.slots import _common_prefix
+
+# Bytes an entry's key costs per token (a token id is an int32 in llama.cpp; what Python holds is
+# more, but the blob dominates by three orders of magnitude).
+KEY_BYTES_PER_TOKEN = 4
+
+
+@dataclass
+class CacheStats:
+    """Counters since the worker started (the heartbeat reports them; the reader thread reads)."""
+
+    # Prompt tokens not evaluated because their K/V came from a cache: the slot's own cells,
+    # another slot's (copied) or the host cache (restored).
+    tokens_served: int = 0
+    # Prompts that copied a prefix from another slot's cells.
+    slot_copies: int = 0
+    # Host cache: lookups that restored an entry, lookups that found none worth restoring.
+    hits: int = 0
+    misses: int = 0
+    saves: int = 0
+    evictions: int = 0
+    # Bytes held, the cap, and the entries held.
+    bytes: int = 0
+    cap_bytes: int = 0
+    entries: int = 0
+
+
+@dataclass(eq=False)
+class Entry:
+    tokens: list[int]
+    blob: Any
+    size: int
+    # The lowest position whose cells the SWA layers kept (0 without sliding-window layers).
+    min_pos: int = 0
+    restores: int = field(default=0)
+
+
+class PromptCache:
+    """Saved sequence states keyed by token prefix, least recently used evicted past ``cap_bytes``."""
+
+    def __init__(self, cap_bytes: int, n_swa: int = 0, stats: CacheStats | None = None) -> None:
+        self.cap_bytes = max(0, cap_bytes)
+        self.n_swa = max(0, n_swa)
+        self.stats = stats if stats is not None else CacheStats()
+        self.stats.cap_bytes = self.cap_bytes
+        # Least recently used first.
+        self._entries: collections.OrderedDict[int, Entry] = collections.OrderedDict()
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        return self.stats.bytes
+
+    def entries(self) -> list[Entry]:
+        """Least recently used first."""
+        return list(self._entries.values())
+
+    def size_of(self, tokens: list[int], blob_len: int) -> int:
+        return blob_len + KEY_BYTES_PER_TOKEN * len(tokens)
+
+    def put(self, tokens: list[int], blob: Any) -> bool:
+        """Keep ``blob`` (the state of cells holding ``tokens``); False when it is not stored (too
+        big for the cap, empty, or already covered by an entry that extends it)."""
+        if not tokens:
+            return False
+        size = self.size_of(tokens, len(blob))
+        if size > self.cap_bytes:
+            return False
+        for key, e in list(self._entries.items()):
+            n = _common_prefix(e.tokens, tokens)
+            if n == len(tokens):  # held already, or a longer entry extends it
+                self._entries.move_to_end(key)
+                return False
+            if n == len(e.tokens):  # the new one extends this entry: it replaces it
+                self._drop(key)
+        while self.stats.bytes + size > self.cap_bytes and self._entries:
+            self._drop(next(iter(self._entries)))
+            self.stats.evictions += 1
+        min_pos = max(0, len(tokens) - self.n_swa) if self.n_swa else 0
+        self._entries[self._next] = Entry(tokens=list(tokens), blob=blob, size=size, min_pos=min_pos)
+        self._next += 1
+        self.stats.bytes += size
+        self.stats.entries = len(self._entries)
+        self.stats.saves += 1
+        return True
+
+    def usable(self, entry: Entry, n: int) -> bool:
+        """Whether ``entry`` cut back to its first ``n`` tokens is a complete cache for them."""
+        if n <= 0 or n > len(entry.tokens):
+            return False
+        # The next position, n, attends to positions above n - n_swa in the SWA layers.
+        return not self.n_swa or entry.min_pos <= max(0, n - self.n_swa + 1)
+
+    def lookup(self, tokens: list[int], limit: int) -> tuple[Entry | None, int]:
+        """The entry sharing the longest usable prefix with ``tokens`` (at most ``limit`` tokens),
+        and that length; (None, 0) when none shares any. Does not count a hit or a miss (the caller
+        decides whether restoring is worth it: ``taken`` / ``missed``)."""
+        best: Entry | None = None
+        best_n = 0
+        for e in self._entries.values():
+            n = min(_common_prefix(e.tokens, tokens), limit)
+            if n > best_n and self.usable(e, n):
+                best, best_n = e, n
+        return best, best_n
+
+    def taken(self, entry: Entry, n: int) -> None:
+        """``entry`` was restored to serve ``n`` prompt tokens: most recently used now."""
+        for key, e in self._entries.items():
+            if e is entry:
+                self._entries.move_to_end(key)
+                break
+        entry.restores += 1
+        self.stats.hits += 1
+
+    def missed(self) -> None:
+        self.stats.misses += 1
+
+    def remove(self, entry: Entry) -> None:
+        """Forget ``entry`` (its state did not restore)."""
+        for key, e in list(self._entries.items()):
+            if e is entry:
+                self._drop(key)
+
+    def _drop(self, key: int) -> None:
+        e = self._entries.pop(key)
+        self.stats.bytes -= e.size
+        self.stats.entries = len(self._entries)
