@@ -334,6 +334,8 @@ class Journal:
         # "" until checked, "ok", or what quick_check found (module docstring).
         self.integrity = ""
         self.checked_at_open = False
+        # Whether this run has written journal_meta.open = 1 (with its first append).
+        self._marked_open = False
         self._check: asyncio.Task[None] | None = None
 
     # -- opening ---------------------------------------------------------------------------
@@ -386,7 +388,8 @@ class Journal:
         await apply_migrations(db, migrations)
         await self._load_position()
         self._views = await self._load_projection()
-        await self._set_open_mark(1)
+        # The mark "open" is written with the first append (_commit_locked), not here: a start
+        # refused after open (a row that does not decode) must leave the file as it found it.
 
     async def _closed_cleanly(self) -> bool:
         """Whether the last run that opened this journal closed it (``journal_meta.open`` = 0). A
@@ -571,6 +574,8 @@ class Journal:
                         "INSERT OR REPLACE INTO executors (id, path, state, enabled, settings, info, last_seq)"
                         " VALUES (?, ?, ?, ?, ?, ?, ?)",
                         [_view_row(views[s]) for s in touched])
+                if not self._marked_open:
+                    await self._set_open_mark(1)
                 await db.execute("COMMIT")
             except BaseException:
                 # SQLite rolls back by itself on some errors (SQLITE_FULL); only roll back what is open.
@@ -580,6 +585,7 @@ class Journal:
         except sqlite3.Error as exc:
             raise _sqlite_error("append", exc) from exc
         self.last_append = monotonic()
+        self._marked_open = True
         self._versions, self._views, self._notes, self._open = versions, views, notes, open_
         self._last_seq = seq
         if checkpoint is not None:
@@ -652,9 +658,11 @@ class Journal:
             # The sentinel queues behind every accepted append: close never drops one.
             await self._queue.put(None)
             await asyncio.shield(self._writer)
-            # A clean close: the next open may skip the full check (module docstring).
-            with contextlib.suppress(sqlite3.Error):
-                await self._set_open_mark(0)
+            # A clean close: the next open may skip the full check (module docstring). Only a
+            # run that wrote the mark clears it (a refused start writes nothing).
+            if self._marked_open:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._set_open_mark(0)
         await self._db.close()
 
 

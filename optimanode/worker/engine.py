@@ -1,6 +1,7 @@
 """The model and the serving loop: everything of the worker that calls llama.cpp.
 
-This and ``embed`` are the only modules of the package that import ``llama_cpp`` (``process`` gets
+This, ``embed`` and ``prefix`` (the cross-slot copy and the host prompt cache) are the only modules
+of the package that import ``llama_cpp`` (``process`` gets
 it only by importing this one); ``import-linter`` keeps the pure modules free of it. ``Engine`` loads the model, makes one
 context with ``parallel`` sequences (slot *i* owns sequence *i*, per-sequence KV cells), attaches a
 persistent CPU threadpool (``_Threadpool``), warms up (``Engine._warm_up``: every kernel a request
@@ -47,7 +48,8 @@ from optimanode.worker.blackbox import _blackbox, _decode_hang, _fault_injection
 from optimanode.worker.embed import Embedder
 from optimanode.worker.jobs import _done, _Job, _Jobs, _Reject
 from optimanode.worker.log import TRACE, _log
-from optimanode.worker.prefix import Prefixes, prompt_cache_bytes
+from optimanode.worker.prefix import Prefixes
+from optimanode.worker.prompt_cache import prompt_cache_bytes
 from optimanode.worker.progress import Progress
 from optimanode.worker.slots import _Run, _Slot, choose_slot, compaction_moves, plan_step
 from optimanode.worker.text import TextStream

@@ -8,7 +8,8 @@ stop the reader thread (``llama_decode`` releases the GIL, and so does a blocked
 the heartbeat still arrives and says "work pending, no step for N s": the supervisor's stall watch
 acts on that (``optimanode.executors.supervisor.stall_reason``). Plain attribute writes and reads
 between the two threads: the GIL makes each whole, and a report one step stale is still right
-about a decode stuck for seconds.
+about a decode stuck for seconds. Each ``Pong`` also carries the prompt cache's counters
+(``prompt_cache.CacheStats``, which the engine hands to ``Progress.cache``), read the same way.
 """
 
 from __future__ import annotations

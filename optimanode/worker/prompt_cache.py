@@ -28,11 +28,28 @@ import collections
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 from optimanode.worker.slots import _common_prefix
 
 # Bytes an entry's key costs per token (a token id is an int32 in llama.cpp; what Python holds is
 # more, but the blob dominates by three orders of magnitude).
 KEY_BYTES_PER_TOKEN = 4
+
+# prompt_cache_mib "auto" (-1 in WorkerSettings): this share of the RAM available when the model
+# has loaded, at most AUTO_MAX_MIB (llama-server's --cache-ram default). The cache fills only as
+# slots are reused, so this is a ceiling, not an allocation.
+AUTO_RAM_SHARE = 0.125
+AUTO_MAX_MIB = 8192
+
+
+def prompt_cache_bytes(mib: int, available: int | None = None) -> int:
+    """The host cache's cap in bytes for the ``prompt_cache_mib`` setting (-1: auto, 0: off)."""
+    if mib >= 0:
+        return mib << 20
+    if available is None:
+        available = psutil.virtual_memory().available
+    return min(AUTO_MAX_MIB << 20, int(available * AUTO_RAM_SHARE))
 
 
 @dataclass

@@ -249,3 +249,51 @@ def test_gemma3_vectors_equal_llama_cpp_pythons_own_embed(gemma3_path: Path) -> 
         assert w.wait(timeout=20) == 0
     finally:
         w.kill()
+
+
+def test_a_failing_embedding_decode_fails_its_requests_only_and_the_engine_goes_on(smollm2_path: Path,
+                                                                                  monkeypatch: Any) -> None:
+    import ctypes
+    import queue
+    import threading
+
+    from optimanode.worker.engine import Engine, _on_llama_log
+    from optimanode.worker.jobs import _Job, _Jobs
+
+    llama_cpp.llama_log_set(_on_llama_log, ctypes.c_void_p(0))  # errors only, as in the worker
+    sent: queue.Queue[Any] = queue.Queue()
+    engine = Engine(p.WorkerSettings(model_path=str(smollm2_path), n_ctx=512, n_threads=1, parallel=1),
+                    lambda msgs: [sent.put(m) for m in msgs])
+    jobs = _Jobs()
+    loop = threading.Thread(target=engine.serve, args=(jobs,), daemon=True)
+    loop.start()
+    try:
+        def run(requests: dict[str, p.InferenceRequest]) -> dict[str, Any]:
+            for rid, r in requests.items():
+                assert jobs.add(_Job(id=rid, request=r))
+            finals: dict[str, Any] = {}
+            while len(finals) < len(requests):
+                msg = sent.get(timeout=120)
+                if not isinstance(msg, p.Chunk):
+                    finals[msg.id] = msg
+            return finals
+
+        assert engine.embeds.ctx is None  # nothing made before the first embed request
+        real = llama_cpp.llama_decode
+
+        def failing(ctx: Any, batch: Any) -> int:
+            return -3 if ctx == engine.embeds.ctx else real(ctx, batch)  # only the embedding context
+
+        run({"first": p.EmbedRequest(input=["warm"])})
+        monkeypatch.setattr(llama_cpp, "llama_decode", failing)
+        got = run({"text": completion("The capital of France is", max_tokens=4),
+                   "vec": p.EmbedRequest(input=INPUTS[:2])})
+        monkeypatch.setattr(llama_cpp, "llama_decode", real)
+        assert isinstance(got["vec"], p.Failed) and got["vec"].code == "internal", got["vec"]
+        assert isinstance(got["text"], p.Done) and got["text"].usage.completion_tokens == 4
+        again = run({"again": p.EmbedRequest(input=INPUTS[:2])})["again"]
+        assert isinstance(again, p.Done) and len(again.embeddings) == 2
+    finally:
+        jobs.close()
+        loop.join(timeout=60)
+        engine.close()

@@ -143,7 +143,8 @@ def test_a_slot_reused_for_another_prompt_is_saved_and_restored_with_the_same_gr
     ref = serve(model, n_ctx=1024, parallel=1, prompt_cache_mib=0)
     cold_a = ref.run("a", a)[0]
     ref_again, ref_done = ref.run("a-again", a)
-    b = completion(SYSTEM + QUESTIONS[0] + cold_a + "\n" + QUESTIONS[2])
+    # The next turn continues the text of the cells the slot holds now (A's second answer).
+    b = completion(SYSTEM + QUESTIONS[0] + ref_again + "\n" + QUESTIONS[2])
     ref_b, ref_done_b = ref.run("b", b)
     s = serve(model, n_ctx=1024, parallel=1, prompt_cache_mib=64)
     assert s.run("a", a)[0] == cold_a  # a fresh context: the same evaluation

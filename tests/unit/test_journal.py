@@ -237,7 +237,7 @@ async def test_a_large_journal_closed_cleanly_opens_without_the_full_check_and_t
     # Above full_check_below after a clean close: open skips the whole-file read...
     j = await Journal.open(path, full_check_below=0, background_check_delay_s=None)
     assert (j.checked_at_open, j.integrity) == (False, "")
-    assert _open_mark(path) == "1"  # a kill from here on leaves the mark: the next open checks in full
+    assert _open_mark(path) == "0"  # nothing written yet: a start refused here leaves the file as it was
     # ...and the check after start-up finds the damage, says so in the log and the metrics' report.
     with caplog.at_level("ERROR", logger="optimanode.journal"):
         found = await j.check_integrity()
@@ -250,6 +250,19 @@ async def test_a_large_journal_closed_cleanly_opens_without_the_full_check_and_t
     assert ret.report().integrity == found
     await ret.close()
     await j.close()
+
+
+async def test_the_open_mark_is_written_with_the_first_append_and_cleared_by_a_clean_close(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    j = await Journal.open(path, background_check_delay_s=None)
+    await j.append("a", Registered(info=INFO))
+    assert _open_mark(path) == "1"  # a kill from here on leaves the mark: the next open checks in full
+    await j.close()
+    assert _open_mark(path) == "0"
+    j = await Journal.open(path, full_check_below=0, background_check_delay_s=None)
+    assert not j.checked_at_open and _open_mark(path) == "0"  # opened, nothing written: untouched
+    await j.close()
+    assert _open_mark(path) == "0"
 
 
 async def test_after_a_run_that_did_not_close_the_journal_a_damaged_one_is_refused_whatever_its_size(tmp_path):

@@ -22,7 +22,7 @@ from optimanode.executors.supervisor import CRASH_CAUSES, ExitInfo
 from optimanode.gateway.server import _LinkLog
 from optimanode.metrics import Sampler
 from optimanode.openmetrics import Snapshot, families, metrics_server
-from optimanode.protocol import ExecutorStatus, JournalReport, ModelInfo
+from optimanode.protocol import ExecutorStatus, JournalReport, ModelInfo, PromptCacheReport
 from optimanode.stats import TTFT_BUCKETS, RequestStats
 from optimanode.testing import GiB, FakeGpu, FakeNvml
 
@@ -115,7 +115,9 @@ def gpu_snapshot() -> Snapshot:
     statuses = [status("llm", state="running", enabled=True, pid=worker_pid, parallel=4, in_flight=1, queue_depth=2,
                        queue_size=16, restarts=3, recent_crashes=1, tokens_generated=1234, gpus=[0],
                        memory_estimate_bytes=300 << 20, vram_estimate_bytes={0: 17 * GiB}, loaded=True,
-                       last_used=1700000000.5, evictions=2),
+                       last_used=1700000000.5, evictions=2,
+                       prompt_cache=PromptCacheReport(tokens_served=900, hits=2, bytes=5 << 20, cap_bytes=1 << 30,
+                                                      entries=1)),
                 status("broken", state="failed", enabled=True, recent_crashes=5, safe_mode=True)]
     sampler = Sampler(lambda: statuses, node_id="node-1", nvml=FakeNvml([gpu]))
     try:
@@ -300,6 +302,21 @@ def test_websockets_info_lines_go_to_debug_with_the_peer_and_its_warnings_keep_t
     assert caplog.records == []
 
 
+def test_the_journal_damaged_gauge_follows_the_integrity_check(gpu_snapshot):
+    """Absent until the check has run, 0 for "ok", 1 for what quick_check found."""
+    def served(integrity: str) -> dict:
+        report = msgspec.structs.replace(gpu_snapshot.report,
+                                         journal=JournalReport(bytes=1, cap_bytes=2, integrity=integrity))
+        snap = Snapshot(**{**{f: getattr(gpu_snapshot, f) for f in gpu_snapshot.__dataclass_fields__},
+                           "report": report})
+        return scrape(snap, openmetrics=True)
+
+    assert "optimanode_journal_damaged" not in served("")
+    assert served("ok")["optimanode_journal_damaged"] == {(): 0.0}
+    assert served("*** in database main *** Page 5: btreeInitPage() returns error code 11")[
+        "optimanode_journal_damaged"] == {(): 1.0}
+
+
 # -- the docs --------------------------------------------------------------------------------------
 
 
@@ -312,7 +329,8 @@ def test_every_metric_docs_operations_names_is_served(gpu_snapshot):
     named = {n for n in re.findall(r"optimanode_[a-z_]+", section) if not n.endswith("_")}
     stats = RequestStats()
     stats.finished("llm", "stop", duration_s=1.0, queued_s=0.1, ttft_s=0.05)
-    report = msgspec.structs.replace(gpu_snapshot.report, journal=JournalReport(bytes=1, cap_bytes=2))
+    report = msgspec.structs.replace(gpu_snapshot.report,
+                                     journal=JournalReport(bytes=1, cap_bytes=2, integrity="ok"))
     snap = Snapshot(**{**{f: getattr(gpu_snapshot, f) for f in gpu_snapshot.__dataclass_fields__},
                        "report": report, "extra": list(stats.collect())})
     samples = set(scrape(snap))

@@ -1,7 +1,9 @@
 """Retention: request events folded into hourly aggregates that equal the sums of what was deleted, old state events deleted behind a checkpoint with the last crashes kept, the byte cap, incremental vacuum, and requests a dead node left open closed at the next start."""
 
+import asyncio
 import random
 import sqlite3
+import threading
 import time
 
 from optimanode.config import JournalSettings, Settings
@@ -257,3 +259,81 @@ def test_metrics_and_doctor_say_when_the_journal_is_near_its_cap(tmp_path):
     (state / "journal.sqlite3-wal").write_bytes(b"\0" * 500_000)  # the WAL counts too
     check = check_state(settings)
     assert check.status == "warn" and "near the cap" in check.detail and "journal.max_bytes" in check.fix
+
+
+async def test_an_append_interrupts_a_retention_step_which_rolls_back_and_goes_after_it(tmp_path):
+    """A step holding the write lock is interrupted by an append that waits for it: the step rolls
+    back (nothing of it stays) and the append is committed; without the interrupt this step would
+    run for minutes (the test's timeout)."""
+    from optimanode.retention import YIELDED, PassReport
+
+    path = tmp_path / "j.sqlite3"
+    j = await Journal.open(path)
+    ret = await Retention.open(j, JournalSettings())
+    started = threading.Event()
+
+    def slow_step(db, yielding=None):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("INSERT INTO journal_meta (key, value) VALUES ('probe', '1')")
+            started.set()
+            db.execute("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10000000000)"
+                       " SELECT count(*) FROM c").fetchone()
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    report = PassReport()
+    step = asyncio.create_task(ret._locked(report, slow_step))
+    for _ in range(1000):  # bounded: the step starts within milliseconds
+        if started.is_set():
+            break
+        await asyncio.sleep(0.005)
+    assert started.is_set() and j.write_lock.locked()
+    event = await j.append("a", RequestStarted(request_id="r", kind="chat"))
+    assert await step is YIELDED and report.yields == 1
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM journal_meta WHERE key = 'probe'").fetchone() is None
+    assert db.execute("SELECT seq FROM events WHERE type = 'request_started'").fetchall() == [(event.seq,)]
+    db.close()
+    await ret.close()
+    await j.close()
+
+
+async def test_folds_that_yield_to_appends_still_equal_the_sums_of_what_was_deleted(tmp_path):
+    """A pass with appends coming all along (steps interrupted, retried smaller): the same aggregates."""
+    path = tmp_path / "j.sqlite3"
+    j = await Journal.open(path)
+    await requests(j, random.Random(3), 1500)
+    await j.checkpoint()
+    rows = [r for r in request_rows(path) if r[0] < j.checkpoint_seq]
+    want = expected_hours(rows)
+    later = time.time() + 8 * DAY_S
+    ret = await Retention.open(j, JournalSettings(checkpoint_interval_s=1e12, checkpoint_events=10**9),
+                               clock=lambda: later)
+    done = asyncio.Event()
+
+    async def appender(k: int) -> None:
+        for i in range(100_000):  # bounded; stops when the pass ends
+            if done.is_set():
+                return
+            await j.append("b", RequestStarted(request_id=f"live-{k}-{i}", kind="chat"))
+
+    tasks = [asyncio.create_task(appender(k)) for k in range(3)]
+    report = await ret.pass_once()
+    done.set()
+    await asyncio.gather(*tasks)
+    assert report.requests_folded == len(rows) == 3000
+    db = sqlite3.connect(path)
+    got = {(h.stream, h.hour): h for h in read_hours(db)}
+    db.close()
+    assert got.keys() == want.keys()
+    for key, e in want.items():
+        h = got[key]
+        assert (h.started, h.requests, h.outcomes, h.prompt_tokens, h.completion_tokens) == (
+            e["started"], e["requests"], e["outcomes"], e["prompt"], e["completion"])
+        assert h.ttft_hist == hist(e["ttft"]) and h.total_hist == hist(e["total"])
+    await ret.close()
+    await j.close()

@@ -51,6 +51,12 @@ Four subcommands (``compare`` is the default):
     inputs, systems alternating within each round; the ratio node / llama-server per round and
     the cosine between their vectors (embeddings.py says how).
 
+``tools/bench multiturn [--conversations 8] [--turns 6] [--system-words 600] [--cache-reuse N]``
+    Conversations that come back (issue 16): C conversations at once, T turns each, a shared
+    system prompt plus a growing history, gaps between turns, on a node and on llama-server
+    (same sources, ``cache_prompt`` on, its default ``--cache-ram``), alternating rounds; TTFT p50
+    over all turns, turn 1 and later turns, tokens/s, wall, cached prompt tokens (multiturn.py).
+
 ``tools/bench plot IN.json OUT.png``
     Draw the compare plot again from a --json file.
 
@@ -69,11 +75,12 @@ Examples:
     tools/bench lifecycle --json lifecycle.json
     tools/bench soak --requests 20                   # smoke; the real one is --requests 1000
     tools/bench embeddings --json embed.json         # a few minutes on 2 cores; needs tools/build-llama-server
+    tools/bench multiturn --quick                    # half a minute; the default workload: several minutes
 """
 
 # Layout: cli.py (the parser, dispatch, clean-up); one module per subcommand: compare.py, lifecycle.py
 # (with lifecycle_flood.py and lifecycle_journal.py for two of its parts), soak.py, plot.py,
-# embeddings.py; shared:
+# embeddings.py, multiturn.py; shared:
 # common.py (paths, prompts, processes, figures, output, targets) and nodeproc.py (a node subprocess
 # and its Gateway connection). tools/bench is the launcher (re-exec under .venv, then cli.main).
 

@@ -18,11 +18,12 @@ import signal
 import sys
 from typing import Any
 
-from . import USAGE, compare, embeddings, lifecycle, plot, soak
+from . import USAGE, compare, embeddings, lifecycle, multiturn, plot, soak
 from .common import WORK_DIRS, log
 from .lifecycle_flood import flood_main
 
-SUBCOMMANDS = {"compare": compare, "lifecycle": lifecycle, "soak": soak, "plot": plot, "embeddings": embeddings}
+SUBCOMMANDS = {"compare": compare, "lifecycle": lifecycle, "soak": soak, "plot": plot, "embeddings": embeddings,
+               "multiturn": multiturn}
 
 
 def build_parser() -> argparse.ArgumentParser:
