@@ -58,9 +58,24 @@ from optimanode.protocol import (
     ToolCall,
 )
 
-_SETTING_FLAGS = ("n_ctx", "n_threads", "n_gpu_layers", "n_batch", "queue_size", "parallel")  # integers
+_SETTING_FLAGS = ("n_ctx", "n_threads", "n_gpu_layers", "n_batch", "queue_size")  # integers
 _SECONDS_FLAGS = ("stall_timeout_s", "deadline_s")  # numbers of seconds
-_SETTINGS = (*_SETTING_FLAGS, *_SECONDS_FLAGS, "prefill", "safe_mode", "chat_template")
+_SETTINGS = (*_SETTING_FLAGS, *_SECONDS_FLAGS, "parallel", "prefill", "safe_mode", "chat_template")
+
+
+def _int_or_auto(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """KEY=VALUE of --set: VALUE is read as JSON (numbers, lists, true) or else taken as a word."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("model")
     for flag in _SETTING_FLAGS:
         conf.add_argument("--" + flag.replace("_", "-"), type=int, dest=flag)
+    conf.add_argument("--parallel", type=_int_or_auto, dest="parallel", help="slots: an integer or auto")
+    conf.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE", dest="set_",
+                      help="any model setting of docs/configuration.md, e.g. kv_cache_type=q8_0, gpus=[0,1], "
+                           "enable=on_demand, keep_alive_s=600, prompt_cache_mib=512 (VALUE: JSON or a word)")
     conf.add_argument("--prefill", choices=PREFILL_POLICIES, dest="prefill",
                       help="how waiting prompts share decode steps")
     conf.add_argument("--safe-mode", choices=SAFE_MODES, dest="safe_mode",
@@ -190,8 +209,18 @@ async def _command(c: NodeClient, args: argparse.Namespace) -> int:
         st = await (c.disable(args.model, now=args.now) if cmd == "disable" else getattr(c, cmd)(args.model))
         _emit(args, st, _status_text)
     elif cmd == "configure":
-        values = {f: getattr(args, f) for f in _SETTINGS if getattr(args, f) is not None}
-        st = await c.configure(args.model, ModelSettings(**values))
+        values: dict[str, object] = dict(args.set_)
+        values.update({f: getattr(args, f) for f in _SETTINGS if getattr(args, f) is not None})
+        # Checked here as the node checks it, so a typo is named before anything is sent.
+        unknown = sorted(set(values) - set(ModelSettings.__struct_fields__))
+        try:
+            if unknown:
+                raise msgspec.ValidationError(f"unknown setting {unknown[0]!r} (docs/configuration.md lists them)")
+            settings = msgspec.convert(values, ModelSettings)
+        except msgspec.ValidationError as exc:
+            print(f"optimanode client: configure: {exc}", file=sys.stderr)
+            return 2
+        st = await c.configure(args.model, settings)
         _emit(args, st, _status_text)
     elif cmd == "events":
         events = await c.events(args.model, limit=args.limit)

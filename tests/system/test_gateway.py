@@ -991,7 +991,17 @@ async def test_the_client_command_line(started, capsys):
                            "--stall-timeout-s", "30")
     assert rc == 0 and "chat_template=gemma" in out and "deadline_s=5.0" in out and "stall_timeout_s=30.0" in out
     rc, _, err = await run("configure", started.idle, "--chat-template", "no-such-template")
-    assert rc == 1 and "bad_request" in err and "chat_template" in err
+    assert rc == 2 and "chat_template" in err  # the client checks as the node does, before sending
+    rc, out, _ = await run("configure", started.idle, "--parallel", "auto", "--set", "kv_cache_type=q8_0",
+                           "--set", "keep_alive_s=600", "--set", "gpus=[0]")
+    assert rc == 0 and "kv_cache_type=q8_0" in out and "keep_alive_s=600" in out and "parallel=auto" in out, out
+    rc, _, err = await run("configure", started.idle, "--set", "no_such_setting=1")
+    assert rc == 2 and "unknown setting 'no_such_setting'" in err, err
+    rc, _, err = await run("configure", started.idle, "--set", "kv_cache_type=q3_k")
+    assert rc == 2 and "kv_cache_type" in err, err
+    with pytest.raises(SystemExit) as exit_:  # argparse's own refusal
+        await run("configure", started.idle, "--set", "kv_cache_type")
+    assert exit_.value.code == 2 and "KEY=VALUE" in capsys.readouterr().err
     rc, out, _ = await run("configure", started.idle)
     assert rc == 0 and "settings  defaults" in out
     rc, out, _ = await run("events", started.idle, "--limit", "3")
