@@ -224,6 +224,8 @@ class CallParser:
         self._opener: str | None = None  # None: in content; else the marker that opened the call ("" bare JSON)
         self._fresh = ""  # text added since the last scan (a JSON body is tried only when it holds a bracket)
         self._at_start = family.bare_json  # a bare JSON object may still open the reply (or follow a call)
+        # The ";" (and spaces) before a bare call that follows another: given back if it is malformed.
+        self._lead = ""
         # Whitespace at the end of the content so far, held: dropped if the reply ends after a call.
         self._ws = ""
         self._after_call = False
@@ -283,6 +285,7 @@ class CallParser:
             if rest.startswith("{"):
                 # The first body keeps its leading whitespace, for a malformed one (then content).
                 self._buf = rest if self.calls else buf
+                self._lead = buf[:len(buf) - len(rest)] if self.calls else ""
                 self._opener, self._fresh = "", self._buf
                 return True
             self._at_start = False
@@ -334,8 +337,9 @@ class CallParser:
         raw = self._opener + buf[:end]
         rest = self._buf[end:]
         self._buf, self._opener, self._fresh = rest, None, rest
+        lead, self._lead = self._lead, ""
         if calls is None:
-            self._content(raw)  # malformed: the model's text, as it wrote it
+            self._content(lead + raw)  # malformed: the model's text, as it wrote it
             self._at_start = False
         else:
             self.calls.extend(calls)
