@@ -111,6 +111,24 @@ def direct_main(argv: list[str]) -> int:
     return 0
 
 
+
+def start_llama_server(cmd: list[str], port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start llama-server (it dies with this process) and wait, bounded, until /health answers 200."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_path.open("wb"), preexec_fn=die_with_parent)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            c.request("GET", "/health")
+            if c.getresponse().status == 200:
+                return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"llama-server did not start: {' '.join(cmd)} (log: {log_path})")
+        time.sleep(0.2)
+
 class Direct:
     name = "direct"
 
@@ -160,21 +178,8 @@ class LlamaServer:
         self.cmd = [binary, "-m", model, "-t", str(threads), "-tb", str(threads), "-c", str(ctx_per_slot * parallel),
                     "-np", str(parallel), "-cb", "-b", str(n_batch), "-ub", str(n_batch), "-cram", "0",
                     "--host", "127.0.0.1", "--port", str(self.port)]
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=log_path.open("wb"),
-                                     preexec_fn=die_with_parent)
+        self.proc = start_llama_server(self.cmd, self.port, log_path)
         self.pid = self.proc.pid
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"llama-server did not start: {' '.join(self.cmd)} (log: {log_path})")
-            time.sleep(0.2)
 
     def _one(self, prompt: str, max_tokens: int, start: threading.Barrier, out: list[Any], i: int) -> None:
         body = json.dumps({"prompt": prompt, "n_predict": max_tokens, "temperature": 0.0, "stream": True,

@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import (BASE_PROMPTS, add_common_options, die_with_parent, free_port, log, machine, make_work, med,
+from .common import (BASE_PROMPTS, add_common_options, free_port, log, machine, make_work, med,
                      model_path, report)
-from .compare import find_llama_server
+from .compare import find_llama_server, start_llama_server
 from .nodeproc import NodeProc
 
 
@@ -75,21 +75,8 @@ class ServerEmbed:
         self.cmd = [binary, "-m", model, "--embedding", "--pooling", "mean", "-t", str(threads), "-tb", str(threads),
                     "-b", str(n_batch), "-ub", str(n_batch), "-np", str(slots), "-kvu", "-c", str(n_batch * 4),
                     "-cram", "0", "--host", "127.0.0.1", "--port", str(self.port)]
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=log_path.open("wb"),
-                                     preexec_fn=die_with_parent)
+        self.proc = start_llama_server(self.cmd, self.port, log_path)
         self.pid = self.proc.pid
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"llama-server did not start: {' '.join(self.cmd)} (log: {log_path})")
-            time.sleep(0.2)
 
     def _post(self, texts: list[str]) -> list[list[float]]:
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)

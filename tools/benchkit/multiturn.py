@@ -30,9 +30,9 @@ from typing import Any
 
 from optimanode.protocol import CompletionRequest, InferDone, SamplingParams, TokenChunk
 
-from .common import BASE_PROMPTS, add_common_options, die_with_parent, free_port, log, machine, make_work, med, \
+from .common import BASE_PROMPTS, add_common_options, free_port, log, machine, make_work, med, \
     model_path, report
-from .compare import find_llama_server
+from .compare import find_llama_server, start_llama_server
 from .nodeproc import NodeProc
 
 
@@ -90,20 +90,7 @@ class ServerSystem:
                     "--port", str(self.port)]
         if cache_reuse:
             self.cmd += ["--cache-reuse", str(cache_reuse)]
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=log_path.open("wb"),
-                                     preexec_fn=die_with_parent)
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"llama-server did not start: {' '.join(self.cmd)} (log: {log_path})")
-            time.sleep(0.2)
+        self.proc = start_llama_server(self.cmd, self.port, log_path)
 
     def _turn(self, prompt: str, max_tokens: int) -> tuple[float, str, int, int, int]:
         body = json.dumps({"prompt": prompt, "n_predict": max_tokens, "temperature": 0.0, "stream": True,
