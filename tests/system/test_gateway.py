@@ -42,7 +42,8 @@ from optimanode.client import (
     NoNodeAvailable,
     RemoteError,
 )
-from optimanode.config import Settings, load_settings
+from optimanode.config import Settings
+from system.test_node import make_settings  # noqa: F401  (re-exported: other link tests import it from here)
 from optimanode.errors import ConfigError
 from optimanode.gateway import keys, tls
 from optimanode.gateway.handshake import FailureLimiter, check_welcome, make_hello
@@ -84,24 +85,6 @@ NODE_ID = "test-node"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 # Long enough that only a cancel ends it within the test's time (about 6 tokens/s here).
 LONG = SamplingParams(temperature=0.0, max_tokens=300)
-
-
-def make_settings(root: Path, **overrides: str) -> Settings:
-    base = {
-        "models_dir": str(root / "models"),
-        "state_dir": str(root / "state"),
-        "model_defaults.n_ctx": "512",
-        # One slot, as these tests were written for; parallel = "auto" (the default since issue 14)
-        # is tested in test_gpu_placement.py.
-        "model_defaults.parallel": "1",
-        "restart.backoff_base_s": "0.2",
-        "restart.backoff_cap_s": "1.0",
-        "restart.heartbeat_interval_s": "0.5",
-        "scan.hash_models": "false",
-        "scan.interval_s": "3600",
-    }
-    base.update(overrides)
-    return load_settings(environ={}, overrides=base)
 
 
 def fake_sampler(node: Node, node_id: str) -> Callable[[], MetricsReport]:
