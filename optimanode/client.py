@@ -30,7 +30,10 @@ How it works:
 * When the connection drops, every waiting call raises ``ConnectionLost`` (with the close code).
 * ``NodePool`` spreads requests for a model over the nodes whose latest metrics show it running:
   most free slots first (less the requests this pool sent there since that report), then the
-  shortest queue, ties taken in turn. A node whose connection closed is skipped; a request that
+  shortest queue, ties taken in turn; except that a request whose prompt starts with text the pool
+  sent to a node before (a conversation's next turn) goes to the node holding the longest such
+  prefix, which has its K/V cached, unless that node is too busy (optimanode/routing.py says how
+  busy; ``stats`` counts the decisions). A node whose connection closed is skipped; a request that
   failed on a node before producing anything (connection lost, overloaded, not running there) is
   tried on the next one.
 """
@@ -51,6 +54,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from optimanode import routing
 from optimanode.errors import OptimaNodeError, RequestError
 from optimanode.link import (
     LABEL_GATEWAY,
@@ -560,11 +564,19 @@ def _ignore_text(text: str) -> None:
 class NodePool:
     """Requests for a model go to the node best placed to serve them (see the module docstring)."""
 
-    def __init__(self, clients: Iterable[NodeClient]) -> None:
+    def __init__(self, clients: Iterable[NodeClient], *, prefix_routing: bool = True,
+                 block_chars: int = routing.BLOCK_CHARS, index_entries: int = routing.INDEX_ENTRIES,
+                 busy_limit: float = routing.BUSY_LIMIT, load_slack: float = routing.LOAD_SLACK) -> None:
         self.clients: list[NodeClient] = list(clients)
         self._turn = itertools.count()
         # Requests this pool sent to a client since its metrics report number `seq`: {client: (seq, sent)}.
         self._sent: dict[int, tuple[int, int]] = {}
+        # Prefix-aware routing (optimanode/routing.py): what this pool sent to each node, by node id.
+        self.prefix_routing = prefix_routing
+        self.block_chars, self.index_entries = block_chars, index_entries
+        self.busy_limit, self.load_slack = busy_limit, load_slack
+        self._indexes: dict[str, routing.PrefixIndex] = {}
+        self.stats = routing.RoutingStats()
 
     def add(self, client: NodeClient) -> None:
         self.clients.append(client)
@@ -582,12 +594,17 @@ class NodePool:
         seq, sent = self._sent.get(id(c), (c.metrics_seq, 0))
         return sent if seq == c.metrics_seq else 0
 
-    def ranked(self, model: str, exclude: Iterable[NodeClient] = ()) -> list[NodeClient]:
-        """Connected clients that can serve ``model``, best first."""
+    def index(self, c: NodeClient) -> routing.PrefixIndex:
+        """The prefixes this pool sent to ``c``'s node (kept across reconnects: keyed by node id)."""
+        return self._indexes.setdefault(c.node_id or str(id(c)), routing.PrefixIndex(self.index_entries))
+
+    def _scored(self, model: str, exclude: Iterable[NodeClient]) -> list[tuple[NodeClient, float | None]]:
+        """Connected clients that can serve ``model``, best-loaded first, with their load with one
+        more request (None: no metrics report yet)."""
         skip = {id(c) for c in exclude}
         start = next(self._turn)
         n = max(1, len(self.clients))
-        known: list[tuple[tuple[int, int, int], NodeClient]] = []
+        known: list[tuple[tuple[int, int, int], NodeClient, float]] = []
         unknown: list[NodeClient] = []
         for i, c in enumerate(self.clients):
             if c.closed or id(c) in skip:
@@ -602,15 +619,37 @@ class NodePool:
             pending = self._pending(c)
             free = em.free_slots - pending
             queue = em.queue_depth + max(0, -free)
-            known.append(((-free, queue, (i - start) % n), c))
+            load = (em.parallel - em.free_slots + em.queue_depth + pending + 1) / max(1, em.parallel)
+            known.append(((-free, queue, (i - start) % n), c, load))
         known.sort(key=lambda kc: kc[0])
-        return [c for _, c in known] + unknown
+        return [(c, load) for _, c, load in known] + [(c, None) for c in unknown]
 
-    def pick(self, model: str, exclude: Iterable[NodeClient] = ()) -> NodeClient:
-        ranked = self.ranked(model, exclude)
-        if not ranked:
+    def ranked(self, model: str, exclude: Iterable[NodeClient] = ()) -> list[NodeClient]:
+        """Connected clients that can serve ``model``, best-loaded first."""
+        return [c for c, _ in self._scored(model, exclude)]
+
+    def pick(self, model: str, exclude: Iterable[NodeClient] = (), request: InferenceRequest | None = None) -> NodeClient:
+        """The node for a request: the one holding its prompt's longest prefix unless too busy
+        (optimanode/routing.py), else the best-loaded; counted in ``stats``."""
+        scored = self._scored(model, exclude)
+        if not scored:
             raise NoNodeAvailable(f"no connected node reports model {model!r} running")
-        c = ranked[0]
+        c = scored[0][0]
+        why = "no_prefix"
+        hashes = (routing.block_hashes(routing.prompt_text(request), self.block_chars)
+                  if self.prefix_routing and request is not None else [])
+        if hashes:
+            known = [(cl, load) for cl, load in scored if load is not None]
+            if len(known) > 1:
+                candidates = [routing.Candidate(key=k, matched=self.index(cl).matched(hashes), load=load)
+                              for k, (cl, load) in enumerate(known)]
+                key, why = routing.choose(candidates, busy_limit=self.busy_limit, load_slack=self.load_slack)
+                c = known[key][0]
+            elif self.index(c).matched(hashes):
+                why = "prefix"
+            self.index(c).record(hashes)
+        self.stats.requests += 1
+        setattr(self.stats, why, getattr(self.stats, why) + 1)
         self._sent[id(c)] = (c.metrics_seq, self._pending(c) + 1)
         return c
 
@@ -620,7 +659,7 @@ class NodePool:
         last: Exception | None = None
         while True:
             try:
-                client = self.pick(model, exclude=tried)
+                client = self.pick(model, exclude=tried, request=request)
             except NoNodeAvailable:
                 if last is not None:
                     raise last from None

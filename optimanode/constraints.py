@@ -35,7 +35,7 @@ NBatch = Annotated[int, msgspec.Meta(ge=1, le=65536, description="1..65536")]
 QueueSize = Annotated[int, msgspec.Meta(ge=0, le=100_000, description="0..100000")]
 Parallel = Annotated[int, msgspec.Meta(ge=1, le=256, description="1..256")]
 # How prompts that wait share decode steps (optimanode/worker, docs/configuration.md).
-Prefill = Literal["auto", "one_per_step", "together"]
+Prefill = Literal["auto", "one_per_step", "shortest_first", "together"]
 # Safe mode (docs/operations.md): auto (after a fatal signal while loading), on, off.
 SafeMode = Literal["auto", "on", "off"]
 # No decode step this long while requests are pending: the worker is hung (docs/reliability.md,

@@ -289,7 +289,9 @@ class Engine:
         # step", step d): one request's prompt per step. Offloaded to a GPU, prompts are cheap per
         # token: fill n_batch.
         on_gpu = settings.n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
-        self.one_prompt_per_step = settings.prefill == "one_per_step" or (settings.prefill == "auto" and not on_gpu)
+        self.one_prompt_per_step = settings.prefill in ("one_per_step", "shortest_first") or (
+            settings.prefill == "auto" and not on_gpu)
+        self.shortest_first = settings.prefill == "shortest_first"
         # Each sequence has its own n_ctx_seq cells (n_ctx / parallel, rounded up to 256).
         self.window = llama_cpp.llama_n_ctx_seq(self.ctx)
         self.slots = [_Slot(seq=i) for i in range(parallel)]
@@ -719,7 +721,7 @@ class Engine:
     def _step(self) -> None:
         """Build one batch, decode it, sample every sequence that has a logits row."""
         self._compact()
-        self._decode(plan_step(self.slots, self.n_batch, self.one_prompt_per_step))
+        self._decode(plan_step(self.slots, self.n_batch, self.one_prompt_per_step, self.shortest_first))
 
     def _commit(self, plan: list[_Slot]) -> None:
         """The plan's tokens are in the cells now: advance each run, sample where there is a row."""

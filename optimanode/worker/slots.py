@@ -9,7 +9,10 @@ three questions here and does the llama.cpp calls itself:
 * ``compaction_moves``: which running sequences to move into which holes so the running ids are
   consecutive again (llama.cpp runs one pass over the weights per run of consecutive ids);
 * ``plan_step``: which slots go into the next batch and how many prompt tokens each (one token
-  per generating sequence, then prompt chunks, oldest request first, within ``n_batch``).
+  per generating sequence, then prompt chunks within ``n_batch``: oldest request first, or, with
+  ``shortest_first``, the prompt with the fewest tokens left, so a 50-token follow-up turn is not
+  held behind a cold 2,000-token prompt; a prompt passed over ``PASS_LIMIT`` times goes next,
+  so a stream of short prompts cannot starve a long one).
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from typing import Any
 
 from optimanode.worker.jobs import _Job
 from optimanode.worker.text import TextStream
+
+# With shortest_first: how many steps a waiting prompt may be passed over by shorter ones before it
+# goes first anyway (a 2,000-token prompt waits at most this many 512-token steps).
+PASS_LIMIT = 8
 
 
 def _runs(seqs: list[int]) -> int:
@@ -56,6 +63,8 @@ class _Run:
     # Set while a batch is built: prompt tokens in it, and the batch row to sample (-1: none).
     chunk: int = 0
     row: int = -1
+    # Steps in which a shorter prompt went before this one (shortest_first).
+    passed: int = 0
 
 
 @dataclass(eq=False)
@@ -104,12 +113,14 @@ def compaction_moves(slots: list[_Slot]) -> list[tuple[_Slot, _Slot]]:
     return list(zip(movers, holes))
 
 
-def plan_step(slots: list[_Slot], n_batch: int, one_prompt_per_step: bool) -> list[_Slot]:
+def plan_step(slots: list[_Slot], n_batch: int, one_prompt_per_step: bool,
+              shortest_first: bool = False) -> list[_Slot]:
     """The slots that go into the next batch, in sequence order, each run's ``chunk`` set.
 
     First one token (``chunk`` 0) for every generating run, then the next prompt chunk of the runs
-    still in their prompt, oldest first, with what is left of ``n_batch`` (only the oldest one
-    with ``one_prompt_per_step``).
+    still in their prompt, oldest first, with what is left of ``n_batch`` (only the first one with
+    ``one_prompt_per_step``). ``shortest_first`` orders the prompts by tokens left instead (ties:
+    oldest), except that a prompt passed over ``PASS_LIMIT`` times goes first.
     """
     budget = n_batch
     plan: list[_Slot] = []
@@ -118,15 +129,24 @@ def plan_step(slots: list[_Slot], n_batch: int, one_prompt_per_step: bool) -> li
         if run is not None and run.pending >= 0 and budget > 0:
             run.chunk, budget = 0, budget - 1
             plan.append(slot)
-    prefill = sorted((s for s in slots if s.run is not None and s.run.pending < 0),
-                     key=lambda s: s.run.order)  # type: ignore[union-attr]
-    for i, slot in enumerate(prefill):
+    waiting = [s.run for s in slots if s.run is not None and s.run.pending < 0]
+    if shortest_first:
+        waiting.sort(key=lambda r: (r.passed < PASS_LIMIT, len(r.prompt) - r.pos, r.order))
+    else:
+        waiting.sort(key=lambda r: r.order)
+    by_run = {id(s.run): s for s in slots if s.run is not None}
+    taken: list[_Run] = []
+    for i, run in enumerate(waiting):
         if budget <= 0 or (i and one_prompt_per_step):
             break
-        run = slot.run
-        assert run is not None
         run.chunk = min(budget, len(run.prompt) - run.pos)
         budget -= run.chunk
-        plan.append(slot)
+        taken.append(run)
+        plan.append(by_run[id(run)])
+    if shortest_first and taken:
+        latest = max(r.order for r in taken)
+        for run in waiting:
+            if run not in taken and run.order < latest:
+                run.passed += 1  # an older prompt waits while a younger, shorter one goes first
     plan.sort(key=lambda s: s.seq)
     return plan

@@ -920,6 +920,41 @@ async def test_a_node_pool_spreads_requests_and_moves_on_when_a_node_drops(start
         await second.stop()
 
 
+async def test_a_node_pool_sends_each_conversations_next_turn_where_its_last_one_went(started):
+    # Two Gateway servers with their own node ids in front of the node: the pool sees two nodes.
+    second = GatewayServer(started.node, started.settings, fake_sampler(started.node, "second"), "second",
+                           host="127.0.0.1", port=0)
+    await second.start()
+    a = await client(started, "route-a")
+    b = await client(started, "route-b", server=second)
+    served: list[str] = []
+    for c in (a, b):
+        def counting(model, request, _c=c, _infer=c.infer, **kw):
+            served.append(_c.gateway_id)
+            return _infer(model, request, **kw)
+        c.infer = counting  # type: ignore[method-assign]
+    pool = NodePool([a, b])
+    try:
+        await pool.watch(interval=60, timeout=10)  # one report each; the pool counts what it sends
+
+        def turn(conv: str, n: int) -> ChatRequest:
+            msgs = [ChatMessage(role="system", content=f"Conversation {conv}. " + "Answer briefly. " * 20)]
+            for i in range(n):
+                msgs += [ChatMessage(role="user", content=f"Question {i}?"), ChatMessage(role="assistant", content="Yes.")]
+            return ChatRequest(messages=msgs + [ChatMessage(role="user", content=f"Question {n}?")], params=GREEDY)
+
+        for n in range(3):
+            for conv in ("x", "y"):
+                await collect(pool.infer(started.eid, turn(conv, n)))
+        first_x, first_y = served[0], served[1]
+        assert first_x != first_y  # first turns: by load (nothing shared at the start of the text)
+        assert served == [first_x, first_y] * 3, served  # later turns: where the conversation is
+        assert (pool.stats.requests, pool.stats.prefix, pool.stats.no_prefix) == (6, 4, 2)
+    finally:
+        await pool.close()
+        await second.stop()
+
+
 async def test_stopping_the_server_ends_running_requests_with_shutting_down_and_closes_1001(started):
     third = GatewayServer(started.node, started.settings, no_sample, NODE_ID, host="127.0.0.1", port=0)
     await third.start()

@@ -61,7 +61,7 @@ def test_the_prefill_policy_is_one_of_the_protocols(tmp_path):
         assert load_settings(environ={}, overrides={"model_defaults.prefill": policy}).model_defaults.prefill == policy
     f = tmp_path / "node.toml"
     f.write_text('[model_defaults]\nprefill = "sometimes"\n')
-    with pytest.raises(ConfigError, match=r"model_defaults\.prefill: expected one of auto, one_per_step, together"):
+    with pytest.raises(ConfigError, match=r"model_defaults\.prefill: expected one of auto, one_per_step, shortest_first, together"):
         load_settings(f, environ={})
 
 

@@ -321,6 +321,36 @@ def test_plan_step_gives_generating_runs_a_token_then_prompts_oldest_first() -> 
     assert (gen.chunk, old.chunk) == (0, 4)
 
 
+def test_plan_step_shortest_first_takes_the_prompt_with_the_fewest_tokens_left() -> None:
+    cold, turn, gen = _run(1, 2000, pos=512), _run(2, 50), _run(0, 3, pos=3, pending=7)
+    slots = _with_runs(3, {0: cold, 1: turn, 2: gen})
+    plan = plan_step(slots, n_batch=512, one_prompt_per_step=True, shortest_first=True)
+    assert [s.seq for s in plan] == [1, 2] and turn.chunk == 50 and cold.passed == 1
+    # Oldest first (the default order) would have given the whole step to the cold prompt.
+    plan = plan_step(slots, n_batch=512, one_prompt_per_step=True)
+    assert [s.seq for s in plan] == [0, 2] and cold.chunk == 511
+
+
+def test_plan_step_shortest_first_never_starves_a_long_prompt() -> None:
+    from optimanode.worker.slots import PASS_LIMIT
+
+    long_run = _run(1, 4000)
+    slots = _with_runs(2, {0: long_run})
+    order = 2
+    for step in range(PASS_LIMIT + 1):
+        short = _run(order := order + 1, 20)  # a new short prompt every step
+        slots[1].run = short
+        plan = plan_step(slots, n_batch=256, one_prompt_per_step=True, shortest_first=True)
+        if step < PASS_LIMIT:
+            assert [s.seq for s in plan] == [1] and long_run.passed == step + 1
+        else:
+            assert [s.seq for s in plan] == [0] and long_run.chunk == 256  # its turn, at last
+    # A younger prompt that waits behind an older one is not "passed over".
+    a, b = _run(1, 30), _run(2, 40)
+    plan_step(_with_runs(2, {0: a, 1: b}), n_batch=64, one_prompt_per_step=True, shortest_first=True)
+    assert (a.passed, b.passed) == (0, 0)
+
+
 def test_plan_step_within_a_small_batch() -> None:
     a, b, c = _run(1, 3, pos=3, pending=7), _run(2, 3, pos=3, pending=8), _run(3, 5)
     slots = _with_runs(3, {0: a, 1: b, 2: c})
