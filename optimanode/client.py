@@ -569,8 +569,12 @@ class NodePool:
                  busy_limit: float = routing.BUSY_LIMIT, load_slack: float = routing.LOAD_SLACK) -> None:
         self.clients: list[NodeClient] = list(clients)
         self._turn = itertools.count()
-        # Requests this pool sent to a client since its metrics report number `seq`: {client: (seq, sent)}.
+        # Requests this pool sent to a client since its metrics report number `seq` and not yet
+        # ended: {client: (seq, sent)}; and requests sent before that report that ended after it
+        # (the report may still count them as running): {client: (seq, ended)}. Reports come at the
+        # subscription's interval, or later on a busy node: a conversation's next turn comes sooner.
         self._sent: dict[int, tuple[int, int]] = {}
+        self._ended: dict[int, tuple[int, int]] = {}
         # Prefix-aware routing (optimanode/routing.py): what this pool sent to each node, by node id.
         self.prefix_routing = prefix_routing
         self.block_chars, self.index_entries = block_chars, index_entries
@@ -593,6 +597,20 @@ class NodePool:
     def _pending(self, c: NodeClient) -> int:
         seq, sent = self._sent.get(id(c), (c.metrics_seq, 0))
         return sent if seq == c.metrics_seq else 0
+
+    def _finished(self, c: NodeClient, seq: int) -> None:
+        """A request sent to ``c`` when its report number was ``seq`` has ended: it no longer counts
+        against the node, whether it was sent since the latest report or counted in it."""
+        if seq == c.metrics_seq:
+            sent_seq, sent = self._sent.get(id(c), (-1, 0))
+            if sent_seq == seq and sent > 0:
+                self._sent[id(c)] = (seq, sent - 1)
+            return
+        self._ended[id(c)] = (c.metrics_seq, self._ended_since_report(c) + 1)
+
+    def _ended_since_report(self, c: NodeClient) -> int:
+        seq, ended = self._ended.get(id(c), (c.metrics_seq, 0))
+        return ended if seq == c.metrics_seq else 0
 
     def index(self, c: NodeClient) -> routing.PrefixIndex:
         """The prefixes this pool sent to ``c``'s node (kept across reconnects: keyed by node id)."""
@@ -617,9 +635,11 @@ class NodePool:
             if em is None:
                 continue
             pending = self._pending(c)
-            free = em.free_slots - pending
+            # Requests of this pool that the report counts as running but that have ended since.
+            ended = min(self._ended_since_report(c), max(0, em.parallel - em.free_slots))
+            free = em.free_slots + ended - pending
             queue = em.queue_depth + max(0, -free)
-            load = (em.parallel - em.free_slots + em.queue_depth + pending + 1) / max(1, em.parallel)
+            load = (em.parallel - em.free_slots - ended + em.queue_depth + pending + 1) / max(1, em.parallel)
             known.append(((-free, queue, (i - start) % n), c, load))
         known.sort(key=lambda kc: kc[0])
         return [(c, load) for _, c, load in known] + [(c, None) for c in unknown]
@@ -665,6 +685,7 @@ class NodePool:
                     raise last from None
                 raise
             started = False
+            seq = client.metrics_seq
             try:
                 async with contextlib.aclosing(client.infer(model, request)) as stream:
                     async for msg in stream:
@@ -679,6 +700,8 @@ class NodePool:
                 if started or exc.code not in RETRY_ELSEWHERE:
                     raise
                 last = exc
+            finally:
+                self._finished(client, seq)
             log.info("node %s could not take a request for %s (%s); trying the next", client.node_id, model, last)
             tried.append(client)
 

@@ -659,10 +659,12 @@ def _now() -> int:
     return int(time.time())
 
 
-def _usage(done: InferDone) -> dict[str, int]:
+def _usage(done: InferDone) -> dict[str, Any]:
     u = done.usage
+    # prompt_tokens_details.cached_tokens: OpenAI's name for the prompt tokens served from a cache.
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens}
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
 
 def _finish(done: InferDone) -> str:

@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +218,22 @@ async def test_chat_non_streamed_and_streamed_give_the_same_greedy_text_and_usag
     assert "".join(parts) == choice.message.content  # greedy: the same text on either node
     assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
     assert usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+async def test_a_conversations_next_turn_lands_where_its_prefix_is_cached(front):
+    c = front.client()
+    system = (f"Session {uuid.uuid4().hex}. You answer questions about a hardware shop that sells screws, "
+              "nails, hinges, door handles, paint brushes, rollers, tape measures, spirit levels and ladders. "
+              "It opens at eight and closes at six, except on Sundays. Answer in one short sentence. ") * 2
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Do you sell ladders?"}]
+    first = await c.chat.completions.create(model=front.eid, messages=messages, **GREEDY)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0  # a new system prompt: nothing cached
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "When do you open?"}]
+    # Two nodes behind the front: the pool sends the next turn to the node that served the first,
+    # whose worker still holds its K/V (OpenAI's usage.prompt_tokens_details.cached_tokens says so).
+    second = await c.chat.completions.create(model=front.eid, messages=messages, **GREEDY)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 2
 
 
 async def test_completion_non_streamed_and_streamed(front):

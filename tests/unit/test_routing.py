@@ -174,3 +174,22 @@ async def test_prefix_routing_off_or_without_reports_is_the_load_order(two_nodes
     # The index survives a reconnect: it is keyed by node id.
     assert pool.index(two_nodes[0]) is pool.index(two_nodes[0])
     assert routing.RoutingStats().requests == 0
+
+
+async def test_a_request_that_ended_after_a_stale_report_no_longer_counts_against_its_node(two_nodes) -> None:
+    pool = NodePool(two_nodes)
+    fresh_reports(two_nodes, slots(1, parallel=1), slots(1, parallel=1))
+    conv = chat("A question about paint. " * 20)
+    holder = pool.pick("m", request=conv)
+    seq = holder.metrics_seq
+    # A report taken while that request ran (its one slot in use); the next one is late.
+    fresh_reports(two_nodes, *(slots(0 if c is holder else 1, parallel=1) for c in two_nodes))
+    assert pool.ranked("m")[0] is not holder  # full, the other idle
+    pool._finished(holder, seq)  # the first request's stream ended (NodePool.infer does this)
+    assert pool.pick("m", request=conv) is holder  # its slot counts as free again: the prefix wins
+    assert pool.stats.prefix == 1
+    # One sent since the latest report that ended is no longer pending either.
+    seq = holder.metrics_seq
+    assert pool._pending(holder) == 1
+    pool._finished(holder, seq)
+    assert pool._pending(holder) == 0
