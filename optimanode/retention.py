@@ -19,24 +19,35 @@ How it works (docs/journal.md "Retention"; settings in ``[journal]``, docs/confi
 * A cap: when the file passes 90 % of ``max_bytes`` the pass folds the oldest requests whatever
   their age (and, if that is not enough, moves the base up to the newest checkpoint) until the
   live data is under 80 %; ``near_cap`` says so in metrics and doctor.
-* The fold is set-based: a step takes the request events in a range of seq from the oldest one
-  (``FOLD_WHERE``, a primary-key range) and SQLite sums them per model and hour (GROUP BY, JSON
-  read by SQLite), on a reader thread at nice 10 that holds no lock; the step under the lock adds
-  those sums to ``request_hours`` and deletes the same rows (the same WHERE; the count must match).
-* Every change is a short transaction (``FOLD_ROWS``/``DELETE_ROWS`` rows, ``VACUUM_PAGES`` pages)
-  on a connection of its own (``synchronous=NORMAL``: no fsync of its own; a step lost to a power
-  cut is redone), on a writer thread while holding ``Journal.write_lock``, which every group commit
-  takes. Steps yield to appends: an append that finds the lock held calls ``_interrupt``
-  (``Journal.on_append_waiting``), which stops the step's statement (sqlite3_interrupt) or the
-  step at its next statement; it rolls back, the append goes first, and the step is retried at half
-  the size (``FOLD_ROWS_MIN`` at least; after ``FORCE_AFTER_YIELDS`` yields in a row one step runs
-  to its end, so retention progresses under any load). A step that goes through grows the next by a
-  quarter. Between steps retention sleeps ``PACE_BUSY`` times what the step took while appends
-  come, ``PACE_IDLE`` times it on a quiet node (a catch-up runs at nearly full speed there).
-  ``PRAGMA incremental_vacuum`` (auto_vacuum=INCREMENTAL, migration 0004) returns the freed pages
+* The fold is set-based: a step (``fold_step``) takes the request events in a range of seq from
+  the oldest one (``FOLD_WHERE``, a primary-key range), SQLite sums them per model and hour (GROUP
+  BY, JSON read by SQLite), adds those sums to ``request_hours`` and deletes the same rows (the same
+  WHERE; the count must match), all in one transaction under the write lock: the read too, because
+  the appends' slowest commits coincided with retention's reads when those ran beside them, while a
+  step an append interrupts costs that append little (docs/benchmarks.md). State deletes likewise
+  (``state_step``).
+* Every change is a short transaction on a connection of its own (``synchronous=NORMAL``: no fsync
+  in the commit; ``_flush_wal`` fdatasyncs the WAL after it, outside the lock; a step lost to a
+  power cut is redone, and its fold and delete are one transaction either way), on a writer thread
+  while holding ``Journal.write_lock``, which every group commit takes. A step is sized by time
+  (``next_size``): the rows (pages) that would hold the lock about ``STEP_TARGET_S`` at the rate of
+  the last step, within ``FOLD_ROWS_MIN``..``FOLD_ROWS`` (``VACUUM_PAGES``). Steps yield to appends:
+  an append that finds the lock held calls ``_interrupt`` (``Journal.on_append_waiting``), which
+  stops the step's statement (sqlite3_interrupt) or the step at its next statement; it rolls back,
+  the append goes first, and the step is retried at half the size (after ``FORCE_AFTER_YIELDS``
+  yields in a row one step runs to its end, so retention progresses under any load).
+* A duty cycle (``Pacer``): while appends come (one in the last ``IDLE_S``) retention works at most
+  ``BUSY_SHARE`` (5 %) of the wall time, counting its steps and everything around them (the reads,
+  the WAL flush, the checkpoints); on a quiet node ``IDLE_SHARE`` (a catch-up at nearly full
+  speed). Measured (docs/benchmarks.md "One-year journal", ``tools/bench-journal-year --trace``):
+  what retention added to the appends' p99 was mostly in their COMMIT (the fsync) and came with the
+  time retention was busy beside them, its reads most of all; the lock, which an append interrupts,
+  cost little. 5 % of the time still folds two to three times the 200 request events/s that
+  100 requests/s make.
+* ``PRAGMA incremental_vacuum`` (auto_vacuum=INCREMENTAL, migration 0004) returns the freed pages
   to the file system in such steps, every ``VACUUM_EVERY`` delete steps (a short free list keeps
-  each vacuum step cheap), and a PASSIVE WAL checkpoint every ``CHECKPOINT_STEPS`` steps
-  copies the WAL back outside the lock.
+  each vacuum step cheap), and a PASSIVE WAL checkpoint every ``CHECKPOINT_STEPS`` steps copies the
+  WAL back outside the lock.
 """
 
 from __future__ import annotations
@@ -65,20 +76,27 @@ from optimanode.protocol import JournalReport
 log = logging.getLogger(__name__)
 
 DAY_S = 86400.0
-# Rows (pages) per transaction, at most and at least: a step an append interrupted is retried at
-# half the size, one that went through grows by a quarter (docs/benchmarks.md "One-year journal").
+# Rows (pages) per transaction, at most and at least. Within those bounds each step is sized by
+# time (``next_size``): about STEP_TARGET_S (VACUUM_TARGET_S) under the lock at the rate the last
+# step went, growing by a quarter at most; a step an append interrupted is retried at half the size
+# (docs/benchmarks.md "One-year journal").
 FOLD_ROWS = 1000
 FOLD_ROWS_MIN = 32
 DELETE_ROWS = 250
 VACUUM_PAGES = 64
 VACUUM_PAGES_MIN = 4
+STEP_TARGET_S = 0.004
+VACUUM_TARGET_S = 0.004
 # After this many interrupted steps in a row the next one runs to its end (an append may wait for
 # one step of the smallest size): retention progresses under any load.
 FORCE_AFTER_YIELDS = 8
-# Pacing: after each step retention sleeps PACE_BUSY times what the step took while appends come
-# (one in the last IDLE_S), PACE_IDLE times it while none do.
-PACE_BUSY = 1.0
-PACE_IDLE = 0.1
+# Pacing (``Pacer``): while appends come (one in the last IDLE_S) retention works at most
+# BUSY_SHARE of the wall time (its steps, the reads around them, its WAL flushes and checkpoints),
+# IDLE_SHARE while none do. The appends' p99 grew with the time retention was busy beside them
+# (mostly in their COMMIT), not with the lock (docs/benchmarks.md); 5 % still folds two to three
+# times the 200 request events/s that 100 requests/s make.
+BUSY_SHARE = 0.05
+IDLE_SHARE = 0.9
 IDLE_S = 1.0
 # A PASSIVE WAL checkpoint after this many steps (each writes a few dozen pages): often enough that
 # the WAL stays under the appends' autocheckpoint (1000 pages), seldom enough to fsync little.
@@ -116,6 +134,33 @@ def percentile(hist: dict[str, int], q: float) -> float | None:
         if seen >= rank:
             return bucket_value(index)
     return bucket_value(items[-1][0])  # pragma: no cover - rank <= total
+
+
+def next_size(size: int, took_s: float, *, target_s: float, lo: int, hi: int) -> int:
+    """The size (rows, pages) of the next step after one of ``size`` took ``took_s`` under the lock:
+    what would take ``target_s`` at that rate, growing by a quarter at most, within ``lo``..``hi``."""
+    grown = size * 5 // 4 + 1
+    want = grown if took_s <= 0 else int(size * target_s / took_s)
+    return max(lo, min(hi, grown, want))
+
+
+@dataclass
+class Pacer:
+    """How long retention pauses after a piece of work (pure: the caller gives the times).
+
+    While appends come it keeps to ``busy_share`` of the wall time, on a quiet node to
+    ``idle_share``: after ``work_s`` of work it pauses ``work_s * (1 - share) / share``."""
+
+    busy_share: float = BUSY_SHARE
+    idle_share: float = IDLE_SHARE
+    idle_s: float = IDLE_S
+
+    def busy(self, since_append_s: float) -> bool:
+        return since_append_s < self.idle_s
+
+    def pause_s(self, work_s: float, since_append_s: float) -> float:
+        share = self.busy_share if self.busy(since_append_s) else self.idle_share
+        return max(0.0, work_s) * (1.0 - share) / share
 
 
 @dataclass
@@ -303,26 +348,50 @@ def write_fold(db: sqlite3.Connection, folded: Folded, yielding: threading.Event
     ``yielding`` is set before its end: Retention._locked)."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        for (stream, hour), fold in folded.hours.items():
-            row = db.execute(HOURS_SELECT + " WHERE stream = ? AND hour = ?", (stream, hour)).fetchone()
-            if row is not None:
-                merged = HourFold.from_row(row)
-                merged.merge(fold)
-                fold = merged
-            db.execute(f"INSERT OR REPLACE INTO request_hours ({', '.join(HourFold.COLUMNS)})"
-                       f" VALUES ({', '.join('?' * len(HourFold.COLUMNS))})", fold.row())
-        _go_on(yielding)
-        deleted = db.execute(f"DELETE FROM events WHERE {FOLD_WHERE}",
-                             (folded.lo, folded.hi, folded.before_ts)).rowcount
-        if deleted != folded.rows:  # pragma: no cover - only retention deletes, one pass at a time
-            raise JournalError(f"journal retention: folded {folded.rows} request events but the same range"
-                               f" now holds {deleted}; nothing was changed")
-        _go_on(yielding)
+        _write_fold(db, folded, yielding)
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+
+
+def fold_step(db: sqlite3.Connection, *, before_ts: float, before_seq: int, limit: int,
+              yielding: threading.Event | None = None) -> Folded:
+    """``read_fold`` and ``write_fold`` as one transaction, under the write lock: the sums are read
+    while no append runs (an append that comes interrupts the read as it does the write). Measured:
+    the appends' slowest commits coincided with retention's reads far more than with its writes
+    (docs/benchmarks.md "One-year journal"), and an interrupted step costs an append little."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        folded = read_fold(db, before_ts=before_ts, before_seq=before_seq, limit=limit)
+        _go_on(yielding)
+        if folded.rows:
+            _write_fold(db, folded, yielding)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return folded
+
+
+def _write_fold(db: sqlite3.Connection, folded: Folded, yielding: threading.Event | None) -> None:
+    for (stream, hour), fold in folded.hours.items():
+        row = db.execute(HOURS_SELECT + " WHERE stream = ? AND hour = ?", (stream, hour)).fetchone()
+        if row is not None:
+            merged = HourFold.from_row(row)
+            merged.merge(fold)
+            fold = merged
+        db.execute(f"INSERT OR REPLACE INTO request_hours ({', '.join(HourFold.COLUMNS)})"
+                   f" VALUES ({', '.join('?' * len(HourFold.COLUMNS))})", fold.row())
+    _go_on(yielding)
+    deleted = db.execute(f"DELETE FROM events WHERE {FOLD_WHERE}",
+                         (folded.lo, folded.hi, folded.before_ts)).rowcount
+    if deleted != folded.rows:  # pragma: no cover - only retention deletes, one pass at a time
+        raise JournalError(f"journal retention: folded {folded.rows} request events but the same range"
+                           f" now holds {deleted}; nothing was changed")
+    _go_on(yielding)
 
 
 def _delete(db: sqlite3.Connection, seqs: Sequence[int]) -> None:
@@ -349,6 +418,26 @@ def read_state_chunk(db: sqlite3.Connection, *, after_seq: int, below_seq: int, 
                       (after_seq, below_seq, limit * 4)).fetchall()
     seqs = [s for s, t in rows if t not in REQUEST_TYPES and s not in keep][:limit]
     end = seqs[-1] if len(seqs) == limit else (rows[-1][0] if len(rows) == limit * 4 else below_seq)
+    return seqs, end
+
+
+def state_step(db: sqlite3.Connection, *, after_seq: int, below_seq: int, keep: set[int], limit: int,
+               yielding: threading.Event | None = None) -> tuple[list[int], int]:
+    """``read_state_chunk`` and its delete as one transaction under the write lock (as ``fold_step``);
+    the scan that reaches ``below_seq`` also records ``cleaned_seq``."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        seqs, end = read_state_chunk(db, after_seq=after_seq, below_seq=below_seq, keep=keep, limit=limit)
+        _go_on(yielding)
+        _delete(db, seqs)
+        if end >= below_seq:
+            db.execute("INSERT OR REPLACE INTO journal_meta (key, value) VALUES ('cleaned_seq', ?)", (str(below_seq),))
+        _go_on(yielding)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
     return seqs, end
 
 
@@ -470,7 +559,11 @@ class Retention:
         self._steps = 0
         self._fold_rows = FOLD_ROWS
         self._vacuum_pages = VACUUM_PAGES
+        self._delete_rows = DELETE_ROWS
         self._deletes = 0
+        self.pacer = Pacer()
+        # How long the last step held the lock (its next one is sized by it: next_size).
+        self._held_s = 0.0
 
     @classmethod
     async def open(cls, journal: Journal, settings: JournalSettings, *,
@@ -590,11 +683,10 @@ class Retention:
                 await self._read(_wal_checkpoint)
             else:
                 await self._read(_flush_wal)
-        # Paced: after each step retention sleeps PACE_BUSY (appends coming) or PACE_IDLE times what
-        # the step and the reading around it took (_read adds that up): the appends and the event
-        # loop keep their share of the two cores while traffic flows; a quiet node catches up fast.
-        busy = time.monotonic() - self.journal.last_append < IDLE_S
-        await asyncio.sleep((held + self._read_s) * (PACE_BUSY if busy else PACE_IDLE))
+        # Paced (Pacer): what the step and the reading, flushing and checkpointing around it took
+        # (_read adds that up), then a pause that keeps retention to its share of the time.
+        self._held_s = held
+        await asyncio.sleep(self.pacer.pause_s(held + self._read_s, time.monotonic() - self.journal.last_append))
         self._read_s = 0.0
         return result
 
@@ -657,7 +749,8 @@ class Retention:
                 continue
             if returned <= 0:
                 return
-            self._vacuum_pages = min(VACUUM_PAGES, self._vacuum_pages * 5 // 4 + 1)
+            self._vacuum_pages = next_size(self._vacuum_pages, self._held_s, target_s=VACUUM_TARGET_S,
+                                           lo=VACUUM_PAGES_MIN, hi=VACUUM_PAGES)
             report.pages_vacuumed += returned
 
     async def _deleted(self, report: PassReport) -> None:
@@ -672,14 +765,15 @@ class Retention:
     async def _fold(self, report: PassReport, *, before_ts: float, until_bytes: int | None = None) -> None:
         chunks = 0
         while True:
-            folded: Folded = await self._read(read_fold, before_ts=before_ts, before_seq=self.journal.checkpoint_seq,
-                                              limit=self._fold_rows)
-            if not folded.rows:
-                return
-            if await self._locked(report, write_fold, folded) is YIELDED:
+            folded = await self._locked(report, fold_step, before_ts=before_ts,
+                                        before_seq=self.journal.checkpoint_seq, limit=self._fold_rows)
+            if folded is YIELDED:
                 self._fold_rows = max(FOLD_ROWS_MIN, self._fold_rows // 2)
                 continue
-            self._fold_rows = min(FOLD_ROWS, self._fold_rows * 5 // 4 + 1)
+            if not folded.rows:
+                return
+            self._fold_rows = next_size(self._fold_rows, self._held_s, target_s=STEP_TARGET_S, lo=FOLD_ROWS_MIN,
+                                        hi=FOLD_ROWS)
             report.requests_folded += folded.rows
             self.requests_folded += folded.rows
             chunks += 1
@@ -702,15 +796,18 @@ class Retention:
         keep.add(base)
         after = cleaned
         while True:
-            seqs, end = await self._read(read_state_chunk, after_seq=after, below_seq=base, keep=keep)
-            done = end >= base
-            if seqs or done:
-                if await self._locked(report, write_state_chunk, seqs, cleaned=base if done else None) is YIELDED:
-                    continue
+            got = await self._locked(report, state_step, after_seq=after, below_seq=base, keep=keep,
+                                     limit=self._delete_rows)
+            if got is YIELDED:
+                self._delete_rows = max(FOLD_ROWS_MIN, self._delete_rows // 2)
+                continue
+            self._delete_rows = next_size(self._delete_rows, self._held_s, target_s=STEP_TARGET_S,
+                                          lo=FOLD_ROWS_MIN, hi=DELETE_ROWS)
+            seqs, end = got
             report.events_deleted += len(seqs)
             self.events_deleted += len(seqs)
             await self._deleted(report)
-            if done:
+            if end >= base:
                 return
             after = end
 

@@ -21,6 +21,7 @@ from optimanode.retention import (
     DAY_S,
     FOLD_ROWS,
     HourFold,
+    Pacer,
     Retention,
     bucket,
     bucket_value,
@@ -321,6 +322,7 @@ async def test_folds_that_yield_to_appends_still_equal_the_sums_of_what_was_dele
                 return
             await j.append("b", RequestStarted(request_id=f"live-{k}-{i}", kind="chat"))
 
+    ret.pacer = Pacer(busy_share=0.5)  # the yields are what this tests, not the duty cycle: a shorter pass
     tasks = [asyncio.create_task(appender(k)) for k in range(3)]
     report = await ret.pass_once()
     done.set()
@@ -337,3 +339,119 @@ async def test_folds_that_yield_to_appends_still_equal_the_sums_of_what_was_dele
         assert h.ttft_hist == hist(e["ttft"]) and h.total_hist == hist(e["total"])
     await ret.close()
     await j.close()
+
+
+def test_a_step_is_sized_by_the_time_the_last_one_held_the_lock():
+    """next_size: the rows that would take the target at the last step's rate, growing by a quarter
+    at most, within the bounds (a slow step shrinks the next at once; a fast one grows it slowly)."""
+    from optimanode.retention import next_size
+
+    assert next_size(1000, 0.020, target_s=0.004, lo=32, hi=1000) == 200  # 5x too slow: a fifth
+    assert next_size(200, 0.001, target_s=0.004, lo=32, hi=1000) == 251  # fast: +25 % + 1, not 4x
+    assert next_size(900, 0.001, target_s=0.004, lo=32, hi=1000) == 1000  # never above hi
+    assert next_size(64, 1.5, target_s=0.004, lo=32, hi=1000) == 32  # a 1.5 s step: the floor
+    assert next_size(100, 0.0, target_s=0.004, lo=32, hi=1000) == 126  # no time measured: grow
+    assert next_size(100, 0.004, target_s=0.004, lo=32, hi=1000) == 100  # on target: stays
+    # A run of steps at a constant cost per row settles where a step takes the target.
+    size = 1000
+    for _ in range(50):
+        size = next_size(size, size * 20e-6, target_s=0.004, lo=32, hi=1000)
+    assert size == 200
+
+
+def test_the_pacer_keeps_retention_to_its_share_of_the_time_while_appends_come():
+    """Pacer: after work_s of work the pause makes work / (work + pause) the share: BUSY_SHARE while
+    an append came within idle_s, IDLE_SHARE after."""
+    from optimanode.retention import BUSY_SHARE, IDLE_S, IDLE_SHARE
+
+    p = Pacer()
+    assert (p.busy_share, p.idle_share, p.idle_s) == (BUSY_SHARE, IDLE_SHARE, IDLE_S)
+    busy = p.pause_s(0.004, since_append_s=0.01)
+    assert abs(0.004 / (0.004 + busy) - BUSY_SHARE) < 1e-12
+    quiet = p.pause_s(0.004, since_append_s=IDLE_S + 0.5)
+    assert abs(0.004 / (0.004 + quiet) - IDLE_SHARE) < 1e-12
+    assert busy > 10 * quiet
+    assert p.busy(IDLE_S - 1e-3) and not p.busy(IDLE_S)
+    assert p.pause_s(-1.0, since_append_s=0.0) == 0.0  # a clock step backwards never sleeps negative
+    assert Pacer(busy_share=1.0).pause_s(0.5, since_append_s=0.0) == 0.0  # share 1: no pause
+
+
+async def test_a_pass_while_appends_come_keeps_to_the_busy_share(tmp_path):
+    """The pass asks the pacer after every step with how long it worked and how long ago the last
+    append committed; with an append just before every step the pauses are the busy ones (a fake
+    sleep records them: nothing timed here)."""
+    path = tmp_path / "j.sqlite3"
+    j = await Journal.open(path)
+    await requests(j, random.Random(4), 400)
+    await j.checkpoint()
+    later = time.time() + 8 * DAY_S
+    ret = await Retention.open(j, JournalSettings(checkpoint_interval_s=1e12, checkpoint_events=10**9),
+                               clock=lambda: later)
+    asked: list[tuple[float, float, float]] = []
+
+    class Recording(Pacer):
+        def pause_s(self, work_s: float, since_append_s: float) -> float:
+            pause = super().pause_s(work_s, since_append_s)
+            asked.append((work_s, since_append_s, pause))
+            return 0.0  # no real sleep: the test checks what was asked
+
+    ret.pacer = Recording()
+    j.last_append = time.monotonic() + 3600  # "an append just now", before every step of this pass
+    report = await ret.pass_once()
+    assert report.requests_folded == 800
+    assert len(asked) == len(report.holds_s) >= 1
+    for work_s, since, pause in asked:
+        assert since < 0 and work_s > 0
+        assert abs(work_s / (work_s + pause) - ret.pacer.busy_share) < 1e-9
+    await ret.close()
+    await j.close()
+
+
+async def test_a_fold_step_reads_and_deletes_in_one_transaction_that_an_append_can_stop(tmp_path):
+    """fold_step: the sums and the delete in one transaction; told to yield (as an append waiting for
+    the lock tells it) it rolls back whole: no aggregate, every event still there. Let run, it folds
+    what it read and deletes exactly that."""
+    from optimanode.retention import Yielded, fold_step
+
+    path = tmp_path / "j.sqlite3"
+    j = await Journal.open(path)
+    await requests(j, random.Random(6), 40)
+    await j.checkpoint()
+    before = request_rows(path)
+    await j.close()
+    db = sqlite3.connect(path, isolation_level=None)
+    stop = threading.Event()
+    stop.set()
+    try:
+        fold_step(db, before_ts=time.time() + DAY_S, before_seq=10**9, limit=1000, yielding=stop)
+    except Yielded:
+        pass
+    else:  # pragma: no cover - the assertion below says what went wrong
+        raise AssertionError("fold_step went on although told to yield")
+    assert not db.in_transaction and request_rows(path) == before and read_hours(db) == []
+    folded = fold_step(db, before_ts=time.time() + DAY_S, before_seq=10**9, limit=30)
+    assert folded.rows == 30 and len(request_rows(path)) == len(before) - 30
+    assert sum(h.started + h.requests for h in read_hours(db)) == 30
+    db.close()
+
+
+async def test_a_state_step_deletes_a_chunk_and_marks_the_scan_done_at_its_end(tmp_path):
+    from optimanode.retention import state_step
+
+    path = tmp_path / "j.sqlite3"
+    j = await Journal.open(path)
+    await j.append("a", Registered(info=INFO))
+    for i in range(10):
+        await j.append("a", Transition(trigger="start", src="enabled", dst="starting", reason=f"t{i}"))
+    cp = await j.checkpoint()
+    await j.close()
+    db = sqlite3.connect(path, isolation_level=None)
+    seqs, end = state_step(db, after_seq=0, below_seq=cp.seq, keep={2}, limit=4)
+    assert len(seqs) == 4 and 2 not in seqs and end == seqs[-1] < cp.seq
+    assert db.execute("SELECT value FROM journal_meta WHERE key = 'cleaned_seq'").fetchone() is None
+    seqs, end = state_step(db, after_seq=end, below_seq=cp.seq, keep={2}, limit=100)
+    assert end == cp.seq
+    assert db.execute("SELECT value FROM journal_meta WHERE key = 'cleaned_seq'").fetchone() == (str(cp.seq),)
+    left = [r[0] for r in db.execute("SELECT seq FROM events WHERE seq < ? ORDER BY seq", (cp.seq,))]
+    assert left == [2]
+    db.close()
