@@ -51,11 +51,17 @@ Four subcommands (``compare`` is the default):
     inputs, systems alternating within each round; the ratio node / llama-server per round and
     the cosine between their vectors (embeddings.py says how).
 
-``tools/bench multiturn [--conversations 8] [--turns 6] [--system-words 600] [--cache-reuse N]``
-    Conversations that come back (issue 16): C conversations at once, T turns each, a shared
-    system prompt plus a growing history, gaps between turns, on a node and on llama-server
-    (same sources, ``cache_prompt`` on, its default ``--cache-ram``), alternating rounds; TTFT p50
-    over all turns, turn 1 and later turns, tokens/s, wall, cached prompt tokens (multiturn.py).
+``tools/bench multiturn [--case one-node|pool|returning] [--nodes auto,shortest_first] [--servers 0,256]``
+    Conversations that come back (issue 16): C conversations at once (--conversations 8), T turns
+    each (--turns 6), a shared ~800-token system prompt plus a growing history, gaps between turns,
+    on nodes (one per --nodes entry: its ``prefill`` policy) and llama-servers (one per --servers
+    entry: N > 0 adds ``--cache-reuse N``; same sources, ``cache_prompt`` on, its default
+    ``--cache-ram``), alternating rounds; TTFT p50 over all turns, turn 1, later turns and per turn,
+    tokens/s, wall, cached prompt tokens, the share of later turns that landed where their prefix
+    is, ratios node / llama-server against issue 16's goals. ``--case pool``: two nodes behind
+    ``NodePool`` vs two llama-servers behind round-robin, with both nodes' slot occupancy sampled;
+    ``--case returning``: a conversation back after every slot was reused vs a cold prompt of the
+    same length. ``--plot OUT.png`` (or ``--replot IN.json --plot OUT.png``): TTFT p50 per turn.
 
 ``tools/bench plot IN.json OUT.png``
     Draw the compare plot again from a --json file.
@@ -75,7 +81,8 @@ Examples:
     tools/bench lifecycle --json lifecycle.json
     tools/bench soak --requests 20                   # smoke; the real one is --requests 1000
     tools/bench embeddings --json embed.json         # a few minutes on 2 cores; needs tools/build-llama-server
-    tools/bench multiturn --quick                    # half a minute; the default workload: several minutes
+    tools/bench multiturn --quick                    # a minute or two; the default workload: ~6 minutes
+    tools/bench multiturn --case pool --threads 1 --conversations 16 --json pool.json --plot pool.png
 """
 
 # Layout: cli.py (the parser, dispatch, clean-up); one module per subcommand: compare.py, lifecycle.py
