@@ -227,7 +227,8 @@ async def test_a_conversations_next_turn_lands_where_its_prefix_is_cached(front)
               "It opens at eight and closes at six, except on Sundays. Answer in one short sentence. ") * 2
     messages = [{"role": "system", "content": system}, {"role": "user", "content": "Do you sell ladders?"}]
     first = await c.chat.completions.create(model=front.eid, messages=messages, **GREEDY)
-    assert first.usage.prompt_tokens_details.cached_tokens == 0  # a new system prompt: nothing cached
+    # A new system prompt: nothing of it cached (at most the template's opening tokens, from earlier tests).
+    assert first.usage.prompt_tokens_details.cached_tokens <= 4
     messages += [{"role": "assistant", "content": first.choices[0].message.content},
                  {"role": "user", "content": "When do you open?"}]
     # Two nodes behind the front: the pool sends the next turn to the node that served the first,
