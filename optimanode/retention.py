@@ -62,7 +62,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,17 +343,24 @@ def _go_on(yielding: threading.Event | None) -> None:
         raise Yielded
 
 
-def write_fold(db: sqlite3.Connection, folded: Folded, yielding: threading.Event | None = None) -> None:
-    """Add the folds to their hours and delete their events: one transaction (rolled back when
-    ``yielding`` is set before its end: Retention._locked)."""
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back whole on any exception (Yielded included)."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        _write_fold(db, folded, yielding)
+        yield
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+
+
+def write_fold(db: sqlite3.Connection, folded: Folded, yielding: threading.Event | None = None) -> None:
+    """Add the folds to their hours and delete their events: one transaction (rolled back when
+    ``yielding`` is set before its end: Retention._locked)."""
+    with _transaction(db):
+        _write_fold(db, folded, yielding)
 
 
 def fold_step(db: sqlite3.Connection, *, before_ts: float, before_seq: int, limit: int,
@@ -362,17 +369,11 @@ def fold_step(db: sqlite3.Connection, *, before_ts: float, before_seq: int, limi
     while no append runs (an append that comes interrupts the read as it does the write). Measured:
     the appends' slowest commits coincided with retention's reads far more than with its writes
     (docs/benchmarks.md "One-year journal"), and an interrupted step costs an append little."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         folded = read_fold(db, before_ts=before_ts, before_seq=before_seq, limit=limit)
         _go_on(yielding)
         if folded.rows:
             _write_fold(db, folded, yielding)
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return folded
 
 
@@ -425,35 +426,23 @@ def state_step(db: sqlite3.Connection, *, after_seq: int, below_seq: int, keep: 
                yielding: threading.Event | None = None) -> tuple[list[int], int]:
     """``read_state_chunk`` and its delete as one transaction under the write lock (as ``fold_step``);
     the scan that reaches ``below_seq`` also records ``cleaned_seq``."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         seqs, end = read_state_chunk(db, after_seq=after_seq, below_seq=below_seq, keep=keep, limit=limit)
         _go_on(yielding)
         _delete(db, seqs)
         if end >= below_seq:
             db.execute("INSERT OR REPLACE INTO journal_meta (key, value) VALUES ('cleaned_seq', ?)", (str(below_seq),))
         _go_on(yielding)
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return seqs, end
 
 
 def write_state_chunk(db: sqlite3.Connection, seqs: Sequence[int], *, cleaned: int | None,
                       yielding: threading.Event | None = None) -> None:
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         _delete(db, seqs)
         if cleaned is not None:
             db.execute("INSERT OR REPLACE INTO journal_meta (key, value) VALUES ('cleaned_seq', ?)", (str(cleaned),))
         _go_on(yielding)
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
 
 
 def _meta(db: sqlite3.Connection, key: str) -> int:
