@@ -129,24 +129,26 @@ def plan_step(slots: list[_Slot], n_batch: int, one_prompt_per_step: bool,
         if run is not None and run.pending >= 0 and budget > 0:
             run.chunk, budget = 0, budget - 1
             plan.append(slot)
-    waiting = [s.run for s in slots if s.run is not None and s.run.pending < 0]
+    waiting = [s for s in slots if s.run is not None and s.run.pending < 0]
     if shortest_first:
-        waiting.sort(key=lambda r: (r.passed < PASS_LIMIT, len(r.prompt) - r.pos, r.order))
+        waiting.sort(key=lambda s: (s.run.passed < PASS_LIMIT, len(s.run.prompt) - s.run.pos,  # type: ignore[union-attr]
+                                    s.run.order))  # type: ignore[union-attr]
     else:
-        waiting.sort(key=lambda r: r.order)
-    by_run = {id(s.run): s for s in slots if s.run is not None}
+        waiting.sort(key=lambda s: s.run.order)  # type: ignore[union-attr]
     taken: list[_Run] = []
-    for i, run in enumerate(waiting):
+    for i, slot in enumerate(waiting):
         if budget <= 0 or (i and one_prompt_per_step):
             break
+        run = slot.run
+        assert run is not None
         run.chunk = min(budget, len(run.prompt) - run.pos)
         budget -= run.chunk
         taken.append(run)
-        plan.append(by_run[id(run)])
+        plan.append(slot)
     if shortest_first and taken:
         latest = max(r.order for r in taken)
-        for run in waiting:
-            if run not in taken and run.order < latest:
+        for run in (s.run for s in waiting):
+            if run is not None and run not in taken and run.order < latest:
                 run.passed += 1  # an older prompt waits while a younger, shorter one goes first
     plan.sort(key=lambda s: s.seq)
     return plan
