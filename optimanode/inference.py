@@ -125,17 +125,41 @@ class Admission:
         self._dispatch()
 
     @contextlib.asynccontextmanager
-    async def slot(self, executor_id: str, deadline_at: float | None = None) -> AsyncIterator[None]:
-        """A place to run; waiting for it ends with DeadlineExceeded at ``deadline_at`` (loop time)."""
+    async def slot(self, executor_id: str, deadline_at: float | None = None,
+                   hold: Callable[[], bool] | None = None) -> AsyncIterator[None]:
+        """A place to run; waiting for it ends with DeadlineExceeded at ``deadline_at`` (loop time).
+
+        ``hold``: a slot handed over while it is true is given back, and this waiter waits again,
+        first in line. A slot handed to a waiter in the same loop step as a drain began (the
+        waiter runs only after ``changed`` closed the admission for a replacement) would otherwise
+        send it to the draining worker, or refuse it, instead of to the new worker."""
         if self.waiting + self.running >= self.parallel + self.queue_size:
             raise Overloaded(f"model {executor_id} has {self.running} running and {self.waiting} queued "
                              f"requests (limit {self.parallel} + {self.queue_size})",
                              executor=executor_id, queue_depth=self.waiting)
+        again = False
+        while True:
+            await self._take(executor_id, deadline_at, first=again)
+            # Only while closed: an open admission would hand the slot straight back (a busy loop).
+            if hold is None or self.open or not hold():
+                break
+            self._release()
+            again = True
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _take(self, executor_id: str, deadline_at: float | None, *, first: bool) -> None:
+        """Count this caller as running, waiting in the queue (at its head when ``first``) if need be."""
         if self.open and not self._queue and self.running < self.parallel:
             self.running += 1
         else:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._queue.append(fut)
+            if first:
+                self._queue.appendleft(fut)
+            else:
+                self._queue.append(fut)
             try:
                 async with asyncio.timeout_at(deadline_at):
                     await fut
@@ -151,10 +175,6 @@ class Admission:
                                            f"({self.running} running, {self.waiting} more queued)",
                                            executor=executor_id, queue_depth=self.waiting) from None
                 raise
-        try:
-            yield
-        finally:
-            self._release()
 
 
 @dataclass(eq=False)
@@ -320,7 +340,8 @@ class Inference:
         # None while its worker is being replaced: the request queues for the new one.
         queued_for = ex.worker if _serving(ex) else None
         traffic = self.traffic(ex)
-        async with self._accounted(ex.id, rid, request, by) as queued, traffic.admission.slot(ex.id, deadline_at):
+        async with self._accounted(ex.id, rid, request, by) as queued, traffic.admission.slot(
+                ex.id, deadline_at, hold=lambda: ex.replacing and not _serving(ex)):
             if not self._accepting:
                 raise ShuttingDown("the node is shutting down; this request was still queued")
             if queued_for is not None and queued_for.exit.done() and ex.worker in (queued_for, None):

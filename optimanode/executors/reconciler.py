@@ -232,10 +232,15 @@ def on_exit(f: Facts, info: ExitInfo, now: float, policy: Restart, u: float) -> 
 
 
 def on_spawn_failed(f: Facts, error: str, now: float, policy: Restart, u: float) -> ExitDecision:
-    """No worker could be started (an OSError from the spawn): a crash like any other, without a process."""
-    crash_times = f.crash_times + (now,)
-    return ExitDecision(f"could not spawn the worker: {error}", crash_times,
-                        now + backoff_delay(len(crash_times), policy, u))
+    """No worker could be started (an OSError from the spawn): a crash like any other, without a process.
+
+    As ``on_exit``: crashes older than the window are dropped (a node whose spawns fail now and
+    then over months must not carry, or count, all of them) and the journaled crash says the backoff."""
+    crash_times = tuple(t for t in f.crash_times if now - t <= policy.crash_window_s) + (now,)
+    n = len(crash_times)
+    delay = backoff_delay(n, policy, u)
+    return ExitDecision(f"could not spawn the worker: {error}", crash_times, now + delay,
+                        restart_in_s=round(delay, 3) if n < policy.crash_budget else None)
 
 
 def crash_reason(info: ExitInfo) -> str:

@@ -115,6 +115,52 @@ def stops(facts: dict[str, Facts]) -> list[str]:
     return [a.executor_id for a in decide(facts, 0.0, 64 * GB, POLICY).actions if a.trigger == "stop"]
 
 
+async def test_a_slot_handed_over_as_a_replacement_drain_begins_waits_for_the_new_worker_first_in_line():
+    # The race: a running request ends (its slot goes to b) and, in the same loop step, a drain for
+    # a replacement closes the admission, before b runs. b must not go to the draining worker.
+    adm = Admission(parallel=1, queue_size=3)
+    replacing = False
+    log: list[str] = []
+    gates = {n: asyncio.Event() for n in "abc"}
+
+    async def held(name: str) -> None:
+        async with adm.slot("m", hold=lambda: replacing):
+            log.append(name)
+            await gates[name].wait()
+
+    async def first() -> None:
+        nonlocal replacing
+        async with adm.slot("m"):
+            log.append("a")
+            await gates["a"].wait()
+        # a's slot went to b (its future is resolved) and, in this same step, before b runs, a
+        # drain for a replacement closes the admission (Inference.changed).
+        assert adm.running == 1 and adm.waiting == 0
+        replacing = True
+        adm.close()
+
+    tasks = {"a": asyncio.ensure_future(first())}
+    await settle()
+    tasks["b"] = asyncio.ensure_future(held("b"))
+    await settle()
+    assert adm.waiting == 1
+    gates["a"].set()
+    await settle()
+    tasks["c"] = asyncio.ensure_future(held("c"))
+    await settle()
+    assert log == ["a"] and (adm.running, adm.waiting) == (0, 2)  # b gave the slot back and waits again
+    replacing = False
+    adm.reopen()  # the new worker runs: b first (it was first in line), then c
+    await settle()
+    assert log == ["a", "b"]
+    gates["b"].set()
+    await settle()
+    assert log == ["a", "b", "c"]
+    gates["c"].set()
+    await asyncio.gather(*tasks.values())
+    assert (adm.running, adm.waiting) == (0, 0)
+
+
 def test_stale_workers_are_replaced_one_at_a_time():
     stale = Facts(state="running", enabled=True, stale=True)
     # New model defaults made three stale at once: one stop per decision.

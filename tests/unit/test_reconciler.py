@@ -176,7 +176,15 @@ def test_a_worker_that_cannot_be_spawned_is_a_crash_with_backoff():
     d = on_spawn_failed(Facts(state="starting", enabled=True, crash_times=(9.0,)), "[Errno 12] no memory",
                         10.0, POLICY, 0.0)
     assert d.reason == "could not spawn the worker: [Errno 12] no memory"
-    assert d.crash_times == (9.0, 10.0) and d.restart_at == 12.0 and d.restart_in_s is None
+    assert d.crash_times == (9.0, 10.0) and d.restart_at == 12.0 and d.restart_in_s == 2.0
+    # Crashes older than the window are dropped, as on_exit does; at the budget no backoff is told.
+    old = on_spawn_failed(Facts(state="starting", enabled=True, crash_times=(10.0 - POLICY.crash_window_s - 1,)),
+                          "[Errno 12] no memory", 10.0, POLICY, 0.0)
+    assert old.crash_times == (10.0,) and old.restart_in_s == 1.0
+    full = tuple(10.0 - i for i in range(1, POLICY.crash_budget))
+    last = on_spawn_failed(Facts(state="starting", enabled=True, crash_times=full), "[Errno 12] no memory",
+                           10.0, POLICY, 0.0)
+    assert len(last.crash_times) == POLICY.crash_budget and last.restart_in_s is None
 
 
 # -- on-demand models: loaded by requests, unloaded when idle, evicted least recently used first ---
