@@ -35,12 +35,16 @@ How it works:
   prefix, which has its K/V cached, unless that node is too busy (optimanode/routing.py says how
   busy; ``stats`` counts the decisions). A node whose connection closed is skipped; a request that
   failed on a node before producing anything (connection lost, overloaded, not running there) is
-  tried on the next one.
+  tried on the next one. With two or more nodes, a request that would wait in the chosen node's
+  queue waits in the pool instead (``hold_s`` at most; its ``deadline_s`` counts that wait): it is
+  decided again whenever one of the pool's requests ends or a report comes, so it goes where a slot
+  frees first as routing allows, and never sits in one node's queue while another node is idle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -49,6 +53,7 @@ import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -116,6 +121,10 @@ __all__ = ["LABEL_GATEWAY", "LABEL_NODE", "ClientError", "ConnectionFailed", "Co
 MAX_INCOMING_FRAME = MAX_GATEWAY_INCOMING
 normalize_fingerprint = parse_fingerprint
 RETRY_ELSEWHERE = frozenset({"overloaded", "model_not_running", "unknown_model", "shutting_down"})
+# NodePool: how long a request may wait in the pool for a free slot before it goes to its node's
+# queue anyway, and how often a held request looks at the nodes' reports again.
+HOLD_S = 30.0
+HOLD_POLL_S = 0.1
 
 _R = TypeVar("_R")
 
@@ -561,13 +570,31 @@ def _ignore_text(text: str) -> None:
     return None  # text frames are not part of the protocol; the node sends none
 
 
+@dataclass(eq=False)
+class _Held:
+    """A request waiting in a NodePool for a free slot: what it is decided by, and its answer."""
+
+    model: str
+    exclude: list[NodeClient]
+    hashes: list[bytes]
+    since: float
+    fut: asyncio.Future[tuple[NodeClient, float]]
+
+
 class NodePool:
     """Requests for a model go to the node best placed to serve them (see the module docstring)."""
 
     def __init__(self, clients: Iterable[NodeClient], *, prefix_routing: bool = True,
                  block_chars: int = routing.BLOCK_CHARS, index_entries: int = routing.INDEX_ENTRIES,
-                 busy_limit: float = routing.BUSY_LIMIT, load_slack: float = routing.LOAD_SLACK) -> None:
+                 busy_limit: float = routing.BUSY_LIMIT, load_slack: float = routing.LOAD_SLACK,
+                 hold_s: float = HOLD_S) -> None:
         self.clients: list[NodeClient] = list(clients)
+        # How long a request may wait in the pool for a slot (0: never; it queues on its node).
+        self.hold_s = hold_s
+        # Requests waiting in the pool for a free slot, oldest first (``_placed``), and the task that
+        # looks at them again while there are any.
+        self._held: collections.deque[_Held] = collections.deque()
+        self._poller: asyncio.Task[None] | None = None
         self._turn = itertools.count()
         # Requests this pool sent to a client since its metrics report number `seq` and not yet
         # ended: {client: (seq, sent)}; and requests sent before that report that ended after it
@@ -605,8 +632,9 @@ class NodePool:
             sent_seq, sent = self._sent.get(id(c), (-1, 0))
             if sent_seq == seq and sent > 0:
                 self._sent[id(c)] = (seq, sent - 1)
-            return
-        self._ended[id(c)] = (c.metrics_seq, self._ended_since_report(c) + 1)
+        else:
+            self._ended[id(c)] = (c.metrics_seq, self._ended_since_report(c) + 1)
+        self._release_held()  # its slot may be the one a held request waits for
 
     def _ended_since_report(self, c: NodeClient) -> int:
         seq, ended = self._ended.get(id(c), (c.metrics_seq, 0))
@@ -651,27 +679,121 @@ class NodePool:
     def pick(self, model: str, exclude: Iterable[NodeClient] = (), request: InferenceRequest | None = None) -> NodeClient:
         """The node for a request: the one holding its prompt's longest prefix unless too busy
         (optimanode/routing.py), else the best-loaded; counted in ``stats``."""
+        hashes = self._hashes(request)
+        c, _, _, why = self._choice(model, exclude, hashes)
+        return self._commit(c, why, hashes)
+
+    def _hashes(self, request: InferenceRequest | None) -> list[bytes]:
+        return (routing.block_hashes(routing.prompt_text(request), self.block_chars)
+                if self.prefix_routing and request is not None else [])
+
+    def _choice(self, model: str, exclude: Iterable[NodeClient],
+                hashes: list[bytes]) -> tuple[NodeClient, float | None, int, str]:
+        """(the node, its load with this request, how many nodes have reports, why); changes nothing."""
         scored = self._scored(model, exclude)
         if not scored:
             raise NoNodeAvailable(f"no connected node reports model {model!r} running")
-        c = scored[0][0]
+        c, load = scored[0]
         why = "no_prefix"
-        hashes = (routing.block_hashes(routing.prompt_text(request), self.block_chars)
-                  if self.prefix_routing and request is not None else [])
+        known = [(cl, ld) for cl, ld in scored if ld is not None]
         if hashes:
-            known = [(cl, load) for cl, load in scored if load is not None]
             if len(known) > 1:
-                candidates = [routing.Candidate(key=k, matched=self.index(cl).matched(hashes), load=load)
-                              for k, (cl, load) in enumerate(known)]
+                candidates = [routing.Candidate(key=k, matched=self.index(cl).matched(hashes), load=ld)
+                              for k, (cl, ld) in enumerate(known)]
                 key, why = routing.choose(candidates, busy_limit=self.busy_limit, load_slack=self.load_slack)
-                c = known[key][0]
+                c, load = known[key]
             elif self.index(c).matched(hashes):
                 why = "prefix"
+        return c, load, len(known), why
+
+    def _commit(self, c: NodeClient, why: str, hashes: list[bytes]) -> NodeClient:
+        if hashes:
             self.index(c).record(hashes)
         self.stats.requests += 1
         setattr(self.stats, why, getattr(self.stats, why) + 1)
         self._sent[id(c)] = (c.metrics_seq, self._pending(c) + 1)
         return c
+
+    async def _placed(self, model: str, exclude: Iterable[NodeClient], request: InferenceRequest,
+                      deadline_s: float | None = None) -> tuple[NodeClient, float]:
+        """``pick``, but while the chosen node has no free slot for it (load with it over 1) and
+        another node reports too, wait in the pool for at most ``hold_s`` (and ``deadline_s``).
+        Returns the node and the seconds held.
+
+        Why in the pool and not in the node's queue: once queued on a node a request stays there,
+        even when another node goes idle meanwhile (seen at the end of the pooled benchmark: one
+        node's last conversations queued while the other had nothing to do). Held requests are
+        decided again in the order they came (``_release_held``), whenever one of the pool's
+        requests ends and every HOLD_POLL_S (for the reports): first come, first served, as a
+        node's own queue is. An earlier version let each held request look again on its own
+        timer; the order scrambled and, in the pooled benchmark, the median TTFT fell while the
+        90th percentile doubled (docs/benchmarks.md)."""
+        loop = asyncio.get_running_loop()
+        limit = self.hold_s if deadline_s is None else min(self.hold_s, deadline_s)
+        hashes = self._hashes(request)
+        c, load, known, why = self._choice(model, exclude, hashes)
+        # At most as many held as the nodes have slots: past that the nodes' queues (and their
+        # `overloaded`) take the overflow, so an overload still shows where it is.
+        if (load is None or load <= 1.0 or known < 2 or limit <= 0
+                or len(self._held) >= self._slots(model)):
+            return self._commit(c, why, hashes), 0.0
+        held = _Held(model, list(exclude), hashes, loop.time(), loop.create_future())
+        self._held.append(held)
+        self.stats.held += 1
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll_held(), name="nodepool-held")
+        try:
+            async with asyncio.timeout(limit):
+                return await asyncio.shield(held.fut)
+        except TimeoutError:
+            if held.fut.done():
+                return held.fut.result()
+            # Held as long as it may: to the node chosen now, to wait in its queue.
+            with contextlib.suppress(ValueError):
+                self._held.remove(held)
+            c, _, _, why = self._choice(model, exclude, hashes)
+            return self._commit(c, why, hashes), loop.time() - held.since
+        finally:
+            with contextlib.suppress(ValueError):
+                self._held.remove(held)  # the caller went away while held
+
+    @property
+    def holding(self) -> int:
+        """Requests waiting in the pool now (a Gateway may show it beside the nodes' queues)."""
+        return len(self._held)
+
+    def _release_held(self) -> None:
+        """Send every held request whose chosen node now has a free slot for it, oldest first."""
+        if not self._held:
+            return
+        now = asyncio.get_running_loop().time()
+        for held in list(self._held):
+            if held.fut.done():
+                continue
+            try:
+                c, load, known, why = self._choice(held.model, held.exclude, held.hashes)
+            except NoNodeAvailable as exc:
+                self._held.remove(held)
+                held.fut.set_exception(exc)
+                continue
+            if load is None or load <= 1.0 or known < 2:
+                self._held.remove(held)
+                held.fut.set_result((self._commit(c, why, held.hashes), now - held.since))
+
+    async def _poll_held(self) -> None:
+        """While requests are held: look again every HOLD_POLL_S (a report may show a free slot)."""
+        while self._held:
+            await asyncio.sleep(HOLD_POLL_S)
+            self._release_held()
+
+    def _slots(self, model: str) -> int:
+        """The slots of the connected nodes whose latest report shows ``model`` running."""
+        total = 0
+        for c in self.clients:
+            report = None if c.closed else c.latest_metrics
+            if report is not None:
+                total += sum(e.parallel for e in report.executors if e.id == model and e.state == "running")
+        return total
 
     async def infer(self, model: str, request: InferenceRequest) -> AsyncIterator[TokenChunk | InferDone]:
         """Like NodeClient.infer, on the best node; moves on if a node fails before the first frame."""
@@ -679,11 +801,20 @@ class NodePool:
         last: Exception | None = None
         while True:
             try:
-                client = self.pick(model, exclude=tried, request=request)
+                client, held = await self._placed(model, tried, request, request.params.deadline_s)
             except NoNodeAvailable:
                 if last is not None:
                     raise last from None
                 raise
+            deadline_s = request.params.deadline_s
+            if held and deadline_s is not None:
+                # The wait in the pool counts against the request's deadline, as a node queue's would.
+                if held >= deadline_s:
+                    raise RemoteError("deadline_exceeded", f"the request's deadline of {deadline_s:g} s passed "
+                                      "while it waited in the pool for a free slot",
+                                      {"deadline_ms": round(deadline_s * 1000)})
+                request = msgspec.structs.replace(
+                    request, params=msgspec.structs.replace(request.params, deadline_s=deadline_s - held))
             started = False
             seq = client.metrics_seq
             try:

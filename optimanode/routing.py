@@ -120,6 +120,8 @@ class RoutingStats:
     load_over_prefix: int = 0
     # No node was known to hold any block of it (a first turn, an embed request): load alone.
     no_prefix: int = 0
+    # Requests that waited in the pool for a free slot before being sent (NodePool.hold_s).
+    held: int = 0
 
 
 def choose(candidates: Sequence[Candidate], *, busy_limit: float = BUSY_LIMIT,

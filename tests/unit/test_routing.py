@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from optimanode import routing
 from optimanode.client import NodePool
-from optimanode.protocol import ChatMessage, ChatRequest, CompletionRequest, EmbedRequest, ExecutorMetrics
+from optimanode.protocol import ChatMessage, ChatRequest, CompletionRequest, EmbedRequest, ExecutorMetrics, SamplingParams
 from optimanode.routing import Candidate, PrefixIndex, block_hashes, choose, prompt_text
 from unit.test_client import connected, report
 
@@ -193,3 +193,86 @@ async def test_a_request_that_ended_after_a_stale_report_no_longer_counts_agains
     assert pool._pending(holder) == 1
     pool._finished(holder, seq)
     assert pool._pending(holder) == 0
+
+
+async def test_a_request_that_would_queue_on_its_node_waits_in_the_pool_and_goes_where_a_slot_frees(two_nodes) -> None:
+    pool = NodePool(two_nodes)
+    fresh_reports(two_nodes, slots(1, parallel=1), slots(1, parallel=1))
+    conv = chat("A question about gutters. " * 20)
+    holder = pool.pick("m", request=conv)
+    seq = holder.metrics_seq
+    other = next(c for c in two_nodes if c is not holder)
+    # Both nodes full (the holder runs this conversation's last turn, the other something else).
+    fresh_reports(two_nodes, *(slots(0, parallel=1) for _ in two_nodes))
+    nxt = asyncio.ensure_future(pool._placed("m", [], conv))
+    await asyncio.sleep(0.25)  # more than HOLD_POLL_S: it looked again and still waits
+    assert not nxt.done() and pool.stats.held == 1 and pool.holding == 1
+    pool._finished(holder, seq)  # the holder's request ended: the held one is decided again at once
+    async with asyncio.timeout(1):
+        placed, held = await nxt
+    assert placed is holder and held > 0.2 and pool.holding == 0
+    # Held again, and this time the other node frees first (its report): past 80 % on the holder
+    # while the other is idle, so the other takes it instead of it queueing behind the holder.
+    fresh_reports(two_nodes, *(slots(0, parallel=1) for _ in two_nodes))
+    nxt = asyncio.ensure_future(pool._placed("m", [], conv))
+    await asyncio.sleep(0.05)
+    assert not nxt.done()
+    fresh_reports([other], slots(1, parallel=1))
+    async with asyncio.timeout(1):
+        placed, _ = await nxt
+    assert placed is other and pool.stats.held == 2 and pool.stats.load_over_prefix == 1
+
+
+async def test_the_pool_holds_no_more_than_the_nodes_slots_nor_past_hold_s_nor_with_one_node(two_nodes) -> None:
+    pool = NodePool(two_nodes, hold_s=0.3)
+    fresh_reports(two_nodes, *(slots(0, queue=2, parallel=1) for _ in two_nodes))
+    reqs = [chat(f"Request {i}. " * 40) for i in range(3)]
+    waiting = [asyncio.ensure_future(pool._placed("m", [], r)) for r in reqs]
+    await asyncio.sleep(0.05)
+    # Two slots in all: two wait in the pool, the third goes to a node's queue at once.
+    assert [w.done() for w in waiting] == [False, False, True] and pool.holding == 2
+    async with asyncio.timeout(2):
+        out = await asyncio.gather(*waiting[:2])
+    assert all(held >= 0.3 for _, held in out) and pool.holding == 0  # hold_s passed: sent anyway
+    # A request's own deadline bounds its wait in the pool too.
+    short = CompletionRequest(prompt="Quick. " * 60, params=SamplingParams(deadline_s=0.1))
+    async with asyncio.timeout(2):
+        _, held = await pool._placed("m", [], short, short.params.deadline_s)
+    assert 0.1 <= held < 0.3
+    # One node alone: its own queue is the only place to wait.
+    single = NodePool(two_nodes[:1])
+    fresh_reports(two_nodes[:1], slots(0, queue=3, parallel=1))
+    async with asyncio.timeout(1):
+        placed, held = await single._placed("m", [], reqs[0])
+    assert placed is two_nodes[0] and held < 0.05 and single.stats.held == 0
+
+
+async def test_held_requests_are_sent_in_the_order_they_came(two_nodes) -> None:
+    pool = NodePool(two_nodes)
+    fresh_reports(two_nodes, slots(2, parallel=2), slots(2, parallel=2))
+    conv = chat("A question about fences. " * 20)
+    holder = pool.pick("m", request=conv)  # the conversation's prefix is on the holder now
+    # Both nodes full; three next turns of conversations held by the holder, one after another.
+    fresh_reports(two_nodes, *(slots(0, parallel=2) for _ in two_nodes))
+    seq = holder.metrics_seq
+    order: list[int] = []
+
+    async def turn(i: int) -> None:
+        await pool._placed("m", [], conv)
+        order.append(i)
+
+    tasks = []
+    for i in range(3):
+        tasks.append(asyncio.ensure_future(turn(i)))
+        await asyncio.sleep(0.15)  # past a poll between arrivals: each looked again on its own before
+    assert order == [] and pool.holding == 3
+    for k in range(3):  # the holder's slots free one at a time: a request counted in its report ends
+        pool._finished(holder, seq - 1)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert order == list(range(k + 1))  # the freed slot went to the oldest held request, and to it alone
+        fresh_reports([holder], slots(0, parallel=2))  # which now runs there
+        seq = holder.metrics_seq
+    async with asyncio.timeout(2):
+        await asyncio.gather(*tasks)
+    assert order == [0, 1, 2] and pool.holding == 0

@@ -19,7 +19,8 @@ two llama-servers behind round-robin (what a plain load balancer does), each nod
 ``--threads`` threads (1 on a 2-core machine: the pair shares the cores alike on both sides).
 While the pool runs, both nodes' metrics are sampled every 0.25 s: a sample where one node has
 more than 80 % of its slots busy (``in_flight / parallel``) while the other has nothing in flight
-counts as an imbalance.
+counts as an imbalance; the stricter count, ``queued_while_other_idle``, only those where requests
+also waited, in a node's queue or in the pool (``NodePool.hold_s``), while a node had nothing.
 
 ``returning``: one conversation's first turn, then two waves of ``parallel`` unrelated prompts at
 once (every slot is reused, so the conversation's cells survive only in the host cache), then its second
@@ -248,7 +249,8 @@ async def sample_occupancy(pool: PoolSystem, stop: asyncio.Event, out: dict[str,
     """Every 0.25 s: is one node above 80 % of its slots while the other has nothing in flight?"""
     n = imbalanced = queued = 0
     peak: list[float] = [0.0] * len(pool.nodes)
-    trace: list[list[Any]] = []  # [s since start, [in_flight, queue_depth] per node] for a look afterwards
+    # [s since start, [in_flight, queue_depth] per node, requests held in the pool] for a look afterwards
+    trace: list[list[Any]] = []
     t0 = time.perf_counter()
     while not stop.is_set():
         occ = pool.occupancy()
@@ -257,11 +259,12 @@ async def sample_occupancy(pool: PoolSystem, stop: asyncio.Event, out: dict[str,
             busy = [o[0] / max(1, o[2]) for o in occ]  # type: ignore[index]
             idle = [o[0] == 0 and o[1] == 0 for o in occ]  # type: ignore[index]
             peak = [max(a, b) for a, b in zip(peak, busy)]
+            holding = getattr(pool.pool, "holding", 0)  # requests waiting in the pool itself (NodePool.hold_s)
             if any(b > 0.8 for b in busy) and any(idle):
                 imbalanced += 1
-                # the stricter case: requests wait in one node's queue while the other has nothing
-                queued += any(o[1] > 0 for o in occ)  # type: ignore[index]
-            trace.append([round(time.perf_counter() - t0, 2), [list(o[:2]) for o in occ]])  # type: ignore[index]
+                # the stricter case: requests wait (in one node's queue, or in the pool) while a node has nothing
+                queued += any(o[1] > 0 for o in occ) or holding > 0  # type: ignore[index]
+            trace.append([round(time.perf_counter() - t0, 2), [list(o[:2]) for o in occ], holding])  # type: ignore[index]
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.25)
     out.update({"samples": n, "imbalanced_samples": imbalanced, "queued_while_other_idle_samples": queued,
@@ -333,6 +336,8 @@ def summarize(out: dict[str, Any], results: dict[str, list[dict[str, Any]]]) -> 
         if "occupancy" in v[0]:
             m["imbalanced_samples"] = sum(x["occupancy"].get("imbalanced_samples", 0) for x in v)
             m["occupancy_samples"] = sum(x["occupancy"].get("samples", 0) for x in v)
+            m["queued_while_other_idle_samples"] = sum(x["occupancy"].get("queued_while_other_idle_samples", 0)
+                                                       for x in v)
         meds[k] = m
     out["medians"] = meds
     nodes = [k for k in results if k.startswith(("node", "NodePool"))]
@@ -506,7 +511,8 @@ def print_table(out: dict[str, Any]) -> None:
               f"{f['landed_share']:>7.0%}   {per_turn}")
         if "imbalanced_samples" in f:
             print(f"{'':<{w}} imbalance (one node > 80 % of its slots, the other idle): {f['imbalanced_samples']} of "
-                  f"{f['occupancy_samples']} samples (0.25 s)")
+                  f"{f['occupancy_samples']} samples (0.25 s); with requests waiting meanwhile: "
+                  f"{f.get('queued_while_other_idle_samples', 0)}")
     for pair, g in out["goals"].items():
         print(f"{pair}: " + ", ".join(f"{k} {v['ratio']:.2f} (goal {v['goal']}: {'met' if v['met'] else 'MISSED'})"
                                       for k, v in g.items())
