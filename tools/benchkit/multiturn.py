@@ -88,6 +88,10 @@ def p50(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+# NodeSystem.cache_report: the node's default heartbeat interval and a margin.
+HEARTBEAT_WAIT_S = 1.3
+
+
 class Turn:
     """One request's outcome as the caller saw it."""
 
@@ -130,6 +134,11 @@ class NodeSystem:
         return await node_turn(self.node.client.infer(self.node.eid, completion(prompt, max_tokens)), sent)
 
     async def cache_report(self) -> Any:
+        """The worker's prompt-cache counters as of after everything sent so far: they come with its
+        heartbeat (every ``restart.heartbeat_interval_s``, 1 s by default), so a read right after
+        a turn can miss what that turn did (session 7's returning run counted a restore in 2 of 5
+        pairs); a heartbeat and a little more is waited first."""
+        await asyncio.sleep(HEARTBEAT_WAIT_S)
         return (await self.node.client.status(self.node.eid)).prompt_cache
 
 
