@@ -91,9 +91,6 @@ class Facts:
     idle_s: float | None = None
     last_used: float = 0.0
     keep_alive_s: float = 300.0
-    # A live worker's host prompt cache: the bytes it may still take (its cap less what it holds,
-    # from the last heartbeat). Spoken for: the cache fills as slots are reused, after admission.
-    cache_headroom_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -147,14 +144,10 @@ def decide(facts: Mapping[str, Facts], now: float, available_bytes: int, policy:
            memory_budget_bytes: int = 0) -> Decision:
     actions: list[Action] = []
     wake_at: float | None = None
-    # Models still loading have not allocated their memory yet, and the host prompt caches of live
-    # workers grow into their caps as slots are reused: count both as spoken for.
-    headroom = sum(f.cache_headroom_bytes for f in facts.values() if f.state in LIVE)
-    budget = (available_bytes - reserve_bytes - headroom
-              - sum(f.estimate_bytes for f in facts.values() if f.state in LOADING))
+    # Models still loading have not allocated their memory yet: count it as spoken for.
+    budget = available_bytes - reserve_bytes - sum(f.estimate_bytes for f in facts.values() if f.state in LOADING)
     if memory_budget_bytes:
-        budget = min(budget, memory_budget_bytes - headroom
-                     - sum(f.estimate_bytes for f in facts.values() if f.state in LIVE))
+        budget = min(budget, memory_budget_bytes - sum(f.estimate_bytes for f in facts.values() if f.state in LIVE))
     evicted: set[str] = set()
     gpu_free = {g.index: g.free_bytes - vram_reserve_bytes for g in gpus}
     for f in facts.values():

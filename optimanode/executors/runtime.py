@@ -395,9 +395,7 @@ class Runtime:
                 else options[-1][1].ram_bytes if options else estimate_bytes(ex.info, wanted.n_ctx))
         d = self.settings.model_defaults
         busy = self.drainer.in_use(ex) if self.drainer is not None else 0
-        cache = getattr(getattr(ex.worker, "progress", None), "prompt_cache", None) if ex.state in LIVE else None
         return Facts(state=ex.state, enabled=ex.enabled, crash_times=tuple(ex.crash_times),
-                     cache_headroom_bytes=max(0, cache.cap_bytes - cache.bytes) if cache is not None else 0,
                      restart_at=ex.restart_at, estimate_bytes=need,
                      stale=stale, safe_mode=safe_mode_setting(ex.settings, self.settings.model_defaults),
                      replacing=ex.replacing, options=options,

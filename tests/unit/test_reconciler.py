@@ -232,19 +232,3 @@ def test_a_demanded_model_evicts_idle_on_demand_models_least_recently_used_first
     facts = {"busy": _od("running", idle_s=None), "c": _od("enabled", demanded=True)}
     (a,) = decide(facts, 0, 64 * GB, POLICY, memory_budget_bytes=GB).actions
     assert (a.executor_id, a.trigger) == ("c", "hold") and a.reason.startswith("not enough memory in RAM")
-
-
-def test_a_live_workers_prompt_cache_headroom_is_spoken_for_at_admission() -> None:
-    # 8 GB available; a running model whose host cache may still grow by 3 GB; a new model of 6 GB.
-    running = Facts(state="running", enabled=True, estimate_bytes=GB, cache_headroom_bytes=3 * GB)
-    new = Facts(state="enabled", enabled=True, estimate_bytes=6 * GB)
-    d = decide({"a": running, "b": new}, 0.0, 8 * GB, POLICY)
-    assert [(a.executor_id, a.trigger) for a in d.actions] == [("b", "hold")]
-    assert "RAM" in d.actions[0].reason
-    # Once that cache is full (no headroom: what it holds is already out of "available") it fits.
-    full = Facts(state="running", enabled=True, estimate_bytes=GB)
-    assert triggers(decide({"a": full, "b": new}, 0.0, 8 * GB, POLICY)) == [("b", "start")]
-    # Under a memory budget the headroom counts too.
-    d = decide({"a": running, "b": new}, 0.0, 64 * GB, POLICY, memory_budget_bytes=9 * GB)
-    assert [(a.executor_id, a.trigger) for a in d.actions] == [("b", "hold")]
-    assert triggers(decide({"a": full, "b": new}, 0.0, 64 * GB, POLICY, memory_budget_bytes=9 * GB)) == [("b", "start")]
