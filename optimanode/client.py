@@ -570,6 +570,12 @@ def _ignore_text(text: str) -> None:
     return None  # text frames are not part of the protocol; the node sends none
 
 
+def _room(load: float | None, known: int) -> bool:
+    """Send now: the chosen node has a free slot for the request (its load with it at most 1), or
+    there is no other node with a report to wait for (one node: its own queue is the place)."""
+    return load is None or load <= 1.0 or known < 2
+
+
 @dataclass(eq=False)
 class _Held:
     """A request waiting in a NodePool for a free slot: what it is decided by, and its answer."""
@@ -734,8 +740,7 @@ class NodePool:
         c, load, known, why = self._choice(model, exclude, hashes)
         # At most as many held as the nodes have slots: past that the nodes' queues (and their
         # `overloaded`) take the overflow, so an overload still shows where it is.
-        if (load is None or load <= 1.0 or known < 2 or limit <= 0
-                or len(self._held) >= self._slots(model)):
+        if _room(load, known) or limit <= 0 or len(self._held) >= self._slots(model):
             return self._commit(c, why, hashes), 0.0
         held = _Held(model, list(exclude), hashes, loop.time(), loop.create_future())
         self._held.append(held)
@@ -748,9 +753,8 @@ class NodePool:
         except TimeoutError:
             if held.fut.done():
                 return held.fut.result()
-            # Held as long as it may: to the node chosen now, to wait in its queue.
-            with contextlib.suppress(ValueError):
-                self._held.remove(held)
+            # Held as long as it may: to the node chosen now, to wait in its queue (``finally``
+            # takes it off the held list; nothing runs in between).
             c, _, _, why = self._choice(model, exclude, hashes)
             return self._commit(c, why, hashes), loop.time() - held.since
         finally:
@@ -776,7 +780,7 @@ class NodePool:
                 self._held.remove(held)
                 held.fut.set_exception(exc)
                 continue
-            if load is None or load <= 1.0 or known < 2:
+            if _room(load, known):
                 self._held.remove(held)
                 held.fut.set_result((self._commit(c, why, held.hashes), now - held.since))
 
