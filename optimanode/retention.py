@@ -36,6 +36,10 @@ How it works (docs/journal.md "Retention"; settings in ``[journal]``, docs/confi
   stops the step's statement (sqlite3_interrupt) or the step at its next statement; it rolls back,
   the append goes first, and the step is retried at half the size (after ``FORCE_AFTER_YIELDS``
   yields in a row one step runs to its end, so retention progresses under any load).
+* Paced by the backlog: a pass counts what it has to fold (``backlog_events``) and, while appends
+  come, folds it at the rate that ends it in ``SPREAD`` of the interval between passes: a node in
+  its steady state folds what aged since the last pass at a little more than the rate it came,
+  not at the catch-up rate, so its steps seldom meet an append.
 * A duty cycle (``Pacer``): while appends come (one in the last ``IDLE_S``) retention works at most
   ``BUSY_SHARE`` (5 %) of the wall time, counting its steps and everything around them (the reads,
   the WAL flush, the checkpoints); on a quiet node ``IDLE_SHARE`` (a catch-up at nearly full
@@ -46,7 +50,7 @@ How it works (docs/journal.md "Retention"; settings in ``[journal]``, docs/confi
   100 requests/s make.
 * ``PRAGMA incremental_vacuum`` (auto_vacuum=INCREMENTAL, migration 0004) returns the freed pages
   to the file system in such steps, every ``VACUUM_EVERY`` delete steps (a short free list keeps
-  each vacuum step cheap), and a PASSIVE WAL checkpoint every ``CHECKPOINT_STEPS`` steps copies the
+  each vacuum step cheap), but for ``FREE_KEEP_BYTES`` that the appends reuse (none near the cap), and a PASSIVE WAL checkpoint every ``CHECKPOINT_STEPS`` steps copies the
   WAL back outside the lock.
 """
 
@@ -98,9 +102,27 @@ FORCE_AFTER_YIELDS = 8
 BUSY_SHARE = 0.05
 IDLE_SHARE = 0.9
 IDLE_S = 1.0
+# Pacing by the backlog: while appends come, a pass folds what has aged past the retention age at
+# the rate that finishes it in SPREAD of the interval between passes (a node in its steady state
+# folds what aged since the last pass: at 100 requests/s, about 2.5x the 200 events/s it appends
+# while the pass runs, a small share of BUSY_SHARE), never slower than FOLD_RATE_MIN. A catch-up
+# (a backlog of days) asks more than BUSY_SHARE gives: the duty cycle bounds it as before.
+SPREAD = 0.8
+FOLD_RATE_MIN = 50.0
+# Free pages kept for the appends to reuse instead of returned to the file system: a node in its
+# steady state frees about as many pages a pass as its appends fill, and returning them only for
+# the appends to grow the file again is I/O beside the appends for nothing. At most FREE_KEEP_BYTES
+# and FREE_KEEP_SHARE of max_bytes; none while the journal is near its cap.
+FREE_KEEP_BYTES = 16 << 20
+FREE_KEEP_SHARE = 0.02
 # A PASSIVE WAL checkpoint after this many steps (each writes a few dozen pages): often enough that
 # the WAL stays under the appends' autocheckpoint (1000 pages), seldom enough to fsync little.
 CHECKPOINT_STEPS = 8
+# ... or after a step CHECKPOINT_EVERY_S after the last one: a pass paced by its backlog takes a step
+# or two a second, and eight steps' wait let the appends' WAL reach the 1000 frames at which their
+# own commit checkpoints it, retention's pages too, inside an append's latency (tools/bench-journal-year
+# --trace: 19 % of the slowest 1 % of appends beside a steady pass, none beside a held one).
+CHECKPOINT_EVERY_S = 1.0
 # The free pages go back to the file system after every this many delete steps, so the free list
 # stays short (Retention._deleted says why).
 VACUUM_EVERY = 8
@@ -158,9 +180,15 @@ class Pacer:
     def busy(self, since_append_s: float) -> bool:
         return since_append_s < self.idle_s
 
-    def pause_s(self, work_s: float, since_append_s: float) -> float:
-        share = self.busy_share if self.busy(since_append_s) else self.idle_share
-        return max(0.0, work_s) * (1.0 - share) / share
+    def pause_s(self, work_s: float, since_append_s: float, *, events: int = 0, rate: float = 0.0) -> float:
+        """The pause after ``work_s`` of work that folded ``events``; with a ``rate`` (events/s,
+        ``Retention._fold``) and appends coming, long enough that the fold keeps to that rate too."""
+        busy = self.busy(since_append_s)
+        share = self.busy_share if busy else self.idle_share
+        pause = max(0.0, work_s) * (1.0 - share) / share
+        if busy and rate > 0 and events > 0:
+            pause = max(pause, events / rate - max(0.0, work_s))
+        return pause
 
 
 @dataclass
@@ -296,6 +324,18 @@ def oldest_request(db: sqlite3.Connection) -> int | None:
     """The seq of the oldest request event (two lookups in events_type)."""
     seqs = [db.execute("SELECT min(seq) FROM events WHERE type = ?", (t,)).fetchone()[0] for t in REQUEST_TYPES]
     return min((s for s in seqs if s is not None), default=None)
+
+
+def backlog_events(db: sqlite3.Connection, *, before_ts: float, before_seq: int) -> int:
+    """About how many events a fold up to both bounds has ahead of it: the seq range from the
+    oldest request event to the newest event before ``before_ts`` (index lookups; state events in
+    the range are counted too, an estimate for pacing only)."""
+    lo = oldest_request(db)
+    if lo is None:
+        return 0
+    row = db.execute("SELECT seq FROM events WHERE ts < ? ORDER BY ts DESC LIMIT 1",
+                     (min(before_ts, 1e300),)).fetchone()
+    return 0 if row is None else max(0, min(row[0], before_seq - 1) - lo + 1)
 
 
 def read_fold(db: sqlite3.Connection, *, before_ts: float, before_seq: int, limit: int = FOLD_ROWS) -> Folded:
@@ -551,6 +591,9 @@ class Retention:
         self._delete_rows = DELETE_ROWS
         self._deletes = 0
         self.pacer = Pacer()
+        # The fold rate the pacer keeps to while appends come (events/s; 0: the duty cycle alone).
+        self._rate = 0.0
+        self._wal_checkpointed = time.monotonic()
         # How long the last step held the lock (its next one is sized by it: next_size).
         self._held_s = 0.0
 
@@ -668,14 +711,17 @@ class Retention:
         else:
             self._yields_in_row = 0
             self._steps += 1
-            if self._steps % CHECKPOINT_STEPS == 0:
+            if self._steps % CHECKPOINT_STEPS == 0 or time.monotonic() - self._wal_checkpointed >= CHECKPOINT_EVERY_S:
+                self._wal_checkpointed = time.monotonic()
                 await self._read(_wal_checkpoint)
             else:
                 await self._read(_flush_wal)
         # Paced (Pacer): what the step and the reading, flushing and checkpointing around it took
         # (_read adds that up), then a pause that keeps retention to its share of the time.
         self._held_s = held
-        await asyncio.sleep(self.pacer.pause_s(held + self._read_s, time.monotonic() - self.journal.last_append))
+        events = result.rows if isinstance(result, Folded) else 0
+        await asyncio.sleep(self.pacer.pause_s(held + self._read_s, time.monotonic() - self.journal.last_append,
+                                               events=events, rate=self._rate))
         self._read_s = 0.0
         return result
 
@@ -730,9 +776,14 @@ class Retention:
         return report
 
     async def _vacuum_all(self, report: PassReport) -> None:
-        """Return every free page to the file system, in steps."""
+        """Return the free pages to the file system, in steps, but for those kept for the appends
+        (FREE_KEEP_BYTES; none near the cap)."""
+        keep = 0
+        if not report.early:
+            page = await self._read(_page_size)
+            keep = int(min(FREE_KEEP_BYTES, FREE_KEEP_SHARE * self.settings.max_bytes)) // page
         while True:
-            returned = await self._locked(report, _vacuum, self._vacuum_pages)
+            returned = await self._locked(report, _vacuum, self._vacuum_pages, keep=keep)
             if returned is YIELDED:
                 self._vacuum_pages = max(VACUUM_PAGES_MIN, self._vacuum_pages // 2)
                 continue
@@ -752,6 +803,17 @@ class Retention:
             await self._vacuum_all(report)
 
     async def _fold(self, report: PassReport, *, before_ts: float, until_bytes: int | None = None) -> None:
+        # Paced by the backlog (SPREAD), unless the cap makes it fold early: then as fast as the duty
+        # cycle lets it.
+        if until_bytes is None:
+            backlog = await self._read(backlog_events, before_ts=before_ts, before_seq=self.journal.checkpoint_seq)
+            self._rate = max(FOLD_RATE_MIN, backlog / (self.settings.retention_interval_s * SPREAD))
+        try:
+            await self._fold_steps(report, before_ts=before_ts, until_bytes=until_bytes)
+        finally:
+            self._rate = 0.0
+
+    async def _fold_steps(self, report: PassReport, *, before_ts: float, until_bytes: int | None) -> None:
         chunks = 0
         while True:
             folded = await self._locked(report, fold_step, before_ts=before_ts,
@@ -828,9 +890,17 @@ def _wal_checkpoint(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
-def _vacuum(db: sqlite3.Connection, pages: int, yielding: threading.Event | None = None) -> int:
-    """Return up to ``pages`` free pages to the file system; how many it returned."""
+def _page_size(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA page_size").fetchone()[0])
+
+
+def _vacuum(db: sqlite3.Connection, pages: int, yielding: threading.Event | None = None, *, keep: int = 0) -> int:
+    """Return up to ``pages`` free pages to the file system, leaving ``keep`` on the free list;
+    how many it returned."""
     (before,) = db.execute("PRAGMA freelist_count").fetchone()
+    pages = min(pages, before - keep)
+    if pages <= 0:
+        return 0
     _go_on(yielding)
     # executescript steps the statement to its end: execute() would free one page per step taken.
     db.executescript(f"PRAGMA incremental_vacuum({int(pages)});")

@@ -21,6 +21,8 @@ from optimanode.retention import (
     DAY_S,
     FOLD_ROWS,
     HourFold,
+    FOLD_RATE_MIN,
+    SPREAD,
     Pacer,
     Retention,
     bucket,
@@ -376,6 +378,27 @@ def test_the_pacer_keeps_retention_to_its_share_of_the_time_while_appends_come()
     assert Pacer(busy_share=1.0).pause_s(0.5, since_append_s=0.0) == 0.0  # share 1: no pause
 
 
+def test_the_pacer_keeps_a_fold_to_its_rate_while_appends_come_and_never_above_its_share():
+    """With a rate (events/s), a step that folded n events in work_s is followed by a pause that
+    makes n / (work + pause) that rate, or the duty cycle's pause where that is longer; a quiet node
+    ignores the rate (a catch-up at nearly full speed)."""
+    from optimanode.retention import BUSY_SHARE, IDLE_S
+
+    p = Pacer()
+    # 100 events in 4 ms at 200 events/s: 0.5 s of work and pause, far longer than the share's 76 ms.
+    paced = p.pause_s(0.004, since_append_s=0.01, events=100, rate=200.0)
+    assert abs(100 / (0.004 + paced) - 200.0) < 1e-9
+    # At 100,000 events/s the rate asks less than the duty cycle: the share bounds it.
+    fast = p.pause_s(0.004, since_append_s=0.01, events=100, rate=100_000.0)
+    assert abs(0.004 / (0.004 + fast) - BUSY_SHARE) < 1e-12
+    # Quiet node: the idle share alone, whatever the rate.
+    assert p.pause_s(0.004, since_append_s=IDLE_S + 1, events=100, rate=200.0) == p.pause_s(
+        0.004, since_append_s=IDLE_S + 1)
+    # No events (a vacuum or a delete step) or no rate: the duty cycle alone.
+    assert p.pause_s(0.004, since_append_s=0.01, events=0, rate=200.0) == p.pause_s(0.004, since_append_s=0.01)
+    assert p.pause_s(0.004, since_append_s=0.01, events=100, rate=0.0) == p.pause_s(0.004, since_append_s=0.01)
+
+
 async def test_a_pass_while_appends_come_keeps_to_the_busy_share(tmp_path):
     """The pass asks the pacer after every step with how long it worked and how long ago the last
     append committed; with an append just before every step the pauses are the busy ones (a fake
@@ -390,9 +413,9 @@ async def test_a_pass_while_appends_come_keeps_to_the_busy_share(tmp_path):
     asked: list[tuple[float, float, float]] = []
 
     class Recording(Pacer):
-        def pause_s(self, work_s: float, since_append_s: float) -> float:
-            pause = super().pause_s(work_s, since_append_s)
-            asked.append((work_s, since_append_s, pause))
+        def pause_s(self, work_s: float, since_append_s: float, *, events: int = 0, rate: float = 0.0) -> float:
+            pause = super().pause_s(work_s, since_append_s, events=events, rate=rate)
+            asked.append((work_s, since_append_s, pause, events, rate))
             return 0.0  # no real sleep: the test checks what was asked
 
     ret.pacer = Recording()
@@ -400,9 +423,19 @@ async def test_a_pass_while_appends_come_keeps_to_the_busy_share(tmp_path):
     report = await ret.pass_once()
     assert report.requests_folded == 800
     assert len(asked) == len(report.holds_s) >= 1
-    for work_s, since, pause in asked:
+    # The fold steps were paced by the backlog: 800 events to fold, in SPREAD of the 60 s interval,
+    # is under FOLD_RATE_MIN, so that rate; every other step had the duty cycle alone.
+    folds = [a for a in asked if a[3]]
+    assert sum(a[3] for a in folds) == 800
+    for work_s, since, pause, events, rate in asked:
         assert since < 0 and work_s > 0
-        assert abs(work_s / (work_s + pause) - ret.pacer.busy_share) < 1e-9
+        duty = work_s * (1 - ret.pacer.busy_share) / ret.pacer.busy_share
+        if events:
+            assert rate == FOLD_RATE_MIN and 800 / (60 * SPREAD) < FOLD_RATE_MIN
+            assert abs(pause - max(duty, events / rate - work_s)) < 1e-9
+        else:
+            assert abs(pause - duty) < 1e-9
+    assert ret._rate == 0.0  # only while the fold runs
     await ret.close()
     await j.close()
 
@@ -455,3 +488,39 @@ async def test_a_state_step_deletes_a_chunk_and_marks_the_scan_done_at_its_end(t
     left = [r[0] for r in db.execute("SELECT seq FROM events WHERE seq < ? ORDER BY seq", (cp.seq,))]
     assert left == [2]
     db.close()
+
+
+async def test_a_pass_keeps_some_free_pages_for_the_appends_and_returns_the_rest(tmp_path):
+    """Away from the cap a pass leaves FREE_KEEP_SHARE of max_bytes (at most FREE_KEEP_BYTES) on
+    the free list, where the next appends take their pages from, and returns the rest; the cap test
+    above shows that a pass near the cap keeps none. The backlog it paced itself by is the 2 x 2500
+    request events it then folded."""
+    from optimanode.retention import FREE_KEEP_SHARE, backlog_events
+
+    path = tmp_path / "j.sqlite3"
+    j = await Journal.open(path)
+    await requests(j, random.Random(8), 2500)
+    await j.checkpoint()
+    later = time.time() + 8 * DAY_S
+    settings = JournalSettings(max_bytes=50 << 20, checkpoint_interval_s=1e12, checkpoint_events=10**9)
+    ret = await Retention.open(j, settings, clock=lambda: later)
+    db = sqlite3.connect(path)
+    assert backlog_events(db, before_ts=later - 7 * DAY_S, before_seq=j.checkpoint_seq) == 5000
+    assert backlog_events(db, before_ts=0.0, before_seq=j.checkpoint_seq) == 0  # nothing that old
+    assert backlog_events(db, before_ts=later, before_seq=1) == 0  # nothing behind the checkpoint bound
+    report = await ret.pass_once()
+    assert report.requests_folded == 5000 and not report.early
+    (page,) = db.execute("PRAGMA page_size").fetchone()
+    keep = int(FREE_KEEP_SHARE * settings.max_bytes) // page
+    (free,) = db.execute("PRAGMA freelist_count").fetchone()
+    assert report.pages_vacuumed > 0 and free == keep
+    # The appends that follow take the kept pages before they grow the file.
+    (pages_before,) = db.execute("PRAGMA page_count").fetchone()
+    await requests(j, random.Random(9), 300)
+    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    (free_after,) = db.execute("PRAGMA freelist_count").fetchone()
+    (pages_after,) = db.execute("PRAGMA page_count").fetchone()
+    assert free_after < free and pages_after == pages_before
+    db.close()
+    await ret.close()
+    await j.close()
