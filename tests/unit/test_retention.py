@@ -6,6 +6,8 @@ import sqlite3
 import threading
 import time
 
+import pytest
+
 from optimanode.config import JournalSettings, Settings
 from optimanode.journal import Journal
 from optimanode.node import Node
@@ -24,6 +26,7 @@ from optimanode.retention import (
     FOLD_RATE_MIN,
     SPREAD,
     Pacer,
+    PassReport,
     Retention,
     bucket,
     bucket_value,
@@ -522,5 +525,39 @@ async def test_a_pass_keeps_some_free_pages_for_the_appends_and_returns_the_rest
     (pages_after,) = db.execute("PRAGMA page_count").fetchone()
     assert free_after < free and pages_after == pages_before
     db.close()
+    await ret.close()
+    await j.close()
+
+
+async def test_passes_start_an_interval_apart_whatever_each_one_took(tmp_path, monkeypatch):
+    """Retention.run: a pass paced by its backlog takes most of the interval, so the next one starts
+    an interval after the last one started, not an interval after it ended (that would double the
+    backlog each pass finds, and its rate). The pass here takes 0.3 s of a 0.5 s interval: the wait
+    before the next is what is left of the interval, never the whole of it."""
+    path = tmp_path / "j.sqlite3"
+    j = await Journal.open(path)
+    ret = await Retention.open(j, JournalSettings(retention_interval_s=0.5))
+    waits: list[float] = []
+    passes: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recording_sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await real_sleep(seconds)
+
+    async def slow_pass() -> PassReport:
+        passes.append(time.monotonic())
+        await real_sleep(0.3)
+        if len(passes) == 3:
+            raise asyncio.CancelledError
+        return PassReport()
+
+    monkeypatch.setattr("optimanode.retention.asyncio.sleep", recording_sleep)
+    monkeypatch.setattr(ret, "pass_once", slow_pass)
+    with pytest.raises(asyncio.CancelledError):
+        await ret.run()
+    assert len(passes) == 3 and len(waits) == 3
+    assert waits[0] == pytest.approx(0.5, abs=0.05)  # the first: one interval after the start
+    assert all(w < 0.25 for w in waits[1:])  # then what the 0.3 s pass left of the interval
     await ret.close()
     await j.close()
