@@ -50,8 +50,9 @@ How it works (docs/journal.md "Retention"; settings in ``[journal]``, docs/confi
   100 requests/s make.
 * ``PRAGMA incremental_vacuum`` (auto_vacuum=INCREMENTAL, migration 0004) returns the freed pages
   to the file system in such steps, every ``VACUUM_EVERY`` delete steps (a short free list keeps
-  each vacuum step cheap), but for ``FREE_KEEP_BYTES`` that the appends reuse (none near the cap), and a PASSIVE WAL checkpoint every ``CHECKPOINT_STEPS`` steps copies the
-  WAL back outside the lock.
+  each vacuum step cheap), but for ``FREE_KEEP_BYTES`` that the appends reuse (none near the cap),
+  and a PASSIVE WAL checkpoint every ``CHECKPOINT_STEPS`` steps (or ``CHECKPOINT_EVERY_S``) copies
+  the WAL back outside the lock.
 """
 
 from __future__ import annotations
@@ -594,6 +595,7 @@ class Retention:
         # The fold rate the pacer keeps to while appends come (events/s; 0: the duty cycle alone).
         self._rate = 0.0
         self._wal_checkpointed = time.monotonic()
+        self._page_size: int | None = None
         # The pacer's pause (tools/bench-journal-year --steady-rps counts it in the time retention is
         # let run).
         self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
@@ -789,8 +791,9 @@ class Retention:
         (FREE_KEEP_BYTES; none near the cap)."""
         keep = 0
         if not report.early:
-            page = await self._read(_page_size)
-            keep = int(min(FREE_KEEP_BYTES, FREE_KEEP_SHARE * self.settings.max_bytes)) // page
+            if self._page_size is None:  # fixed for the file's life: read once
+                self._page_size = await self._read(_page_size)
+            keep = int(min(FREE_KEEP_BYTES, FREE_KEEP_SHARE * self.settings.max_bytes)) // self._page_size
         while True:
             returned = await self._locked(report, _vacuum, self._vacuum_pages, keep=keep)
             if returned is YIELDED:
