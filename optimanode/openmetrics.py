@@ -233,7 +233,9 @@ def _prompt_cache(snap: Snapshot) -> list[Metric]:
         ("hits", "Prompts that restored a prefix from the host-RAM prompt cache."),
         ("misses", "Prompts evaluated past what the cells held, with nothing usable in the host cache."),
         ("saves", "Sequence states saved to the host cache."),
-        ("evictions", "Host cache entries dropped to stay under prompt_cache_mib."))]
+        ("evictions", "Host cache entries dropped to stay under prompt_cache_mib."),
+        ("pressure_evictions", "Host cache entries dropped, or not stored, to leave the machine the RAM the node "
+                               "keeps free (memory_reserve_mb and what loading models will allocate)."))]
     gauges = [(_gauge(f"optimanode_model_prompt_cache_{name}", doc, m), name) for name, doc in (
         ("bytes", "Bytes the host cache holds."),
         ("cap_bytes", "The host cache's cap (prompt_cache_mib; 0: off)."),

@@ -270,6 +270,11 @@ class Cancel(msgspec.Struct, frozen=True, kw_only=True, tag="cancel"):
 
 class Ping(msgspec.Struct, frozen=True, kw_only=True, tag="ping"):
     seq: int
+    # The RAM the node needs left available on the machine (its memory_reserve_mb and what models
+    # still loading will allocate): the worker's host prompt cache gives entries back, least
+    # recently used first, while the machine has less, and stores none that would take it there.
+    # 0: no floor.
+    keep_free_bytes: int = 0
 
 
 class Shutdown(msgspec.Struct, frozen=True, kw_only=True, tag="shutdown"):
@@ -314,6 +319,8 @@ class PromptCacheReport(msgspec.Struct, frozen=True, kw_only=True):
     # Entries stored, and dropped to stay under the cap.
     saves: int = 0
     evictions: int = 0
+    # Entries dropped (or not stored) to leave the machine the RAM the node asked for (Ping; minor 3).
+    pressure_evictions: int = 0
     # Bytes and entries held now, and the cap (prompt_cache_mib; 0: off).
     bytes: int = 0
     cap_bytes: int = 0
@@ -837,7 +844,7 @@ class MetricsReport(msgspec.Struct, frozen=True, kw_only=True):
 PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
 # The minor version of the newest major, sent in Welcome: additions a Gateway may use when the
 # node says it has them (docs/protocol.md, "Versions"); an older node's Welcome has none (0).
-PROTOCOL_MINOR = 2
+PROTOCOL_MINOR = 3
 NONCE_BYTES = 32
 MAC_BYTES = 32
 

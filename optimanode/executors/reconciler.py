@@ -34,11 +34,14 @@ from the old worker's stop to the new one running) is under way. The old worker 
 Memory admission: a model starts only when its estimate (``memory.estimate``: weights, KV cache
 and compute buffers, split between the CPU and the GPUs by ``n_gpu_layers``) fits: its RAM part
 in what the machine has available, less ``memory_reserve_mb`` and less the RAM of models still
-loading (they have not allocated yet); its GPU part on the GPUs ``memory.place`` picks (or the
-operator listed), each GPU's NVML free memory less ``vram_reserve_mb`` and less what models still
-loading will take there. A model with ``parallel = "auto"`` brings one estimate per slot count,
-most first; the first that fits is started with that count. Otherwise it is held in ``waiting``
-with the reason naming the device and the shortfall, and started when memory frees up.
+loading (they have not allocated yet), plus what running workers hold in their host prompt caches
+(each cache gives back what would leave the machine less than the reserve and the loading models'
+RAM: the runtime sends that floor to every worker when a model starts and with each heartbeat);
+its GPU part on the GPUs ``memory.place`` picks (or the operator listed), each GPU's NVML free
+memory less ``vram_reserve_mb`` and less what models still loading will take there. A model with
+``parallel = "auto"`` brings one estimate per slot count, most first; the first that fits is
+started with that count. Otherwise it is held in ``waiting`` with the reason naming the device
+and the shortfall, and started when memory frees up.
 ``memory_budget_bytes`` (when set) caps the RAM estimates of all live models together.
 
 On-demand models (``enable = "on_demand"``): enabled, one is started only while a request wants
@@ -91,6 +94,9 @@ class Facts:
     idle_s: float | None = None
     last_used: float = 0.0
     keep_alive_s: float = 300.0
+    # Bytes its running worker holds in its host prompt cache: RAM the cache gives back when the
+    # node asks for it (``Ping.keep_free_bytes``), so admission counts it as room.
+    cache_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,7 +151,10 @@ def decide(facts: Mapping[str, Facts], now: float, available_bytes: int, policy:
     actions: list[Action] = []
     wake_at: float | None = None
     # Models still loading have not allocated their memory yet: count it as spoken for.
-    budget = available_bytes - reserve_bytes - sum(f.estimate_bytes for f in facts.values() if f.state in LOADING)
+    # Host prompt caches give their bytes back once a model is admitted (the runtime sends them the
+    # new floor, reserve and loading models together): count them as room.
+    budget = (available_bytes - reserve_bytes - sum(f.estimate_bytes for f in facts.values() if f.state in LOADING)
+              + sum(f.cache_bytes for f in facts.values() if f.state in SERVING))
     if memory_budget_bytes:
         budget = min(budget, memory_budget_bytes - sum(f.estimate_bytes for f in facts.values() if f.state in LIVE))
     evicted: set[str] = set()

@@ -403,7 +403,23 @@ class Runtime:
                      placed=dict(ex.placement.vram) if live else {},
                      on_demand=on_demand(ex.settings, d), demanded=ex.demanded, last_used=ex.last_used,
                      idle_s=None if busy or ex.state != "running" else self.clock() - max(ex.last_used, ex.ready_at),
-                     keep_alive_s=keep_alive(ex.settings, d))
+                     keep_alive_s=keep_alive(ex.settings, d),
+                     cache_bytes=self.cache_bytes(ex))
+
+    @staticmethod
+    def cache_bytes(ex: Executor) -> int:
+        """What ``ex``'s running worker holds in its host prompt cache (its last heartbeat): RAM it
+        gives back when the node asks (``keep_free_bytes``)."""
+        progress = ex.worker.progress if ex.worker is not None and ex.state in SERVING else None
+        return progress.prompt_cache.bytes if progress is not None and progress.prompt_cache is not None else 0
+
+    def keep_free_bytes(self) -> int:
+        """The RAM the node needs left available, sent to every worker with each heartbeat: the
+        reserve, and what the models still loading will allocate (admission counted them as spoken
+        for). Host prompt caches give back what would take the machine below it."""
+        loading = sum(ex.estimate.ram_bytes for ex in self.executors.values()
+                      if ex.state in LOADING and ex.estimate is not None)
+        return self.settings.memory_reserve_mb * 1024 * 1024 + loading
 
     def facts(self) -> dict[str, Facts]:
         return {eid: self.fact(ex) for eid, ex in self.executors.items()}
@@ -474,13 +490,19 @@ class Runtime:
                                                heartbeat_timeout_s=rs.heartbeat_timeout_s,
                                                # Read at each beat: a configure or reload applies at once.
                                                stall_timeout_s=lambda: stall_timeout(ex.settings,
-                                                                                     self.settings.model_defaults))
+                                                                                     self.settings.model_defaults),
+                                               keep_free_bytes=self.keep_free_bytes)
         except OSError as exc:
             await self._crashed(ex, on_spawn_failed(self.fact(ex), str(exc), self.clock(), rs, random.random()),
                                 cause="spawn_failed")
             return
         ex.worker, ex.worker_key = worker, (wanted, ex.info.size_bytes, ex.info.mtime_ns)
         self._background.spawn(self._await_ready(ex, worker), f"ready-{ex.id}")
+        # Admission may have counted the other workers' host caches as room (``decide``): they
+        # give it back now, before this model allocates, not at their next heartbeat.
+        for other in self.executors.values():
+            if other is not ex and other.worker is not None:
+                other.worker.nudge()
 
     def pin(self, ex: Executor) -> dict[str, str]:
         """The environment that pins ``ex``'s worker to its GPUs ({} on a machine without NVIDIA GPUs)."""

@@ -16,6 +16,8 @@ How it works:
   (``stall_reason``), the heartbeat task kills the worker as ``stalled``: its streams get
   ``worker_crashed`` (``cause`` "stalled") at once, without waiting for the process to be reaped,
   and the crash event names the step it was stuck in (the black box).
+* Each ``Ping`` also carries the RAM the node needs left available (``keep_free_bytes``, the
+  runtime's figure), which the worker's host prompt cache keeps to; ``nudge`` sends it at once.
 * ``abort`` ends one request's stream with a given error and cancels it at the worker (a
   request's deadline, ``optimanode/inference.py``).
 * When the process ends, for whatever reason, every request still in flight on it gets a
@@ -207,7 +209,8 @@ class WorkerProcess:
     def __init__(self, executor_id: str, settings: WorkerSettings, proc: asyncio.subprocess.Process,
                  on_exit: Callable[[WorkerProcess, ExitInfo], Awaitable[None]],
                  heartbeat_interval_s: float, heartbeat_timeout_s: float,
-                 stall_timeout_s: float | Callable[[], float] = DEFAULT_STALL_TIMEOUT_S) -> None:
+                 stall_timeout_s: float | Callable[[], float] = DEFAULT_STALL_TIMEOUT_S,
+                 keep_free_bytes: Callable[[], int] | None = None) -> None:
         self.executor_id = executor_id
         self.settings = settings
         self.proc = proc
@@ -222,6 +225,10 @@ class WorkerProcess:
         self._last_pong = time.monotonic()
         # Read at each beat, so a configure changes it without a restart.
         self._stall_timeout = stall_timeout_s if callable(stall_timeout_s) else (lambda: stall_timeout_s)
+        # The RAM the node needs left available, sent with each Ping (the worker's host prompt cache
+        # keeps to it): read at each beat and at each ``nudge``.
+        self._keep_free = keep_free_bytes if keep_free_bytes is not None else (lambda: 0)
+        self._ping_seq = 0
         # The last heartbeat answer: the worker's decode progress.
         self.progress: Pong | None = None
         self._killed_for = ""
@@ -237,6 +244,7 @@ class WorkerProcess:
                     on_exit: Callable[[WorkerProcess, ExitInfo], Awaitable[None]], *,
                     heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float = 10.0,
                     stall_timeout_s: float | Callable[[], float] = DEFAULT_STALL_TIMEOUT_S,
+                    keep_free_bytes: Callable[[], int] | None = None,
                     python: str = sys.executable, env: Mapping[str, str] | None = None) -> WorkerProcess:
         # ``env``: added to the node's (CUDA_VISIBLE_DEVICES: the GPUs admission placed it on).
         env = {**os.environ, **(env or {})}
@@ -266,7 +274,8 @@ class WorkerProcess:
             raise
         finally:
             os.close(out_w)
-        worker = cls(executor_id, settings, proc, on_exit, heartbeat_interval_s, heartbeat_timeout_s, stall_timeout_s)
+        worker = cls(executor_id, settings, proc, on_exit, heartbeat_interval_s, heartbeat_timeout_s, stall_timeout_s,
+                     keep_free_bytes)
         worker._blackbox = box
         try:
             _, worker._frames = await loop.connect_read_pipe(lambda: _FrameReader(worker),
@@ -344,15 +353,24 @@ class WorkerProcess:
             if text:
                 self.stderr_tail.append(text)
 
+    def _ping(self) -> None:
+        self._ping_seq += 1
+        self._send(Ping(seq=self._ping_seq, keep_free_bytes=max(0, int(self._keep_free()))))
+
+    def nudge(self) -> None:
+        """Send the RAM floor now, not at the next beat (the node has just admitted a model that
+        will allocate soon). A worker still loading or gone is left alone."""
+        if self.ready.done() and not self.exit.done():
+            with contextlib.suppress(RequestError):
+                self._ping()
+
     async def _heartbeat(self) -> None:
-        seq = 0
         while True:
             await asyncio.sleep(self._hb_interval)
             if not self.ready.done():
                 continue  # loading; the load timeout covers this phase
-            seq += 1
             try:
-                self._send(Ping(seq=seq))
+                self._ping()
             except RequestError:
                 return
             if time.monotonic() - self._last_pong > self._hb_timeout:

@@ -64,6 +64,9 @@ class Prefixes:
         self.n_swa = max(0, int(llama_cpp.llama_model_n_swa(model)))
         self.stats = CacheStats()
         self.cache = PromptCache(cap_bytes, self.n_swa, self.stats) if cap_bytes > 0 and not recurrent else None
+        if self.cache is not None:
+            self.cache.keep_free = progress.keep_free_bytes
+            progress.prompt_cache = self.cache
         # Copies queued since the last decode: (source stream, destination stream).
         self._pending: list[tuple[int, int]] = []
         self._pending_step = progress.steps
@@ -128,6 +131,10 @@ class Prefixes:
         assert self.cache is not None
         size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.seq)
         if size <= 0 or self.cache.size_of(slot.cached, size) > self.cache.cap_bytes:
+            return
+        if not self.cache.make_room(self.cache.size_of(slot.cached, size)):
+            if TRACE:
+                _log(f"slot {slot.seq}: not saved: the machine is short of the RAM the node keeps free")
             return
         blob = (ctypes.c_uint8 * size)()
         written = llama_cpp.llama_state_seq_get_data(self.ctx, blob, size, slot.seq)

@@ -70,6 +70,7 @@ def _reader(fd: int, writer: _Writer, jobs: _Jobs, progress: Progress) -> None:
                                          message=f"{path}: expected {expected}" if path else str(exc)))
                 continue
             if isinstance(msg, p.Ping):
+                progress.keep_free(msg.keep_free_bytes)
                 writer.send(progress.pong(msg.seq, *jobs.pending()))
             elif isinstance(msg, p.Cancel):
                 jobs.cancel(msg.id)

@@ -12,6 +12,14 @@ fits, and refuses one larger than the whole cap, so ``bytes`` never exceeds ``ca
 whose tokens are a prefix of the new one's is replaced by it (the longer one serves every prompt
 the shorter one did); a new one that is a prefix of an entry already held is not stored.
 
+The machine's RAM comes first: the node tells the worker with each heartbeat (``Ping.keep_free_bytes``)
+how much RAM it needs left available (its ``memory_reserve_mb`` and what models still loading will
+allocate). ``make_room`` keeps a new entry from taking the machine below that floor (least recently
+used entries go first; the new one is not stored when they are not enough), and ``relieve``, called
+by the reader thread on each Ping, drops entries while the machine has less and hands the freed
+pages back to the system (``malloc_trim``): a cache that filled while RAM was plentiful gives it back
+to a model loading later, or to anything else on the machine. The two threads meet under ``_lock``.
+
 Sliding-window models (Gemma 3): llama.cpp saves a sequence without the cells its SWA layers no
 longer see (those more than ``n_swa`` positions behind the last one), so an entry of L tokens can
 only be cut back to n tokens where those layers still have every cell position n will attend to:
@@ -25,6 +33,9 @@ ctypes buffer llama.cpp wrote into). ``CacheStats`` counts what the heartbeat re
 from __future__ import annotations
 
 import collections
+import ctypes
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +77,8 @@ class CacheStats:
     misses: int = 0
     saves: int = 0
     evictions: int = 0
+    # Entries dropped, or not stored, to leave the machine the RAM the node asked for.
+    pressure_evictions: int = 0
     # Bytes held, the cap, and the entries held.
     bytes: int = 0
     cap_bytes: int = 0
@@ -85,7 +98,8 @@ class Entry:
 class PromptCache:
     """Saved sequence states keyed by token prefix, least recently used evicted past ``cap_bytes``."""
 
-    def __init__(self, cap_bytes: int, n_swa: int = 0, stats: CacheStats | None = None) -> None:
+    def __init__(self, cap_bytes: int, n_swa: int = 0, stats: CacheStats | None = None,
+                 available: Callable[[], int] | None = None) -> None:
         self.cap_bytes = max(0, cap_bytes)
         self.n_swa = max(0, n_swa)
         self.stats = stats if stats is not None else CacheStats()
@@ -93,6 +107,11 @@ class PromptCache:
         # Least recently used first.
         self._entries: collections.OrderedDict[int, Entry] = collections.OrderedDict()
         self._next = 0
+        # The RAM the node wants left available (Ping.keep_free_bytes; 0: none), and how much is.
+        self.keep_free = 0
+        self._available = available if available is not None else _available
+        # The engine thread (put, lookup, ...) and the reader thread (relieve) both change _entries.
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -103,7 +122,8 @@ class PromptCache:
 
     def entries(self) -> list[Entry]:
         """Least recently used first."""
-        return list(self._entries.values())
+        with self._lock:
+            return list(self._entries.values())
 
     def size_of(self, tokens: list[int], blob_len: int) -> int:
         return blob_len + KEY_BYTES_PER_TOKEN * len(tokens)
@@ -116,6 +136,10 @@ class PromptCache:
         size = self.size_of(tokens, len(blob))
         if size > self.cap_bytes:
             return False
+        with self._lock:
+            return self._put(tokens, blob, size)
+
+    def _put(self, tokens: list[int], blob: Any, size: int) -> bool:
         for key, e in list(self._entries.items()):
             n = _common_prefix(e.tokens, tokens)
             if n == len(tokens):  # held already, or a longer entry extends it
@@ -147,7 +171,9 @@ class PromptCache:
         decides whether restoring is worth it: ``taken`` / ``missed``)."""
         best: Entry | None = None
         best_n = 0
-        for e in self._entries.values():
+        with self._lock:
+            entries = list(self._entries.values())
+        for e in entries:
             n = min(_common_prefix(e.tokens, tokens), limit)
             if n > best_n and self.usable(e, n):
                 best, best_n = e, n
@@ -155,10 +181,11 @@ class PromptCache:
 
     def taken(self, entry: Entry, n: int) -> None:
         """``entry`` was restored to serve ``n`` prompt tokens: most recently used now."""
-        for key, e in self._entries.items():
-            if e is entry:
-                self._entries.move_to_end(key)
-                break
+        with self._lock:
+            for key, e in self._entries.items():
+                if e is entry:
+                    self._entries.move_to_end(key)
+                    break
         entry.restores += 1
         self.stats.hits += 1
 
@@ -167,11 +194,67 @@ class PromptCache:
 
     def remove(self, entry: Entry) -> None:
         """Forget ``entry`` (its state did not restore)."""
-        for key, e in list(self._entries.items()):
-            if e is entry:
-                self._drop(key)
+        with self._lock:
+            for key, e in list(self._entries.items()):
+                if e is entry:
+                    self._drop(key)
+
+    def make_room(self, size: int) -> bool:
+        """Whether an entry of ``size`` bytes may be stored without leaving the machine less than
+        ``keep_free`` available; least recently used entries are dropped to make that room. Called
+        before the state is copied out, so a refused entry never takes the memory at all."""
+        with self._lock:
+            if self.keep_free <= 0:
+                return True
+            if self._shed(self.keep_free + size - self._available()):
+                return True
+            self.stats.pressure_evictions += 1  # this one, not stored
+            return False
+
+    def relieve(self) -> int:
+        """Drop entries, least recently used first, while the machine has less than ``keep_free``
+        available, and return their pages to the system; how many were dropped."""
+        with self._lock:
+            if self.keep_free <= 0 or not self._entries:
+                return 0
+            before = len(self._entries)
+            self._shed(self.keep_free - self._available())
+            dropped = before - len(self._entries)
+        if dropped:
+            release_freed_memory()
+        return dropped
+
+    def _shed(self, deficit: int) -> bool:
+        """Drop least recently used entries until ``deficit`` bytes are freed; whether they were."""
+        while deficit > 0 and self._entries:
+            key = next(iter(self._entries))
+            deficit -= self._entries[key].size
+            self._drop(key)
+            self.stats.pressure_evictions += 1
+        return deficit <= 0
 
     def _drop(self, key: int) -> None:
         e = self._entries.pop(key)
         self.stats.bytes -= e.size
         self.stats.entries = len(self._entries)
+
+
+def _available() -> int:
+    return int(psutil.virtual_memory().available)
+
+
+_libc: Any = None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``): the states are
+    allocated with malloc, and glibc keeps freed blocks of their size in the heap for reuse."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None)  # the process's own symbols: libc's on Linux
+        except OSError:  # pragma: no cover - a platform without dlopen(NULL)
+            _libc = False
+    trim = getattr(_libc, "malloc_trim", None) if _libc else None
+    if trim is not None:  # glibc; other C libraries return freed memory on their own terms
+        trim(0)

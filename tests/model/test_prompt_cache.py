@@ -197,3 +197,38 @@ def test_the_cache_stays_under_its_cap_while_filled_past_it(serve: Any, smollm2_
     # What the process grew by is bounded by the cap (plus allocator slack), not by what was saved.
     grown = proc.memory_info().rss - rss0
     assert grown < cache.cap_bytes + (8 << 20), (grown, saved_total)
+
+
+def test_a_ram_floor_from_the_node_empties_the_cache_and_the_memory_goes_back_to_the_system(
+        serve: Any, smollm2_path: Path) -> None:
+    s = serve(smollm2_path, n_ctx=1024, parallel=1, prompt_cache_mib=16)
+    cache = s.engine.prefixes.cache
+    assert cache is not None
+    proc = psutil.Process()
+    # Filled past its cap, so that some states were freed and later ones came from the heap glibc
+    # keeps for reuse (its mmap threshold rises with the first large block freed): giving those
+    # back takes malloc_trim.
+    for i in range(12):
+        s.run(f"r{i}", completion(f"Note {i}: " + SYSTEM[i:] + QUESTIONS[i % 3], max_tokens=4))
+    held, entries = cache.bytes, len(cache)
+    assert cache.stats.evictions >= 3 and entries >= 4 and held >= 8 << 20, (cache.stats, held)
+    rss0 = proc.memory_info().rss
+    # What the worker's reader thread does with a Ping whose floor the machine cannot meet with
+    # the cache in it (a model loading elsewhere): every entry goes, and the process shrinks.
+    s.engine.progress.keep_free(psutil.virtual_memory().available + held + (1 << 30))
+    assert len(cache) == 0 and cache.bytes == 0
+    assert cache.stats.pressure_evictions == entries
+    given_back = rss0 - proc.memory_info().rss
+    assert given_back >= 0.8 * held, (given_back, held)
+    # While the floor holds no state is copied out at all (each prompt that takes the slot would
+    # have saved the one before); the requests are served as ever.
+    saves = cache.stats.saves
+    assert saves == 11  # every prompt but the first saved the one before it
+    _, done = s.run("tight", completion("Note 9: " + SYSTEM + QUESTIONS[0], max_tokens=4))
+    s.run("tight2", completion(OTHER, max_tokens=4))
+    assert len(cache) == 0 and cache.stats.saves == saves and cache.stats.pressure_evictions == entries + 2
+    assert done.usage.completion_tokens == 4
+    # The floor lifted (the model loaded): the cache fills again.
+    s.engine.progress.keep_free(0)
+    s.run("again", completion("Note 10: " + SYSTEM + QUESTIONS[1], max_tokens=4))
+    assert len(cache) == 1 and cache.stats.saves == saves + 1

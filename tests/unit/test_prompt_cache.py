@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from optimanode import protocol as p
+from optimanode.worker.progress import Progress
 from optimanode.worker.prompt_cache import KEY_BYTES_PER_TOKEN, PromptCache, prompt_cache_bytes
 
 
@@ -140,3 +142,69 @@ def test_usage_leaves_cached_tokens_out_of_the_frame_when_zero() -> None:
         b'{"prompt_tokens":5,"completion_tokens":2}'
     u = p.Usage(prompt_tokens=5, completion_tokens=2, cached_tokens=4)
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(u), type=p.Usage) == u
+
+
+class Machine:
+    """Available RAM as the cache sees it: what the rest of the machine leaves, less the cache."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self.cache: PromptCache | None = None
+
+    def available(self) -> int:
+        assert self.cache is not None
+        return self.free - self.cache.bytes
+
+
+def test_with_a_ram_floor_a_new_entry_takes_the_least_recently_used_ones_place_or_is_not_stored() -> None:
+    m = Machine(free=10_000)
+    c = m.cache = PromptCache(1 << 20, available=m.available)
+    size = 1000 + 2 * KEY_BYTES_PER_TOKEN
+    for i in range(4):
+        assert c.make_room(size)  # no floor yet: only the cap bounds it
+        assert c.put([i, i], blob(1000))
+    c.keep_free = 6_500  # 10,000 - 4 entries leaves ~5,968: below the floor even before a fifth
+    assert c.make_room(size)
+    # Two went, least recently used first: 10,000 - 2 entries - the new one >= 6,500.
+    assert [e.tokens[0] for e in c.entries()] == [2, 3] and c.stats.pressure_evictions == 2
+    assert c.put([4, 4], blob(1000))
+    assert m.available() >= c.keep_free
+    # The machine got tighter (another model loaded): nothing the cache can drop makes room.
+    m.free = 3_000
+    c.keep_free = 3_000
+    assert not c.make_room(size)
+    assert len(c) == 0 and c.stats.pressure_evictions == 2 + 3 + 1  # 3 dropped, and the new one refused
+    c.keep_free = 0
+    assert c.make_room(size)  # no floor: the cap alone decides
+
+
+def test_relieve_gives_back_what_the_machine_is_short_of_least_recently_used_first() -> None:
+    m = Machine(free=10_000)
+    c = m.cache = PromptCache(1 << 20, available=m.available)
+    for i in range(5):
+        assert c.put([i, i], blob(1000))
+    c.lookup([0, 0, 1], limit=2)
+    c.taken(c.entries()[0], 2)  # entry 0 used: the most recent now
+    assert c.relieve() == 0  # no floor
+    c.keep_free = 7_000  # 10,000 - 5 entries = ~4,960: short by ~2,040, three entries' worth
+    assert c.relieve() == 3
+    assert [e.tokens[0] for e in c.entries()] == [4, 0] and m.available() >= 7_000
+    assert c.relieve() == 0  # nothing short any more
+    assert c.stats.pressure_evictions == 3 and c.stats.evictions == 0 and c.stats.bytes == c.bytes
+
+
+def test_a_pings_floor_reaches_the_cache_and_its_count_rides_on_the_pong() -> None:
+    m = Machine(free=4_000)
+    c = m.cache = PromptCache(1 << 20, available=m.available, stats=None)
+    progress = Progress()
+    progress.cache, progress.prompt_cache = c.stats, c
+    for i in range(3):
+        assert c.put([i, i], blob(1000))
+    # As the worker's reader thread does with a Ping: the floor applies now and to later entries.
+    progress.keep_free(p.Ping(seq=1, keep_free_bytes=2_500).keep_free_bytes)
+    assert c.keep_free == 2_500 and len(c) == 1 and m.available() >= 2_500
+    assert c.stats.pressure_evictions == 2
+    assert c.make_room(1008) and len(c) == 0  # the next entry takes the last one's place
+    pong = progress.pong(1, 0, None)
+    assert pong.prompt_cache is not None and pong.prompt_cache.pressure_evictions == 3
+    assert pong.prompt_cache.entries == 0 and pong.prompt_cache.bytes == 0

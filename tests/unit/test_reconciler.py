@@ -94,6 +94,19 @@ def test_the_memory_reserve_is_kept_free():
     assert triggers(decide({"a": f}, 0, int(1.5 * GB), POLICY, reserve_bytes=GB)) == [("a", "hold")]
 
 
+def test_what_running_workers_hold_in_their_host_caches_counts_as_room():
+    # 1.5 GB available, 1 GB of it kept free: b (1 GB) fits only with a's 0.6 GB of cache given back.
+    facts = {"a": Facts(state="running", enabled=True, estimate_bytes=GB, cache_bytes=int(0.6 * GB)),
+             "b": Facts(state="enabled", enabled=True, estimate_bytes=GB)}
+    assert triggers(decide(facts, 0, int(1.5 * GB), POLICY, reserve_bytes=GB)) == [("b", "start")]
+    # Less cache than the shortfall: held, and nothing else changes.
+    facts["a"] = Facts(state="running", enabled=True, estimate_bytes=GB, cache_bytes=int(0.4 * GB))
+    assert triggers(decide(facts, 0, int(1.5 * GB), POLICY, reserve_bytes=GB)) == [("b", "hold")]
+    # A worker no longer live (stopping) holds nothing the node can count on.
+    facts["a"] = Facts(state="stopping", enabled=False, cache_bytes=int(0.6 * GB))
+    assert triggers(decide(facts, 0, int(1.5 * GB), POLICY, reserve_bytes=GB)) == [("b", "hold")]
+
+
 def test_backoff_doubles_to_the_cap_and_jitter_only_stretches_it():
     assert [backoff_delay(k, POLICY, 0.0) for k in (1, 2, 3, 4, 5, 6)] == [1, 2, 4, 8, 8, 8]
     assert backoff_delay(2, POLICY, 0.999) < 2 * 1.5
