@@ -14,6 +14,11 @@ defaults otherwise: ``cache_prompt`` on, its host-memory prompt cache ``--cache-
 N > 0 passes ``--cache-reuse N`` too). All run in turn within each round, the order reversed
 every other round.
 
+With ``--stagger S`` conversation c starts S x c seconds into the round, and with ``--private-words
+W`` each opens with W words of its own after the shared system prompt (a document it was given,
+say): new conversations then bring long cold prompts while others are on their short later turns,
+the case the prompt scheduling policies (``prefill``) differ on.
+
 ``pool``: two nodes behind ``optimanode.client.NodePool`` (metrics subscribed every 0.25 s) against
 two llama-servers behind round-robin (what a plain load balancer does), each node / server with
 ``--threads`` threads (1 on a 2-core machine: the pair shares the cores alike on both sides).
@@ -80,12 +85,28 @@ def system_prompt(round_no: int, words: int) -> str:
     return head + " ".join(body) + "\n"
 
 
+def private_text(round_no: int, conv: int, words: int) -> str:
+    """~``words`` words only conversation ``conv`` of round ``round_no`` has (none for 0)."""
+    if words <= 0:
+        return ""
+    body: list[str] = []
+    i = conv * 5 + round_no
+    while sum(len(s.split()) for s in body) < words:
+        body.append(BASE_PROMPTS[i % len(BASE_PROMPTS)])
+        i += 3
+    return f"Document of conversation {conv}, round {round_no}: " + " ".join(body) + "\n"
+
+
 def question(conv: int, turn: int) -> str:
     return f"User ({conv}.{turn}): {BASE_PROMPTS[(conv * 7 + turn) % len(BASE_PROMPTS)]}\nAssistant:"
 
 
 def p50(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+def p90(xs: list[float]) -> float:
+    return statistics.quantiles(xs, n=10)[-1] if len(xs) >= 2 else float("nan")
 
 
 # NodeSystem.cache_report: the node's default heartbeat interval and a margin.
@@ -287,7 +308,8 @@ async def one_round(system: Any, args: argparse.Namespace, round_no: int) -> dic
     first_prompt_tokens: list[int] = []
 
     async def conversation(c: int) -> None:
-        history = sys_text + f"Conversation {c}.\n"
+        await asyncio.sleep(c * args.stagger)
+        history = sys_text + private_text(round_no, c, args.private_words) + f"Conversation {c}.\n"
         prev_prompt = 0
         for t in range(args.turns):
             prompt = history + question(c, t)
@@ -322,7 +344,7 @@ async def one_round(system: Any, args: argparse.Namespace, round_no: int) -> dic
             await sampler
     later = [x for t in range(1, args.turns) for x in ttfts[t]]
     out = {"ttft_p50_all": p50([x for v in ttfts.values() for x in v]), "ttft_p50_turn1": p50(ttfts[0]),
-           "ttft_p50_later": p50(later), "tokens_per_s": totals["tokens"] / wall, "wall_s": wall,
+           "ttft_p50_later": p50(later), "ttft_p90_later": p90(later), "tokens_per_s": totals["tokens"] / wall, "wall_s": wall,
            "prompt_tokens": totals["prompt"], "cached_tokens": totals["cached"],
            "landed_share": totals["landed"] / totals["later"] if totals["later"] else float("nan"),
            "ttft_p50_per_turn": [p50(ttfts[t]) for t in range(args.turns)],
@@ -341,6 +363,7 @@ def summarize(out: dict[str, Any], results: dict[str, list[dict[str, Any]]]) -> 
     for k, v in results.items():
         m: dict[str, Any] = {f: med([x[f] for x in v]) for f in (*FIGURES, "prompt_tokens", "cached_tokens",
                                                                   "landed_share", "first_prompt_tokens_p50")}
+        m["ttft_p90_later"] = med([x.get("ttft_p90_later", float("nan")) for x in v])
         m["ttft_p50_per_turn"] = [med([x["ttft_p50_per_turn"][t] for x in v]) for t in range(len(v[0]["ttft_p50_per_turn"]))]
         if "occupancy" in v[0]:
             m["imbalanced_samples"] = sum(x["occupancy"].get("imbalanced_samples", 0) for x in v)
@@ -430,17 +453,18 @@ async def returning(node: NodeSystem | None, server: ServerSystem | None, args: 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     model = model_path(args.model)
-    server_bin = find_llama_server(args.llama_server)
-    if server_bin is None:
-        raise SystemExit("llama-server is not built: run tools/build-llama-server (or pass --llama-server PATH)")
     prefills = [p for p in args.nodes.split(",") if p]
     reuses = [int(x) for x in args.servers.split(",") if x]
+    server_bin = find_llama_server(args.llama_server)
+    if server_bin is None and (reuses or args.case != "one-node"):
+        raise SystemExit("llama-server is not built: run tools/build-llama-server (or pass --llama-server PATH)")
     work = make_work("optimanode-bench-multiturn-")
     out: dict[str, Any] = {
         "case": args.case, "machine": machine(), "model": model, "threads": args.threads,
         "conversations": args.conversations, "turns": args.turns, "system_words": args.system_words,
         "max_tokens": args.max_tokens, "gap_s": args.gap, "parallel": args.parallel, "n_ctx": args.n_ctx,
         "n_batch": args.n_batch, "rounds": args.rounds, "llama_server": server_bin, "landed_slack": LANDED_SLACK,
+        "stagger_s": args.stagger, "private_words": args.private_words,
         "method": "systems in turn within each round (order reversed every other round), a new system prompt each "
                   "round; medians of rounds, ratios are medians of per-round ratios",
     }
@@ -500,7 +524,9 @@ def print_table(out: dict[str, Any]) -> None:
     print(f"multiturn ({out['case']}): {Path(out['model']).name}, {out['threads']} threads each, "
           f"{out['conversations']} conversations x {out['turns']} turns, system ~{out['system_words']} words, "
           f"{out['max_tokens']} tokens a reply, gap {out['gap_s']} s, parallel {out['parallel']}, n_ctx "
-          f"{out['n_ctx']}, {out['rounds']} rounds")
+          f"{out['n_ctx']}, {out['rounds']} rounds"
+          + (f", starts {out['stagger_s']} s apart" if out.get("stagger_s") else "")
+          + (f", ~{out['private_words']} words of each conversation's own" if out.get("private_words") else ""))
     print(f"machine: {m['cpu_model']} ({m['cpus']} CPUs), load {m['loadavg_at_start']} -> {m.get('loadavg_at_end')}")
     if "returning" in out:
         for name, r in out["returning"].items():
@@ -511,12 +537,12 @@ def print_table(out: dict[str, Any]) -> None:
                      f"{out['repeats']}: ratio p50 {r['ratio_p50_host_cache']})" if name.startswith("node") else ")"))
         return
     w = max(len(k) for k in out["medians"]) + 1
-    print(f"{'system':<{w}} {'TTFT p50 all':>12} {'turn 1':>7} {'later':>7} {'tok/s':>7} {'wall s':>7} "
+    print(f"{'system':<{w}} {'TTFT p50 all':>12} {'turn 1':>7} {'later':>7} {'p90':>7} {'tok/s':>7} {'wall s':>7} "
           f"{'cached/prompt':>15} {'landed':>7}   TTFT p50 per turn")
     for name, f in out["medians"].items():
         per_turn = " ".join(f"{x:.2f}" for x in f["ttft_p50_per_turn"])
         print(f"{name:<{w}} {f['ttft_p50_all']:>12.2f} {f['ttft_p50_turn1']:>7.2f} {f['ttft_p50_later']:>7.2f} "
-              f"{f['tokens_per_s']:>7.1f} {f['wall_s']:>7.1f} {int(f['cached_tokens']):>7}/{int(f['prompt_tokens']):<7} "
+              f"{f.get('ttft_p90_later', float('nan')):>7.2f} {f['tokens_per_s']:>7.1f} {f['wall_s']:>7.1f} {int(f['cached_tokens']):>7}/{int(f['prompt_tokens']):<7} "
               f"{f['landed_share']:>7.0%}   {per_turn}")
         if "imbalanced_samples" in f:
             print(f"{'':<{w}} imbalance (one node > 80 % of its slots, the other idle): {f['imbalanced_samples']} of "
@@ -576,6 +602,10 @@ def add_parser(sub: Any) -> None:
                    help="words of the shared system prompt (default 600: ~800 SmolLM2 tokens)")
     c.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per reply (default 32)")
     c.add_argument("--gap", type=float, default=0.2, help="seconds between a conversation's turns (default 0.2)")
+    c.add_argument("--stagger", type=float, default=0.0,
+                   help="seconds between conversation starts (default 0: all at once)")
+    c.add_argument("--private-words", type=int, default=0,
+                   help="words of each conversation's own text after the system prompt (default 0)")
     c.add_argument("--parallel", type=int, default=4, help="slots on each system (default 4)")
     c.add_argument("--n-ctx", type=int, default=8192, help="context shared by the slots on each (default 8192)")
     c.add_argument("--n-batch", type=int, default=512, help="n_batch (llama-server -b/-ub) on each (default 512)")
