@@ -456,7 +456,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     prefills = [p for p in args.nodes.split(",") if p]
     reuses = [int(x) for x in args.servers.split(",") if x]
     server_bin = find_llama_server(args.llama_server)
-    if server_bin is None and (reuses or args.case != "one-node"):
+    if server_bin is None and (reuses or args.case == "pool"):
         raise SystemExit("llama-server is not built: run tools/build-llama-server (or pass --llama-server PATH)")
     work = make_work("optimanode-bench-multiturn-")
     out: dict[str, Any] = {
@@ -497,8 +497,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         elif args.case == "returning":
             n = new_node(prefills[0], "node-returning")
             await n.start()
-            s = new_server(reuses[0], "llama-server")
-            out["llama_server_cmd"] = " ".join(s.cmd)
+            s = new_server(reuses[0], "llama-server") if reuses else None
+            if s is not None:
+                out["llama_server_cmd"] = " ".join(s.cmd)
             out["repeats"] = args.repeats
             await returning(NodeSystem(n, prefills[0]), s, args, out)
         else:
