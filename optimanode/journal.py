@@ -58,6 +58,18 @@ import aiosqlite
 import msgspec
 
 from optimanode.errors import JournalError
+from optimanode.request_hours import (
+    FLUSH_S,
+    HOURS_FROM,
+    HOURS_SELECT,
+    HOURS_THROUGH,
+    HOURS_UPSERT,
+    HourFold,
+    fold_sql,
+    hour_of,
+    hours_marks,
+    merged,
+)
 from optimanode.protocol import (
     Checkpoint,
     DesiredChanged,
@@ -337,6 +349,12 @@ class Journal:
         # Whether this run has written journal_meta.open = 1 (with its first append).
         self._marked_open = False
         self._check: asyncio.Task[None] | None = None
+        # request_hours at append time (optimanode/request_hours.py): the hours of the request
+        # events committed since the last write of them, through seq _hours_through; None for a
+        # journal without the table (tests of old schemas).
+        self._hours: dict[tuple[str, int], HourFold] | None = {}
+        self._hours_through = 0
+        self._hours_written = monotonic()
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -387,6 +405,7 @@ class Journal:
             self.integrity, self.checked_at_open = "ok", True
         await apply_migrations(db, migrations)
         await self._load_position()
+        await self._load_hours()
         self._views = await self._load_projection()
         # The mark "open" is written with the first append (_commit_locked), not here: a start
         # refused after open (a row that does not decode) must leave the file as it found it.
@@ -466,6 +485,32 @@ class Journal:
                     self._notes[stream] = note(self._notes.get(stream), body)
         self.events_since_checkpoint = count
         (self._last_seq,) = await (await self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events")).fetchone()  # type: ignore[misc]
+
+    async def _load_hours(self) -> None:
+        """The request events after ``hours_through_seq`` (a run that ended before it wrote its
+        hours), summed by SQLite into the hours to write with the next commit; nothing is written
+        here (a refused start leaves the file as it found it)."""
+
+        def fold() -> tuple[int, dict[tuple[str, int], HourFold]] | None:
+            db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                hours_from, through = hours_marks(db)
+                if hours_from > self._last_seq + 1 and hours_from >= 1 << 62:
+                    return None  # a journal without the marks (no migration 0005): no hours at append time
+                lo = max(through + 1, hours_from)
+                return (through, {}) if lo > self._last_seq else (self._last_seq, fold_sql(db, lo, self._last_seq, float("inf"))[1])
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):  # migrations without request_hours (tests of old schemas)
+                    return None
+                raise
+            finally:
+                db.close()
+
+        got = await asyncio.to_thread(fold)
+        if got is None:
+            self._hours = None
+            return
+        self._hours_through, self._hours = got
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -574,6 +619,7 @@ class Journal:
                         "INSERT OR REPLACE INTO executors (id, path, state, enabled, settings, info, last_seq)"
                         " VALUES (?, ?, ?, ?, ?, ?, ?)",
                         [_view_row(views[s]) for s in touched])
+                wrote_hours = await self._write_hours(force=False)
                 if not self._marked_open:
                     await self._set_open_mark(1)
                 await db.execute("COMMIT")
@@ -588,6 +634,7 @@ class Journal:
         self._marked_open = True
         self._versions, self._views, self._notes, self._open = versions, views, notes, open_
         self._last_seq = seq
+        self._add_hours(wrote_hours, events, now)
         if checkpoint is not None:
             last = [e for out in events for e in out if e.body is checkpoint][-1]
             self.checkpoint_seq, self.checkpoint_ts = last.seq, last.ts
@@ -595,6 +642,61 @@ class Journal:
         else:
             self.events_since_checkpoint += len(rows)
         return events
+
+    async def write_hours(self) -> None:
+        """The hours held in memory into ``request_hours`` now, in a transaction of their own: at
+        close (the next open has nothing to sum again) and before retention deletes (it deletes only
+        what the table holds). A failure loses nothing: the next write, or the next open, has them."""
+        if not self._hours:
+            return
+        async with self.write_lock:
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    await self._write_hours(force=True)
+                    await self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        await self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                log.warning("journal %s: the request hours were not written (%s); they stay for the next"
+                            " write, or the next open sums them again", self.path, exc)
+                return
+        self._add_hours(True, [], time.time())
+
+    async def _write_hours(self, *, force: bool) -> bool:
+        """Inside a commit's transaction: the hours held in memory added to their rows, with the
+        mark of how far they go, when FLUSH_S has passed since the last write (or ``force``).
+        Whether it wrote them (they are dropped from memory only once the commit is through)."""
+        if not self._hours or not (force or monotonic() - self._hours_written >= FLUSH_S):
+            return False
+        db = self._db
+        rows = []
+        for (stream, hour), fold in self._hours.items():
+            row = await (await db.execute(HOURS_SELECT + " WHERE stream = ? AND hour = ?", (stream, hour))).fetchone()
+            rows.append(merged(row, fold).row())
+        await db.executemany(HOURS_UPSERT, rows)
+        await db.execute("INSERT OR REPLACE INTO journal_meta (key, value) VALUES (?, ?)",
+                         (HOURS_THROUGH, str(self._hours_through)))
+        return True
+
+    def _add_hours(self, wrote: bool, events: list[list[Event]], ts: float) -> None:
+        """After a commit: drop the hours it wrote, add its request events to those held."""
+        if self._hours is None:
+            return
+        if wrote:
+            self._hours = {}
+            self._hours_written = monotonic()
+        hour = hour_of(ts)
+        for out in events:
+            for e in out:
+                if isinstance(e.body, (RequestStarted, RequestFinished)):
+                    fold = self._hours.get((e.stream, hour))
+                    if fold is None:
+                        fold = self._hours[(e.stream, hour)] = HourFold(stream=e.stream, hour=hour)
+                    fold.add(e.seq, e.body)
+        self._hours_through = self._last_seq
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -658,6 +760,8 @@ class Journal:
             # The sentinel queues behind every accepted append: close never drops one.
             await self._queue.put(None)
             await asyncio.shield(self._writer)
+            if self._marked_open:  # a run that appended nothing leaves the file as it found it
+                await self.write_hours()
             # A clean close: the next open may skip the full check (module docstring). Only a
             # run that wrote the mark clears it (a refused start writes nothing).
             if self._marked_open:

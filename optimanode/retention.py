@@ -6,12 +6,14 @@ How it works (docs/journal.md "Retention"; settings in ``[journal]``, docs/confi
   when ``checkpoint_events`` events or ``checkpoint_interval_s`` have passed since the last one
   (``Journal.checkpoint``), then works on the rows behind the newest checkpoint only: everything
   the next start needs is in that checkpoint, so nothing it deletes is ever replayed.
-* Request events older than ``request_retention_days`` are folded into ``request_hours``, one row
-  per model per hour (requests, outcomes by kind, prompt and completion tokens, and log-bucket
-  histograms of TTFT and total time, from which percentiles are read), and deleted in the same
-  transaction: a row of ``request_hours`` is always exactly the sum of the events deleted into it,
-  even when the node dies half-way. Histograms, not stored percentiles, because the fold runs in
-  small pieces and histograms add up exactly where percentiles do not.
+* Request events older than ``request_retention_days`` are deleted. What they said is kept in
+  ``request_hours``, one row per model per hour (requests, outcomes by kind, prompt and completion
+  tokens, log-bucket histograms of TTFT and total time), which the journal writes as requests come
+  (optimanode/request_hours.py): a pass first has the journal write the hours it holds
+  (``Journal.write_hours``), then deletes only events the table already counts (up to the mark
+  ``hours_through_seq``). Events a journal wrote before it kept hours that way (below
+  ``hours_from_seq``, migration 0005) are folded into their hours in the transaction that deletes
+  them, as before: a row is then always exactly the sum of the events it counts.
 * State events older than ``state_retention_days`` are deleted behind a checkpoint of that age,
   which becomes the base (``journal_meta.base_seq``: where a full replay starts). The last
   ``crashes_kept`` crash transitions of each model stay whatever their age, stderr tails and all.
@@ -19,13 +21,11 @@ How it works (docs/journal.md "Retention"; settings in ``[journal]``, docs/confi
 * A cap: when the file passes 90 % of ``max_bytes`` the pass folds the oldest requests whatever
   their age (and, if that is not enough, moves the base up to the newest checkpoint) until the
   live data is under 80 %; ``near_cap`` says so in metrics and doctor.
-* The fold is set-based: a step (``fold_step``) takes the request events in a range of seq from
-  the oldest one (``FOLD_WHERE``, a primary-key range), SQLite sums them per model and hour (GROUP
-  BY, JSON read by SQLite), adds those sums to ``request_hours`` and deletes the same rows (the same
-  WHERE; the count must match), all in one transaction under the write lock: the read too, because
-  the appends' slowest commits coincided with retention's reads when those ran beside them, while a
-  step an append interrupts costs that append little (docs/benchmarks.md). State deletes likewise
-  (``state_step``).
+* A step (``fold_step``) takes the request events in a range of seq from the oldest one
+  (``FOLD_WHERE``, a primary-key range) and deletes them, one transaction under the write lock; for
+  events from before migration 0005 SQLite first sums them per model and hour (GROUP BY, JSON read
+  by SQLite: ``fold_sql``) and adds those sums to ``request_hours`` in the same transaction (the
+  count must match). State deletes likewise (``state_step``).
 * Every change is a short transaction on a connection of its own (``synchronous=NORMAL``: no fsync
   in the commit; ``_flush_wal`` fdatasyncs the WAL after it, outside the lock; a step lost to a
   power cut is redone, and its fold and delete are one transaction either way), on a writer thread
@@ -60,7 +60,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import math
 import os
@@ -77,6 +76,13 @@ from optimanode.config import JournalSettings
 from optimanode.errors import JournalError
 from optimanode.journal import REQUEST_TYPES, WAL_SIZE_LIMIT, Journal, base_seq
 from optimanode.protocol import JournalReport
+from optimanode.request_hours import (
+    FOLD_WHERE,
+    HourFold,
+    fold_sql,
+    hours_marks,
+    merge_hours,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,35 +136,6 @@ VACUUM_EVERY = 8
 # The cap: past HIGH_WATER of max_bytes a pass folds early, down to LOW_WATER.
 HIGH_WATER = 0.9
 LOW_WATER = 0.8
-# Histogram buckets: bucket i holds values in (GAMMA**(i-1), GAMMA**i]; its representative value
-# 2*GAMMA**i/(GAMMA+1) is within (GAMMA-1)/(GAMMA+1) = 4.3 % of every value in it.
-GAMMA = 2 ** (1 / 8)
-MIN_VALUE_S = 1e-4
-ZERO_BUCKET = math.ceil(math.log(MIN_VALUE_S, GAMMA))
-
-def bucket(value: float) -> int:
-    return ZERO_BUCKET if value <= MIN_VALUE_S else math.ceil(math.log(value, GAMMA))
-
-
-def bucket_value(index: int) -> float:
-    return 2 * GAMMA ** index / (GAMMA + 1)
-
-
-def percentile(hist: dict[str, int], q: float) -> float | None:
-    """The ``q`` quantile (0..1) of a histogram, within 4.3 %; None when it is empty."""
-    items = sorted((int(k), n) for k, n in hist.items() if n)
-    total = sum(n for _, n in items)
-    if not total:
-        return None
-    rank = max(1, math.ceil(q * total))
-    seen = 0
-    for index, n in items:
-        seen += n
-        if seen >= rank:
-            return bucket_value(index)
-    return bucket_value(items[-1][0])  # pragma: no cover - rank <= total
-
-
 def next_size(size: int, took_s: float, *, target_s: float, lo: int, hi: int) -> int:
     """The size (rows, pages) of the next step after one of ``size`` took ``took_s`` under the lock:
     what would take ``target_s`` at that rate, growing by a quarter at most, within ``lo``..``hi``."""
@@ -192,93 +169,6 @@ class Pacer:
         return pause
 
 
-@dataclass
-class HourFold:
-    """One model's hour of request events, as folded (a row of ``request_hours``)."""
-
-    stream: str
-    hour: int
-    started: int = 0
-    requests: int = 0
-    outcomes: dict[str, int] = field(default_factory=dict)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    ttft_count: int = 0
-    ttft_sum_s: float = 0.0
-    ttft_hist: dict[str, int] = field(default_factory=dict)
-    total_count: int = 0
-    total_sum_s: float = 0.0
-    total_hist: dict[str, int] = field(default_factory=dict)
-    first_seq: int = 0
-    last_seq: int = 0
-
-    COLUMNS = ("stream", "hour", "started", "requests", "outcomes", "prompt_tokens", "completion_tokens",
-               "ttft_count", "ttft_sum_s", "ttft_hist", "total_count", "total_sum_s", "total_hist",
-               "first_seq", "last_seq")
-    JSON = frozenset({"outcomes", "ttft_hist", "total_hist"})
-
-    def merge(self, other: HourFold) -> None:
-        for name in ("started", "requests", "prompt_tokens", "completion_tokens", "ttft_count", "ttft_sum_s",
-                     "total_count", "total_sum_s"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        for name in self.JSON:
-            mine = getattr(self, name)
-            for k, n in getattr(other, name).items():
-                mine[k] = mine.get(k, 0) + n
-        if other.first_seq:
-            self.first_seq = other.first_seq if not self.first_seq else min(self.first_seq, other.first_seq)
-        self.last_seq = max(self.last_seq, other.last_seq)
-
-    def row(self) -> tuple[Any, ...]:
-        return tuple(json.dumps(getattr(self, c), sort_keys=True) if c in self.JSON else getattr(self, c)
-                     for c in self.COLUMNS)
-
-    @classmethod
-    def from_row(cls, row: Sequence[Any]) -> HourFold:
-        values = dict(zip(cls.COLUMNS, row))
-        for c in cls.JSON:
-            values[c] = json.loads(values[c])
-        return cls(**values)
-
-    def summary(self) -> dict[str, Any]:
-        """What inspect-journal shows: counts, tokens and percentiles (within 4.3 %)."""
-        return {
-            "stream": self.stream, "hour": self.hour, "started": self.started, "requests": self.requests,
-            "outcomes": dict(sorted(self.outcomes.items(), key=lambda kv: (-kv[1], kv[0]))),
-            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-            "ttft_s": {f"p{int(q * 100)}": percentile(self.ttft_hist, q) for q in (0.5, 0.9, 0.99)},
-            "total_s": {f"p{int(q * 100)}": percentile(self.total_hist, q) for q in (0.5, 0.9, 0.99)},
-            "ttft_mean_s": self.ttft_sum_s / self.ttft_count if self.ttft_count else None,
-            "total_mean_s": self.total_sum_s / self.total_count if self.total_count else None,
-            "first_seq": self.first_seq, "last_seq": self.last_seq,
-        }
-
-
-HOURS_SELECT = f"SELECT {', '.join(HourFold.COLUMNS)} FROM request_hours"
-
-
-def read_hours(db: sqlite3.Connection, *, stream: str | None = None, since: float | None = None,
-               until: float | None = None) -> list[HourFold]:
-    """The aggregates, oldest hour first (shared with tools/inspect-journal)."""
-    where, args = [], []
-    if stream is not None:
-        where.append("stream = ?")
-        args.append(stream)
-    if since is not None:
-        where.append("hour + 3600 > ?")
-        args.append(since)
-    if until is not None:
-        where.append("hour <= ?")
-        args.append(until)
-    sql = HOURS_SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY hour, stream"
-    try:
-        return [HourFold.from_row(r) for r in db.execute(sql, args)]
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):  # a journal from before migration 0003
-            return []
-        raise
-
-
 # -- the pieces a pass is made of (synchronous; each runs on a thread) ---------------------------
 
 
@@ -292,33 +182,6 @@ class Folded:
     before_ts: float
     rows: int
     hours: dict[tuple[str, int], HourFold]
-
-
-# The rows one fold step takes: a range of seq (the primary key: a range scan, whatever the journal's
-# size) and, in it, the request events old enough. write_fold deletes with the same WHERE.
-FOLD_WHERE = ("seq BETWEEN ? AND ? AND type IN ('request_started', 'request_finished') AND ts < ?")
-_HOUR = "CAST(ts / 3600 AS INTEGER) * 3600"
-# A body SQLite's JSON cannot parse is counted (started, or a request with outcome "unreadable") and
-# contributes nothing else, so the totals still add up.
-_FIN = "type = 'request_finished' AND json_valid(data)"
-_FOLD_TOTALS = (
-    f"SELECT stream, {_HOUR} AS hour, sum(type = 'request_started'), sum(type = 'request_finished'),"
-    f" coalesce(sum(CASE WHEN {_FIN} THEN json_extract(data, '$.prompt_tokens') END), 0),"
-    f" coalesce(sum(CASE WHEN {_FIN} THEN json_extract(data, '$.completion_tokens') END), 0),"
-    f" count(CASE WHEN {_FIN} THEN json_extract(data, '$.ttft_s') END),"
-    f" total(CASE WHEN {_FIN} THEN json_extract(data, '$.ttft_s') END),"
-    f" count(CASE WHEN {_FIN} THEN json_extract(data, '$.total_s') END),"
-    f" total(CASE WHEN {_FIN} THEN json_extract(data, '$.total_s') END),"
-    f" min(seq), max(seq) FROM events WHERE {FOLD_WHERE} GROUP BY stream, hour")
-_FOLD_OUTCOMES = (
-    f"SELECT stream, {_HOUR} AS hour,"
-    " coalesce(CASE WHEN json_valid(data) THEN json_extract(data, '$.outcome') END, 'unreadable') AS o, count(*)"
-    f" FROM events WHERE {FOLD_WHERE} AND type = 'request_finished' GROUP BY stream, hour, o")
-# bucket() in SQL: the same expression (ln(v) / ln(GAMMA), C's log on both sides), so the same bucket.
-_FOLD_HIST = (
-    "SELECT stream, hour, CASE WHEN v <= ? THEN ? ELSE CAST(ceil(ln(v) / ln(?)) AS INTEGER) END AS b, count(*)"
-    f" FROM (SELECT stream, {_HOUR} AS hour, CASE WHEN json_valid(data) THEN json_extract(data, '$.{{field}}') END"
-    f" AS v FROM events WHERE {FOLD_WHERE} AND type = 'request_finished') WHERE v IS NOT NULL GROUP BY stream, hour, b")
 
 
 def oldest_request(db: sqlite3.Connection) -> int | None:
@@ -341,34 +204,16 @@ def backlog_events(db: sqlite3.Connection, *, before_ts: float, before_seq: int)
 
 def read_fold(db: sqlite3.Connection, *, before_ts: float, before_seq: int, limit: int = FOLD_ROWS) -> Folded:
     """The oldest request events (at most ``limit``: the seq range from the oldest one, ``limit``
-    long) before both bounds, folded per model per hour by SQLite itself (GROUP BY over the range;
-    nothing per row in Python, so the event loop's thread never waits for the GIL behind it). Only
+    long) before both bounds, folded per model per hour by SQLite itself (``fold_sql``). Only
     retention deletes rows, and appends only add seqs past ``before_seq``, so what this reads is
-    still there when ``write_fold`` deletes it."""
+    still there when ``write_fold`` deletes it. For the events a journal wrote before it kept
+    ``request_hours`` at append time (below ``hours_from_seq``: ``fold_step``)."""
     lo = oldest_request(db)
     if lo is None or lo >= before_seq:
         return Folded(0, 0, before_ts, 0, {})
     hi = min(lo + limit - 1, before_seq - 1)
-    ts = min(before_ts, 1e300)  # SQLite has no infinity literal for a bound parameter
-    args = (lo, hi, ts)
-    hours: dict[tuple[str, int], HourFold] = {}
-    rows = 0
-    for (stream, hour, started, requests, prompt, completion, ttft_n, ttft_sum, total_n, total_sum, first,
-         last) in db.execute(_FOLD_TOTALS, args):
-        hours[(stream, hour)] = HourFold(
-            stream=stream, hour=hour, started=started, requests=requests, prompt_tokens=prompt,
-            completion_tokens=completion, ttft_count=ttft_n, ttft_sum_s=ttft_sum, total_count=total_n,
-            total_sum_s=total_sum, first_seq=first, last_seq=last)
-        rows += started + requests
-    if not rows:
-        return Folded(lo, hi, ts, 0, {})
-    for stream, hour, outcome, n in db.execute(_FOLD_OUTCOMES, args):
-        hours[(stream, hour)].outcomes[str(outcome)] = n
-    for field_, attr in (("ttft_s", "ttft_hist"), ("total_s", "total_hist")):
-        for stream, hour, b, n in db.execute(_FOLD_HIST.format(field=field_),
-                                             (MIN_VALUE_S, ZERO_BUCKET, GAMMA, *args)):
-            getattr(hours[(stream, hour)], attr)[str(b)] = n
-    return Folded(lo, hi, ts, rows, hours)
+    rows, hours = fold_sql(db, lo, hi, before_ts)
+    return Folded(lo, hi, min(before_ts, 1e300), rows, hours)
 
 
 class Yielded(Exception):
@@ -406,27 +251,33 @@ def write_fold(db: sqlite3.Connection, folded: Folded, yielding: threading.Event
 
 def fold_step(db: sqlite3.Connection, *, before_ts: float, before_seq: int, limit: int,
               yielding: threading.Event | None = None) -> Folded:
-    """``read_fold`` and ``write_fold`` as one transaction, under the write lock: the sums are read
-    while no append runs (an append that comes interrupts the read as it does the write). Measured:
-    the appends' slowest commits coincided with retention's reads far more than with its writes
-    (docs/benchmarks.md "One-year journal"), and an interrupted step costs an append little."""
+    """The oldest request events before both bounds (at most ``limit``: a seq range from the oldest
+    one) deleted, as one transaction under the write lock. The journal wrote them into
+    ``request_hours`` as they came (optimanode/request_hours.py), so the step only deletes, and
+    only what the journal has written there (up to ``hours_through_seq``). Events from before the
+    journal did that (below ``hours_from_seq``) are folded in the same transaction first
+    (``read_fold``: the sums read while no append runs; an append that comes interrupts the read as
+    it does the write)."""
     with _transaction(db):
-        folded = read_fold(db, before_ts=before_ts, before_seq=before_seq, limit=limit)
+        hours_from, through = hours_marks(db)
+        lo = oldest_request(db)
+        if lo is not None and lo < hours_from:
+            folded = read_fold(db, before_ts=before_ts, before_seq=min(before_seq, hours_from), limit=limit)
+            _go_on(yielding)
+            if folded.rows:
+                _write_fold(db, folded, yielding)
+            return folded
+        ts = min(before_ts, 1e300)
+        hi = min(before_seq - 1, through) if lo is None else min(lo + limit - 1, before_seq - 1, through)
+        if lo is None or hi < lo:
+            return Folded(0, 0, ts, 0, {})
+        deleted = db.execute(f"DELETE FROM events WHERE {FOLD_WHERE}", (lo, hi, ts)).rowcount
         _go_on(yielding)
-        if folded.rows:
-            _write_fold(db, folded, yielding)
-    return folded
+        return Folded(lo, hi, ts, deleted, {})
 
 
 def _write_fold(db: sqlite3.Connection, folded: Folded, yielding: threading.Event | None) -> None:
-    for (stream, hour), fold in folded.hours.items():
-        row = db.execute(HOURS_SELECT + " WHERE stream = ? AND hour = ?", (stream, hour)).fetchone()
-        if row is not None:
-            merged = HourFold.from_row(row)
-            merged.merge(fold)
-            fold = merged
-        db.execute(f"INSERT OR REPLACE INTO request_hours ({', '.join(HourFold.COLUMNS)})"
-                   f" VALUES ({', '.join('?' * len(HourFold.COLUMNS))})", fold.row())
+    merge_hours(db, folded.hours)
     _go_on(yielding)
     deleted = db.execute(f"DELETE FROM events WHERE {FOLD_WHERE}",
                          (folded.lo, folded.hi, folded.before_ts)).rowcount
@@ -753,7 +604,9 @@ class Retention:
                                           or now - j.checkpoint_ts >= s.checkpoint_interval_s):
             await j.checkpoint()
             report.checkpoint = True
-        # 1. Requests past their age.
+        # 1. Requests past their age. The journal writes the hours it holds first: a step deletes
+        #    only what request_hours already counts.
+        await j.write_hours()
         await self._fold(report, before_ts=now - s.request_retention_days * DAY_S)
         # 2. The cap: the oldest requests whatever their age, down to LOW_WATER.
         if await self._read(live_bytes) > HIGH_WATER * s.max_bytes:
@@ -921,12 +774,12 @@ def _vacuum(db: sqlite3.Connection, pages: int, yielding: threading.Event | None
 
 
 def fold_all(path: str | os.PathLike[str], *, before_ts: float, before_seq: int) -> int:
-    """Fold every request event before both bounds, synchronously (benchmarks and tests)."""
+    """Delete (fold, where the journal predates request_hours at append time) every request event
+    before both bounds, synchronously (benchmarks and tests)."""
     db = sqlite3.connect(path, isolation_level=None)
     try:
         n = 0
-        while (folded := read_fold(db, before_ts=before_ts, before_seq=before_seq)).rows:
-            write_fold(db, folded)
+        while (folded := fold_step(db, before_ts=before_ts, before_seq=before_seq, limit=FOLD_ROWS)).rows:
             n += folded.rows
         return n
     finally:

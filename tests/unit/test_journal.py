@@ -28,7 +28,7 @@ async def test_a_new_journal_is_in_wal_mode_with_every_migration_recorded(tmp_pa
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("SELECT version, name FROM schema_migrations").fetchall() == [
         (1, "0001_initial.sql"), (2, "0002_replay_index.sql"), (3, "0003_retention.sql"),
-        (4, "0004_incremental_vacuum.sql")]
+        (4, "0004_incremental_vacuum.sql"), (5, "0005_request_hours_at_append.sql")]
     assert db.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # incremental
 
 

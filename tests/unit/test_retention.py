@@ -19,19 +19,15 @@ from optimanode.protocol import (
     RequestStarted,
     Transition,
 )
+from optimanode.request_hours import HourFold, bucket, bucket_value, percentile, read_hours
 from optimanode.retention import (
     DAY_S,
-    FOLD_ROWS,
-    HourFold,
     FOLD_RATE_MIN,
+    FOLD_ROWS,
     SPREAD,
     Pacer,
     PassReport,
     Retention,
-    bucket,
-    bucket_value,
-    percentile,
-    read_hours,
 )
 
 INFO = ModelInfo(path="/m/a.gguf", files=["/m/a.gguf"], size_bytes=10, mtime_ns=5, architecture="llama")
@@ -88,26 +84,7 @@ def hist(values) -> dict:
     return h
 
 
-async def test_folded_aggregates_equal_the_sums_of_the_deleted_request_events(tmp_path):
-    path = tmp_path / "j.sqlite3"
-    j = await Journal.open(path)
-    await j.append("a", Registered(info=INFO))
-    await requests(j, random.Random(1), 1300)  # several fold transactions (FOLD_ROWS each)
-    await j.checkpoint()
-    await j.append_many([("a", RequestStarted(request_id="after", kind="chat"))])  # after the checkpoint: kept
-    rows = [r for r in request_rows(path) if r[0] < j.checkpoint_seq]
-    want = expected_hours(rows)
-    later = time.time() + 8 * DAY_S  # everything is older than the 7-day retention
-    # (No new checkpoint in this pass: the request after the one above stays unfolded.)
-    ret = await Retention.open(j, JournalSettings(checkpoint_interval_s=1e12, checkpoint_events=10**9),
-                               clock=lambda: later)
-    report = await ret.pass_once()
-    assert report.requests_folded == len(rows) == 2600
-    assert len(report.holds_s) >= 2600 // FOLD_ROWS
-    left = request_rows(path)
-    assert [r[0] for r in left] == [j.last_seq]  # only the request after the checkpoint
-    db = sqlite3.connect(path)
-    got = {(h.stream, h.hour): h for h in read_hours(db)}
+def assert_hours_equal(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for key, e in want.items():
         h = got[key]
@@ -117,11 +94,109 @@ async def test_folded_aggregates_equal_the_sums_of_the_deleted_request_events(tm
         assert abs(h.ttft_sum_s - sum(e["ttft"])) < 1e-6 and abs(h.total_sum_s - sum(e["total"])) < 1e-6
         assert h.ttft_hist == hist(e["ttft"]) and h.total_hist == hist(e["total"])
         assert (h.first_seq, h.last_seq) == (min(e["seqs"]), max(e["seqs"]))
-    # A second pass has nothing left to fold and changes nothing.
+
+
+def hours_of(path) -> dict:
+    db = sqlite3.connect(path)
+    try:
+        return {(h.stream, h.hour): h for h in read_hours(db)}
+    finally:
+        db.close()
+
+
+async def test_the_aggregates_equal_the_sums_of_the_request_events_and_retention_deletes_only_what_they_count(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    j = await Journal.open(path)
+    await j.append("a", Registered(info=INFO))
+    await requests(j, random.Random(1), 1300)  # several delete transactions (FOLD_ROWS each)
+    await j.checkpoint()
+    await j.append_many([("a", RequestStarted(request_id="after", kind="chat"))])  # after the checkpoint: kept
+    every = request_rows(path)
+    want = expected_hours(every)
+    later = time.time() + 8 * DAY_S  # everything is older than the 7-day retention
+    # (No new checkpoint in this pass: the request after the one above stays.)
+    ret = await Retention.open(j, JournalSettings(checkpoint_interval_s=1e12, checkpoint_events=10**9),
+                               clock=lambda: later)
+    report = await ret.pass_once()  # the journal writes the hours it holds, then retention deletes
+    assert report.requests_folded == len(every) - 1 == 2600
+    assert len(report.holds_s) >= 2600 // FOLD_ROWS
+    left = request_rows(path)
+    assert [r[0] for r in left] == [j.last_seq]  # only the request after the checkpoint
+    got = hours_of(path)
+    assert_hours_equal(got, want)  # every event counted once, deleted or not
+    # A second pass has nothing left to delete and changes nothing.
     assert (await ret.pass_once()).requests_folded == 0
-    assert {(h.stream, h.hour): h for h in read_hours(db)} == got
+    assert hours_of(path) == got
     # The projection and replays are untouched by deleting request events.
     assert await j.replay() == await j.replay(full=True) == j.views()
+    await ret.close()
+    await j.close()
+    assert hours_of(path) == got  # closing writes nothing twice
+
+
+async def test_hours_are_written_with_a_group_commit_every_flush_interval_with_the_mark(tmp_path, monkeypatch):
+    import optimanode.journal as journal_module
+
+    path = tmp_path / "j.sqlite3"
+    j = await Journal.open(path)
+    await requests(j, random.Random(7), 20)
+    assert hours_of(path) == {}  # held in memory: the interval has not passed
+    monkeypatch.setattr(journal_module, "FLUSH_S", 0.0)
+    await requests(j, random.Random(8), 20)  # each commit writes what the commits before it held
+    db = sqlite3.connect(path)
+    (through,) = db.execute("SELECT value FROM journal_meta WHERE key = 'hours_through_seq'").fetchone()
+    db.close()
+    rows = request_rows(path)
+    assert int(through) == j.last_seq - 2  # the last commit's two events are still held
+    assert_hours_equal(hours_of(path), expected_hours([r for r in rows if r[0] <= int(through)]))
+    await j.close()
+    assert_hours_equal(hours_of(path), expected_hours(rows))
+
+
+async def test_hours_a_killed_node_never_wrote_are_summed_again_at_the_next_open(tmp_path, monkeypatch):
+    path = tmp_path / "j.sqlite3"
+    j = await Journal.open(path)
+    await requests(j, random.Random(9), 30)
+    await j.close()  # written at close
+    j = await Journal.open(path)
+    await requests(j, random.Random(10), 40, streams=("a", "c"))
+
+    async def killed() -> None:  # a kill: what the run held in memory is never written
+        return None
+
+    monkeypatch.setattr(j, "write_hours", killed)
+    await j.close()
+    rows = request_rows(path)
+    assert sum(h.started for h in hours_of(path).values()) == 30
+    j = await Journal.open(path)  # sums the 80 events after the mark with SQLite's own GROUP BY
+    assert sum(h.started for h in hours_of(path).values()) == 30  # an open writes nothing
+    await j.write_hours()  # as retention's next pass (or the run's first flush) writes them
+    await j.close()
+    assert_hours_equal(hours_of(path), expected_hours(rows))
+
+
+async def test_request_events_from_before_hours_at_append_time_are_folded_as_they_are_deleted(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    j = await Journal.open(path)
+    await requests(j, random.Random(11), 300)
+    await j.close()
+    # As migration 0005 leaves a journal of an older node: its request events so far outside the
+    # table, the journal's hours starting after them.
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("DELETE FROM request_hours")
+    (last,) = db.execute("SELECT max(seq) FROM events").fetchone()
+    db.execute("UPDATE journal_meta SET value = ? WHERE key = 'hours_from_seq'", (str(last + 1),))
+    db.execute("UPDATE journal_meta SET value = ? WHERE key = 'hours_through_seq'", (str(last),))
+    db.close()
+    j = await Journal.open(path)
+    await requests(j, random.Random(12), 300)
+    await j.checkpoint()
+    rows = request_rows(path)
+    later = time.time() + 8 * DAY_S
+    ret = await Retention.open(j, JournalSettings(checkpoint_interval_s=1e12), clock=lambda: later)
+    report = await ret.pass_once()
+    assert report.requests_folded == len(rows) == 1200 and request_rows(path) == []
+    assert_hours_equal(hours_of(path), expected_hours(rows))  # the older half folded, the newer half counted
     await ret.close()
     await j.close()
 
@@ -203,8 +278,7 @@ async def test_the_cap_makes_retention_fold_early_and_says_the_journal_is_near_i
     (pages,) = db.execute("PRAGMA page_count").fetchone()
     (size,) = db.execute("PRAGMA page_size").fetchone()
     assert pages * size <= 0.8 * cap + 64 * size
-    assert sum(h.requests for h in read_hours(db)) + len(
-        [r for r in request_rows(path) if r[3] == "request_finished"]) == 2500
+    assert sum(h.requests for h in read_hours(db)) == 2500  # every request counted, deleted or not
     assert ret.report().near_cap  # it had to act early
     await ret.close()
     await j.close()
@@ -325,7 +399,7 @@ async def test_folds_that_yield_to_appends_still_equal_the_sums_of_what_was_dele
         for i in range(100_000):  # bounded; stops when the pass ends
             if done.is_set():
                 return
-            await j.append("b", RequestStarted(request_id=f"live-{k}-{i}", kind="chat"))
+            await j.append("c", RequestStarted(request_id=f"live-{k}-{i}", kind="chat"))
 
     ret.pacer = Pacer(busy_share=0.5)  # the yields are what this tests, not the duty cycle: a shorter pass
     tasks = [asyncio.create_task(appender(k)) for k in range(3)]
@@ -334,7 +408,7 @@ async def test_folds_that_yield_to_appends_still_equal_the_sums_of_what_was_dele
     await asyncio.gather(*tasks)
     assert report.requests_folded == len(rows) == 3000
     db = sqlite3.connect(path)
-    got = {(h.stream, h.hour): h for h in read_hours(db)}
+    got = {(h.stream, h.hour): h for h in read_hours(db) if h.stream != "c"}  # c: the live appends
     db.close()
     assert got.keys() == want.keys()
     for key, e in want.items():
@@ -443,10 +517,11 @@ async def test_a_pass_while_appends_come_keeps_to_the_busy_share(tmp_path):
     await j.close()
 
 
-async def test_a_fold_step_reads_and_deletes_in_one_transaction_that_an_append_can_stop(tmp_path):
-    """fold_step: the sums and the delete in one transaction; told to yield (as an append waiting for
-    the lock tells it) it rolls back whole: no aggregate, every event still there. Let run, it folds
-    what it read and deletes exactly that."""
+async def test_a_fold_step_deletes_in_one_transaction_that_an_append_can_stop(tmp_path):
+    """fold_step: told to yield (as an append waiting for the lock tells it) it rolls back whole:
+    every event and every aggregate as they were. Let run, it deletes a range the hours already
+    count; on events from before hours at append time it sums them into their hours and deletes
+    exactly those, one transaction."""
     from optimanode.retention import Yielded, fold_step
 
     path = tmp_path / "j.sqlite3"
@@ -454,19 +529,34 @@ async def test_a_fold_step_reads_and_deletes_in_one_transaction_that_an_append_c
     await requests(j, random.Random(6), 40)
     await j.checkpoint()
     before = request_rows(path)
-    await j.close()
+    await j.close()  # the hours are written at close
     db = sqlite3.connect(path, isolation_level=None)
-    stop = threading.Event()
-    stop.set()
-    try:
-        fold_step(db, before_ts=time.time() + DAY_S, before_seq=10**9, limit=1000, yielding=stop)
-    except Yielded:
-        pass
-    else:  # pragma: no cover - the assertion below says what went wrong
-        raise AssertionError("fold_step went on although told to yield")
-    assert not db.in_transaction and request_rows(path) == before and read_hours(db) == []
+    hours = read_hours(db)
+    assert sum(h.started + h.requests for h in hours) == 80
+
+    def stopped() -> None:
+        stop = threading.Event()
+        stop.set()
+        try:
+            fold_step(db, before_ts=time.time() + DAY_S, before_seq=10**9, limit=1000, yielding=stop)
+        except Yielded:
+            pass
+        else:  # pragma: no cover - the assertion below says what went wrong
+            raise AssertionError("fold_step went on although told to yield")
+
+    stopped()
+    assert not db.in_transaction and request_rows(path) == before and read_hours(db) == hours
     folded = fold_step(db, before_ts=time.time() + DAY_S, before_seq=10**9, limit=30)
     assert folded.rows == 30 and len(request_rows(path)) == len(before) - 30
+    assert read_hours(db) == hours  # counted already: only deleted
+    # The same on a journal from before hours at append time (as migration 0005 leaves one).
+    db.execute("DELETE FROM request_hours")
+    db.execute("UPDATE journal_meta SET value = '1000000' WHERE key = 'hours_from_seq'")
+    left = request_rows(path)
+    stopped()
+    assert not db.in_transaction and request_rows(path) == left and read_hours(db) == []
+    folded = fold_step(db, before_ts=time.time() + DAY_S, before_seq=10**9, limit=30)
+    assert folded.rows == 30 and len(request_rows(path)) == len(left) - 30
     assert sum(h.started + h.requests for h in read_hours(db)) == 30
     db.close()
 
