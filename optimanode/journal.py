@@ -60,10 +60,10 @@ import msgspec
 from optimanode.errors import JournalError
 from optimanode.request_hours import (
     FLUSH_S,
-    HOURS_FROM,
-    HOURS_SELECT,
+    HOURS_SELECT_ONE,
     HOURS_THROUGH,
     HOURS_UPSERT,
+    NO_MARKS,
     HourFold,
     fold_sql,
     hour_of,
@@ -495,10 +495,12 @@ class Journal:
             db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
             try:
                 hours_from, through = hours_marks(db)
-                if hours_from > self._last_seq + 1 and hours_from >= 1 << 62:
+                if hours_from == NO_MARKS:
                     return None  # a journal without the marks (no migration 0005): no hours at append time
                 lo = max(through + 1, hours_from)
-                return (through, {}) if lo > self._last_seq else (self._last_seq, fold_sql(db, lo, self._last_seq, float("inf"))[1])
+                if lo > self._last_seq:
+                    return through, {}
+                return self._last_seq, fold_sql(db, lo, self._last_seq, float("inf"))[1]
             except sqlite3.OperationalError as exc:
                 if "no such table" in str(exc):  # migrations without request_hours (tests of old schemas)
                     return None
@@ -663,7 +665,7 @@ class Journal:
                 log.warning("journal %s: the request hours were not written (%s); they stay for the next"
                             " write, or the next open sums them again", self.path, exc)
                 return
-        self._add_hours(True, [], time.time())
+        self._written_hours()
 
     async def _write_hours(self, *, force: bool) -> bool:
         """Inside a commit's transaction: the hours held in memory added to their rows, with the
@@ -674,20 +676,24 @@ class Journal:
         db = self._db
         rows = []
         for (stream, hour), fold in self._hours.items():
-            row = await (await db.execute(HOURS_SELECT + " WHERE stream = ? AND hour = ?", (stream, hour))).fetchone()
+            row = await (await db.execute(HOURS_SELECT_ONE, (stream, hour))).fetchone()
             rows.append(merged(row, fold).row())
         await db.executemany(HOURS_UPSERT, rows)
         await db.execute("INSERT OR REPLACE INTO journal_meta (key, value) VALUES (?, ?)",
                          (HOURS_THROUGH, str(self._hours_through)))
         return True
 
+    def _written_hours(self) -> None:
+        """The hours held are in the table now: hold none until the next commit adds some."""
+        self._hours = {}
+        self._hours_written = monotonic()
+
     def _add_hours(self, wrote: bool, events: list[list[Event]], ts: float) -> None:
         """After a commit: drop the hours it wrote, add its request events to those held."""
         if self._hours is None:
             return
         if wrote:
-            self._hours = {}
-            self._hours_written = monotonic()
+            self._written_hours()
         hour = hour_of(ts)
         for out in events:
             for e in out:

@@ -37,6 +37,9 @@ from optimanode.protocol import RequestFinished, RequestStarted
 FLUSH_S = 5.0
 HOURS_FROM = "hours_from_seq"
 HOURS_THROUGH = "hours_through_seq"
+# hours_marks' first seq for a journal without the marks (no migration 0005): none of its request
+# events is in request_hours.
+NO_MARKS = 1 << 62
 
 
 def hour_of(ts: float) -> int:
@@ -184,7 +187,7 @@ def read_hours(db: sqlite3.Connection, *, stream: str | None = None, since: floa
 
 
 # The rows one fold step takes: a range of seq (the primary key: a range scan, whatever the journal's
-# size) and, in it, the request events old enough. write_fold deletes with the same WHERE.
+# size) and, in it, the request events old enough. Retention deletes with the same WHERE.
 FOLD_WHERE = ("seq BETWEEN ? AND ? AND type IN ('request_started', 'request_finished') AND ts < ?")
 _HOUR = "CAST(ts / 3600 AS INTEGER) * 3600"
 # A body SQLite's JSON cannot parse is counted (started, or a request with outcome "unreadable") and
@@ -237,6 +240,7 @@ def fold_sql(db: sqlite3.Connection, lo: int, hi: int, before_ts: float) -> tupl
     return rows, hours
 
 
+HOURS_SELECT_ONE = HOURS_SELECT + " WHERE stream = ? AND hour = ?"
 HOURS_UPSERT = (f"INSERT OR REPLACE INTO request_hours ({', '.join(HourFold.COLUMNS)})"
                 f" VALUES ({', '.join('?' * len(HourFold.COLUMNS))})")
 
@@ -253,7 +257,7 @@ def merged(row: Sequence[Any] | None, fold: HourFold) -> HourFold:
 def merge_hours(db: sqlite3.Connection, hours: dict[tuple[str, int], HourFold]) -> None:
     """Add ``hours`` to their rows of ``request_hours`` (inside the caller's transaction)."""
     for (stream, hour), fold in hours.items():
-        row = db.execute(HOURS_SELECT + " WHERE stream = ? AND hour = ?", (stream, hour)).fetchone()
+        row = db.execute(HOURS_SELECT_ONE, (stream, hour)).fetchone()
         db.execute(HOURS_UPSERT, merged(row, fold).row())
 
 
@@ -262,7 +266,7 @@ def hours_marks(db: sqlite3.Connection) -> tuple[int, int]:
     are in ``request_hours``. A journal without the marks (no migration 0005) has none there."""
     marks = dict(db.execute("SELECT key, value FROM journal_meta WHERE key IN (?, ?)", (HOURS_FROM, HOURS_THROUGH)))
     if HOURS_FROM not in marks:
-        return 1 << 62, 0
+        return NO_MARKS, 0
     return int(marks[HOURS_FROM]), int(marks.get(HOURS_THROUGH, 0))
 
 

@@ -206,7 +206,7 @@ def read_fold(db: sqlite3.Connection, *, before_ts: float, before_seq: int, limi
     """The oldest request events (at most ``limit``: the seq range from the oldest one, ``limit``
     long) before both bounds, folded per model per hour by SQLite itself (``fold_sql``). Only
     retention deletes rows, and appends only add seqs past ``before_seq``, so what this reads is
-    still there when ``write_fold`` deletes it. For the events a journal wrote before it kept
+    still there when ``_write_fold`` deletes it. For the events a journal wrote before it kept
     ``request_hours`` at append time (below ``hours_from_seq``: ``fold_step``)."""
     lo = oldest_request(db)
     if lo is None or lo >= before_seq:
@@ -242,13 +242,6 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
-def write_fold(db: sqlite3.Connection, folded: Folded, yielding: threading.Event | None = None) -> None:
-    """Add the folds to their hours and delete their events: one transaction (rolled back when
-    ``yielding`` is set before its end: Retention._locked)."""
-    with _transaction(db):
-        _write_fold(db, folded, yielding)
-
-
 def fold_step(db: sqlite3.Connection, *, before_ts: float, before_seq: int, limit: int,
               yielding: threading.Event | None = None) -> Folded:
     """The oldest request events before both bounds (at most ``limit``: a seq range from the oldest
@@ -268,8 +261,7 @@ def fold_step(db: sqlite3.Connection, *, before_ts: float, before_seq: int, limi
                 _write_fold(db, folded, yielding)
             return folded
         ts = min(before_ts, 1e300)
-        hi = min(before_seq - 1, through) if lo is None else min(lo + limit - 1, before_seq - 1, through)
-        if lo is None or hi < lo:
+        if lo is None or (hi := min(lo + limit - 1, before_seq - 1, through)) < lo:
             return Folded(0, 0, ts, 0, {})
         deleted = db.execute(f"DELETE FROM events WHERE {FOLD_WHERE}", (lo, hi, ts)).rowcount
         _go_on(yielding)

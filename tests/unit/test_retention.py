@@ -138,6 +138,7 @@ async def test_hours_are_written_with_a_group_commit_every_flush_interval_with_t
     import optimanode.journal as journal_module
 
     path = tmp_path / "j.sqlite3"
+    monkeypatch.setattr(journal_module, "FLUSH_S", 1e9)
     j = await Journal.open(path)
     await requests(j, random.Random(7), 20)
     assert hours_of(path) == {}  # held in memory: the interval has not passed
