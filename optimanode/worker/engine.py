@@ -713,6 +713,7 @@ class Engine:
         for src, dst in compaction_moves(self.slots):
             self.prefixes.before_overwrite(dst)  # the hole's cells go to the host cache
             llama_cpp.llama_memory_seq_cp(self.mem, src.seq, dst.seq, -1, -1)
+            self.prefixes.moved(src, dst)
             dst.run, src.run = src.run, None
             dst.cached = list(src.cached)
             if TRACE:
@@ -721,7 +722,34 @@ class Engine:
     def _step(self) -> None:
         """Build one batch, decode it, sample every sequence that has a logits row."""
         self._compact()
-        self._decode(plan_step(self.slots, self.n_batch, self.one_prompt_per_step, self.shortest_first))
+        plan = plan_step(self.slots, self.n_batch, self.one_prompt_per_step, self.shortest_first)
+        self._rebind(plan)
+        self._decode(plan)
+
+    def _rebind(self, plan: list[_Slot]) -> None:
+        """A prompt about to be evaluated for the first time looks for its prefix again.
+
+        Admission chose the prefix when the request took its slot, but a prompt may wait steps
+        for its turn to be evaluated (one prompt a step on the CPU), and meanwhile another slot
+        may have evaluated the same beginning: requests that arrive together with one system
+        prompt all take a slot at once, cold, and without this each would evaluate the system
+        prompt again. Now the first goes, and the others copy its cells when their turn comes.
+        """
+        for slot in plan:
+            run = slot.run
+            assert run is not None
+            if not run.chunk or run.rebound:
+                continue
+            run.rebound = True
+            if run.pos != run.reused or run.pos >= len(run.prompt) - 1:
+                continue  # already evaluating, or only the last token left (always evaluated)
+            n, _ = self.prefixes.prepare(slot, run.pos, run.prompt, again=True)
+            if n != run.pos:
+                self.prompt_tokens_evaluated -= n - run.pos
+                if TRACE:
+                    _log(f"request {run.job.id}: prefix {run.pos} -> {n} tokens before its prompt was evaluated")
+                run.reused = run.pos = n
+                run.chunk = min(run.chunk, len(run.prompt) - n)
 
     def _commit(self, plan: list[_Slot]) -> None:
         """The plan's tokens are in the cells now: advance each run, sample where there is a row."""

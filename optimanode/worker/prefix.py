@@ -1,7 +1,10 @@
 """Where a new prompt's cached prefix comes from: its slot's cells, another slot's, or the host cache.
 
 How it works: ``Engine._start`` has picked a free slot (``slots.choose_slot``: the one whose own
-cells share the longest prefix) and asks ``Prefixes.prepare`` to fill it. Three sources compete,
+cells share the longest prefix) and asks ``Prefixes.prepare`` to fill it; ``Engine._rebind`` asks
+again (``again=True``) just before the prompt's first chunk is evaluated, since a prompt that
+waited for its turn may find that another slot has evaluated the same beginning meanwhile (requests
+that arrive together with one system prompt). Three sources compete,
 each worth the prompt tokens it saves less what it costs, in evaluated-token units measured on
 SmolLM2 (docs/benchmarks.md, "Prompt cache: restore vs evaluate"):
 
@@ -19,9 +22,9 @@ SmolLM2 (docs/benchmarks.md, "Prompt cache: restore vs evaluate"):
 Before the slot's cells are dropped (it loses ``SAVE_MIN_TOKENS`` or more), their state is saved
 to the host cache (``llama_state_seq_get_data``), keyed by ``_Slot.cached``. Ordering: a queued
 copy reads its source and writes its destination at the next decode, while a save reads and a
-restore writes at once; so a stream that is a pending copy's destination is neither saved nor
-restored into, nor is a pending copy's source restored into, until a decode has run
-(``Progress.steps`` moved). On a sliding-window model (Gemma 3) a copied or restored sequence is
+restore writes at once; so a stream that is a pending copy's destination (a copy of ours, or the
+engine's sequence move, ``moved``) is neither saved nor restored into, nor is a pending copy's
+source restored into, until a decode has run (``Progress.steps`` moved). On a sliding-window model (Gemma 3) a copied or restored sequence is
 checked with ``llama_memory_seq_pos_min``: if the SWA layers lack a cell the next position
 attends to, the cells are dropped and the prompt evaluated in full.
 
@@ -77,9 +80,14 @@ class Prefixes:
             self._pending.clear()
         return {s for s, _ in self._pending}, {d for _, d in self._pending}
 
-    def prepare(self, slot: _Slot, n_local: int, tokens: list[int]) -> tuple[int, str]:
+    def prepare(self, slot: _Slot, n_local: int, tokens: list[int], again: bool = False) -> tuple[int, str]:
         """Fill ``slot`` (free) with the best cached prefix of ``tokens``; its cells and ``cached``
-        hold that prefix afterwards. Returns (tokens reused, "slot" | "copy" | "host" | "")."""
+        hold that prefix afterwards. Returns (tokens reused, "slot" | "copy" | "host" | "").
+
+        ``again``: the slot already holds what the first call chose (``cached`` is ``tokens[:n_local]``)
+        and its prompt is about to be evaluated (``Engine._rebind``): another source may hold more
+        by now. Its own cells are then not saved (a copy or restore covers them), a miss is not
+        counted twice, and ``tokens_served`` grows only by what this call adds."""
         limit = len(tokens) - 1  # the last prompt token is always evaluated: its logits give the first token
         sources, dests = self._busy()
         # Each source is worth the tokens it serves less its cost (in evaluated tokens).
@@ -96,10 +104,11 @@ class Prefixes:
             if (e is not None and n - RESTORE_COST * len(e.tokens) - RESTORE_FIXED > best
                     and slot.seq not in sources and slot.seq not in dests):
                 how, entry, src = "host", e, None
-            elif covered < limit:  # the prompt is evaluated from ``covered`` on: the cache had nothing better
+            elif covered < limit and not again:  # evaluated from ``covered`` on: the cache had nothing better
                 self.cache.missed()
         keep = n_local if how == "slot" else 0
-        if self.cache is not None and len(slot.cached) - keep >= SAVE_MIN_TOKENS and slot.seq not in dests:
+        if (self.cache is not None and not again and len(slot.cached) - keep >= SAVE_MIN_TOKENS
+                and slot.seq not in dests):
             self._save(slot)
         if how == "copy":
             assert src is not None
@@ -109,8 +118,15 @@ class Prefixes:
             n = self._restore(entry, slot, tokens, limit)
         else:
             n = self._trim(slot, n_local)
-        self.stats.tokens_served += n
+        self.stats.tokens_served += n - (n_local if again else 0)
         return n, how if n else ""
+
+    def moved(self, src: _Slot, dst: _Slot) -> None:
+        """The engine queued a sequence move (``llama_memory_seq_cp`` from ``src`` to ``dst``): until
+        the next decode ``dst``'s buffer is stale, so it is neither saved nor restored into."""
+        self._busy()
+        self._pending.append((src.seq, dst.seq))
+        self._pending_step = self.progress.steps
 
     def before_overwrite(self, slot: _Slot) -> None:
         """``slot``'s cells are about to be replaced (a sequence move): save them if worth it."""

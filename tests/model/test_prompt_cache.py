@@ -45,7 +45,7 @@ def completion(prompt: str, max_tokens: int = 16) -> p.CompletionRequest:
 class Served:
     """An Engine serving on a thread; ``run`` sends requests and collects (text, final message)."""
 
-    def __init__(self, model: Path, **settings: Any) -> None:
+    def __init__(self, model: Path, start: bool = True, **settings: Any) -> None:
         import llama_cpp
 
         from optimanode.worker.engine import Engine, _on_llama_log
@@ -57,7 +57,8 @@ class Served:
                              lambda msgs: [self.sent.put(m) for m in msgs])
         self.jobs = _Jobs()
         self.thread = threading.Thread(target=self.engine.serve, args=(self.jobs,), daemon=True)
-        self.thread.start()
+        if start:
+            self.thread.start()
         self.out: dict[str, tuple[str, Any]] = {}
 
     def send(self, id: str, request: p.InferenceRequest) -> None:
@@ -134,6 +135,33 @@ def test_a_prompt_copies_the_shared_prefix_from_another_slot_and_answers_as_a_co
     assert done_b.usage.prompt_tokens == shared + 1
     stats = s.engine.prefixes.stats
     assert stats.slot_copies == 1 and stats.saves == 0 and stats.bytes == 0
+
+
+def test_prompts_that_arrive_together_evaluate_their_shared_system_prompt_once(serve: Any, model: Path) -> None:
+    prompts = {f"q{i}": completion(SYSTEM + q, max_tokens=12) for i, q in enumerate(QUESTIONS)}
+    # The references: each question after the first in that one's slot (in-slot reuse, the split
+    # a copy gives too).
+    ref = serve(model, n_ctx=1024, parallel=1, prompt_cache_mib=0)
+    expected = {"q0": ref.run("q0", prompts["q0"])[0]}
+    for rid in ("q1", "q2"):
+        expected[rid] = ref.run(rid, prompts[rid])[0]
+        ref.run("q0-again", prompts["q0"])  # the slot holds the first prompt again
+    # All three are queued before the loop starts: they take the three slots at once, when no
+    # slot holds anything yet. The first prompt is evaluated first (one prompt a step); the
+    # other two copy its cells when their turn comes instead of evaluating the system prompt.
+    s = serve(model, start=False, n_ctx=3072, parallel=3, prompt_cache_mib=0)
+    for rid, req in prompts.items():
+        s.send(rid, req)
+    s.thread.start()
+    s.pump(lambda: all(done is not None for _, done in s.out.values()))
+    system = n_tokens(s, SYSTEM)
+    cached = {rid: done.usage.cached_tokens for rid, (_, done) in s.out.items()}
+    assert cached["q0"] == 0
+    assert all(cached[rid] >= system - 2 for rid in ("q1", "q2")), cached
+    assert s.engine.prefixes.stats.slot_copies == 2
+    assert s.engine.prompt_tokens_evaluated == sum(done.usage.prompt_tokens - done.usage.cached_tokens
+                                                   for _, done in s.out.values())
+    assert {rid: text for rid, (text, _) in s.out.items()} == expected
 
 
 def test_a_slot_reused_for_another_prompt_is_saved_and_restored_with_the_same_greedy_text(serve: Any,
