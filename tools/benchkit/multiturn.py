@@ -208,13 +208,15 @@ class ServerSystem:
     """One llama-server (``cache_reuse`` > 0: ``--cache-reuse N``)."""
 
     def __init__(self, binary: str, model: str, parallel: int, threads: int, n_ctx: int, n_batch: int,
-                 cache_reuse: int, log_path: Path) -> None:
+                 cache_reuse: int, log_path: Path, flash_attn: str = "auto") -> None:
         self.port = free_port()
         self.cache_reuse = cache_reuse
         self.name = "llama-server" + (f" --cache-reuse {cache_reuse}" if cache_reuse else "")
         self.cmd = [binary, "-m", model, "-t", str(threads), "-tb", str(threads), "-c", str(n_ctx),
                     "-np", str(parallel), "-b", str(n_batch), "-ub", str(n_batch), "--host", "127.0.0.1",
                     "--port", str(self.port)]
+        if flash_attn != "auto":
+            self.cmd += ["-fa", flash_attn]
         if cache_reuse:
             self.cmd += ["--cache-reuse", str(cache_reuse)]
         self.proc = start_llama_server(self.cmd, self.port, log_path)
@@ -463,7 +465,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "case": args.case, "machine": machine(), "model": model, "threads": args.threads,
         "conversations": args.conversations, "turns": args.turns, "system_words": args.system_words,
         "max_tokens": args.max_tokens, "gap_s": args.gap, "parallel": args.parallel, "n_ctx": args.n_ctx,
-        "n_batch": args.n_batch, "rounds": args.rounds, "llama_server": server_bin, "landed_slack": LANDED_SLACK,
+        "n_batch": args.n_batch, "flash_attn": args.flash_attn, "rounds": args.rounds, "llama_server": server_bin, "landed_slack": LANDED_SLACK,
         "stagger_s": args.stagger, "private_words": args.private_words,
         "method": "systems in turn within each round (order reversed every other round), a new system prompt each "
                   "round; medians of rounds, ratios are medians of per-round ratios",
@@ -475,13 +477,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         n = NodeProc(model, work, tag=tag, sets={
             "model_defaults.n_threads": args.threads, "model_defaults.n_ctx": args.n_ctx,
             "model_defaults.parallel": args.parallel, "model_defaults.n_batch": args.n_batch,
-            "model_defaults.prefill": prefill, "scan.hash_models": "false"})
+            "model_defaults.prefill": prefill, "model_defaults.flash_attn": args.flash_attn,
+            "scan.hash_models": "false"})
         nodes.append(n)
         return n
 
     def new_server(reuse: int, tag: str) -> ServerSystem:
         s = ServerSystem(server_bin, model, args.parallel, args.threads, args.n_ctx, args.n_batch, reuse,
-                         work / f"{tag}.log")
+                         work / f"{tag}.log", args.flash_attn)
         servers.append(s)
         return s
 
@@ -610,6 +613,9 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--parallel", type=int, default=4, help="slots on each system (default 4)")
     c.add_argument("--n-ctx", type=int, default=8192, help="context shared by the slots on each (default 8192)")
     c.add_argument("--n-batch", type=int, default=512, help="n_batch (llama-server -b/-ub) on each (default 512)")
+    c.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
+                   help="flash attention on every system: the node's model_defaults.flash_attn, llama-server's -fa "
+                        "(default auto: both systems' own default)")
     c.add_argument("--rounds", type=int, default=2, help="rounds, the order alternating (default 2)")
     c.add_argument("--repeats", type=int, default=5, help="returning: return/cold pairs (default 5)")
     c.add_argument("--llama-server", metavar="PATH", help="llama-server binary (default: the build under /tmp/lcp)")
