@@ -738,11 +738,10 @@ class Engine:
         for slot in plan:
             run = slot.run
             assert run is not None
-            if not run.chunk or run.rebound:
+            # Only before its first chunk (nothing of its own evaluated yet: pos is still what it
+            # reused), and not when just the last token is left (always evaluated).
+            if not run.chunk or run.pos != run.reused or run.pos >= len(run.prompt) - 1:
                 continue
-            run.rebound = True
-            if run.pos != run.reused or run.pos >= len(run.prompt) - 1:
-                continue  # already evaluating, or only the last token left (always evaluated)
             n, _ = self.prefixes.prepare(slot, run.pos, run.prompt, again=True)
             if n != run.pos:
                 self.prompt_tokens_evaluated -= n - run.pos

@@ -23,10 +23,11 @@ Before the slot's cells are dropped (it loses ``SAVE_MIN_TOKENS`` or more), thei
 to the host cache (``llama_state_seq_get_data``), keyed by ``_Slot.cached``. Ordering: a queued
 copy reads its source and writes its destination at the next decode, while a save reads and a
 restore writes at once; so a stream that is a pending copy's destination (a copy of ours, or the
-engine's sequence move, ``moved``) is neither saved nor restored into, nor is a pending copy's
-source restored into, until a decode has run (``Progress.steps`` moved). On a sliding-window model (Gemma 3) a copied or restored sequence is
-checked with ``llama_memory_seq_pos_min``: if the SWA layers lack a cell the next position
-attends to, the cells are dropped and the prompt evaluated in full.
+engine's sequence move: ``moved``) is neither saved nor restored into, nor is a pending copy's
+source restored into, until a decode has run (``Progress.steps`` moved). On a sliding-window model
+(Gemma 3) a copied or restored sequence is checked with ``llama_memory_seq_pos_min``: if the SWA
+layers lack a cell the next position attends to, the cells are dropped and the prompt evaluated in
+full.
 
 llama.cpp functions are called as attributes of ``llama_cpp`` (a test that patches them is seen).
 """
@@ -122,8 +123,9 @@ class Prefixes:
         return n, how if n else ""
 
     def moved(self, src: _Slot, dst: _Slot) -> None:
-        """The engine queued a sequence move (``llama_memory_seq_cp`` from ``src`` to ``dst``): until
-        the next decode ``dst``'s buffer is stale, so it is neither saved nor restored into."""
+        """A copy from ``src`` to ``dst`` was queued (``llama_memory_seq_cp``: ours, or the engine's
+        sequence move): until the next decode ``dst``'s buffer is stale, so it is neither saved
+        nor restored into, and ``src`` is not restored into."""
         self._busy()
         self._pending.append((src.seq, dst.seq))
         self._pending_step = self.progress.steps
@@ -165,8 +167,7 @@ class Prefixes:
     def _copy(self, src: _Slot, dst: _Slot, tokens: list[int], limit: int) -> int:
         n = min(_common_prefix(src.cached, tokens), limit)
         llama_cpp.llama_memory_seq_cp(self.mem, src.seq, dst.seq, -1, -1)
-        self._pending.append((src.seq, dst.seq))
-        self._pending_step = self.progress.steps
+        self.moved(src, dst)
         llama_cpp.llama_memory_seq_rm(self.mem, dst.seq, n, -1)
         dst.cached = list(src.cached[:n])
         self.stats.slot_copies += 1

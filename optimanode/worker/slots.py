@@ -65,8 +65,6 @@ class _Run:
     row: int = -1
     # Steps in which a shorter prompt went before this one (shortest_first).
     passed: int = 0
-    # Its prefix was looked for again just before its prompt's first chunk (Engine._rebind).
-    rebound: bool = False
 
 
 @dataclass(eq=False)
