@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         from optimanode.doctor import print_checks, run_doctor
 
         return print_checks(run_doctor(settings))
+    from optimanode.service import raise_open_files_limit
+
+    raise_open_files_limit()
     try:
         return asyncio.run(serve(settings, lambda: settings_from(args)))
     except (JournalError, ConfigError) as exc:

@@ -583,6 +583,37 @@ def _logfmt(value: object) -> str:
     return json.dumps(text)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _escape_control(m: re.Match[str]) -> str:
+    return repr(m.group())[1:-1]
+
+
+def raise_open_files_limit(want: int = 65536) -> tuple[int, int] | None:
+    """Raise the soft limit on open files toward ``want`` (at most the hard limit); returns
+    (before, after), or None where there is no such limit (Windows).
+
+    Every Gateway connection, every connection still in its handshake (gateway/server.py bounds
+    them) and every worker's pipes is a descriptor; the usual soft limit of 1024 is a small part
+    of what the hard limit allows (what Go's runtime and nginx raise too). systemd's unit sets
+    LimitNOFILE as well; this covers a node started by hand or by another service manager.
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
 class LineFormatter(logging.Formatter):
     """``2025-01-02T03:04:05.678Z info optimanode.node message key=value ...`` or one JSON object per line."""
 
@@ -595,6 +626,11 @@ class LineFormatter(logging.Formatter):
         ts = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         level = record.levelname.lower()
         msg = record.getMessage()
+        if not self.json_lines:
+            # One record, one line: a newline or other control character in the message (a peer's
+            # value quoted in an error) is escaped, so it cannot start a forged line of its own.
+            # Tracebacks keep their lines below.
+            msg = _CONTROL.sub(_escape_control, msg)
         exc = record.exc_text or (self.formatException(record.exc_info) if record.exc_info else "")
         if record.stack_info:
             exc = (exc + "\n" if exc else "") + self.formatStack(record.stack_info)

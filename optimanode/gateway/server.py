@@ -13,16 +13,22 @@ How it works:
 * Each connection: the listener is plain TCP and TLS is each connection's own, so an address can be
   turned away at TCP accept, before any handshake work. An address locked out by the
   ``FailureLimiter`` (too many failed handshakes) is closed at once with 4008, the first
-  ``POLITE_REFUSALS`` times in a lockout; after that its connections are dropped at accept.
-  Otherwise ``connection_made`` pauses the raw transport and upgrades it with ``loop.start_tls``;
+  ``POLITE_REFUSALS`` times in a lockout; after that its connections are dropped at accept. So is
+  a connection past the bound on connections not yet authenticated (``MAX_PENDING`` in all,
+  ``MAX_PENDING_PER_ADDRESS`` from one address): each holds a descriptor, a TLS state and up to a
+  frame's buffer until its deadlines, and without a bound a keyless peer holding a few hundred idle
+  ones would use up the node's descriptors and keep real Gateways out. Otherwise ``connection_made`` pauses the raw transport and upgrades it with ``loop.start_tls``;
   bytes that reach the connection between the TLS handshake and the upgrade's return are kept and
   fed in order. TCP, TLS and the HTTP upgrade must finish within ``listen.open_timeout_s`` (10 s,
   from the accept; the connection is cut otherwise, with no close code: there is no WebSocket
   yet). Then the node sends its Challenge and the authenticated Hello must follow within
   ``listen.hello_timeout_s`` (5 s; 4002 otherwise). ``NodeHandshake`` (optimanode.link) judges the
   first frame: any other message 4001, a frame that does not decode 4400, a wrong MAC 4001, an
-  unoffered version 4003. Every failure counts against the remote address; nothing but the
-  handshake is read before it succeeds. The keys are re-read when the key files change (rotation
+  unoffered version 4003. Every connection that ends without a Welcome counts as a failure
+  against the remote address, wherever it ended (TLS, the HTTP upgrade, the open deadline, the
+  handshake), except a 4008 refusal and the node's own stop; nothing but the handshake is read
+  before it succeeds. A refusal's reason is logged escaped and cut short (``printable``): it may
+  quote what the peer sent. The keys are re-read when the key files change (rotation
   needs no restart).
 * After the Welcome, a ``Session`` (gateway/session.py) serves the connection: the connection hands
   it every message from its read callback (``Session.on_frame``). Several Gateways may be connected
@@ -98,13 +104,27 @@ CLOSE_INTERNAL_ERROR = 1011
 # ignores 4008 and reconnects in a loop costs the node no handshake (a TLS handshake is the bulk of
 # what a wrong-key flood costs: docs/reliability.md).
 POLITE_REFUSALS = 3
+# Connections accepted and not yet authenticated that the node holds at once, in all and from one
+# address (a Gateway opens one connection per node; a few Gateways behind one NAT address stay far
+# below). Past either a new connection is dropped at accept, before TLS.
+MAX_PENDING = 256
+MAX_PENDING_PER_ADDRESS = 16
+# How often (seconds) a full pending bound is logged at WARNING; the drops between go to DEBUG.
+PENDING_WARN_INTERVAL_S = 60.0
 
-__all__ = ["MAX_FRAME_BYTES", "PING_INTERVAL_S", "PING_TIMEOUT_S", "POLITE_REFUSALS", "SEND_BUFFER_BYTES",
-           "GatewayServer", "NodeConnection"]
+__all__ = ["MAX_FRAME_BYTES", "MAX_PENDING", "MAX_PENDING_PER_ADDRESS", "PING_INTERVAL_S", "PING_TIMEOUT_S",
+           "POLITE_REFUSALS", "SEND_BUFFER_BYTES", "GatewayServer", "NodeConnection", "printable"]
 
 
 def _address(peer: object) -> str:
     return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """``text`` for a log line: control characters escaped (a peer's newline cannot start a forged
+    line of its own) and cut to ``limit`` characters."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit + 1])
+    return out[:limit] + "..." if len(out) > limit else out
 
 
 class NodeConnection(LinkProtocol):
@@ -127,6 +147,10 @@ class NodeConnection(LinkProtocol):
         self._early: list[bytes] | None = None  # bytes that arrived before start_tls returned
         self._timer: asyncio.TimerHandle | None = None  # the open, then the hello deadline
         self._handshake: NodeHandshake | None = None
+        # Whether this connection's outcome is settled for the limiter: a Welcome, a failure
+        # counted, a 4008 refusal, the node's stop. One that ends unsettled is a failure.
+        self._settled = False
+        self._holds_pending = False  # counted in the server's connections not yet authenticated
 
     # -- accept, TLS ------------------------------------------------------------------------
 
@@ -140,6 +164,8 @@ class NodeConnection(LinkProtocol):
             return
         self._raw = transport
         srv._connections.add(self)
+        srv._pending_add(self.addr, 1)
+        self._holds_pending = True
         self._timer = self.loop.call_later(srv.open_timeout_s, self._open_timeout)
         if srv._tls is None:
             self.attach(transport)
@@ -196,10 +222,12 @@ class NodeConnection(LinkProtocol):
         srv = self.server
         self._cancel_timer()
         if srv._stopping:
+            self._settled = True
             self.close(CLOSE_GOING_AWAY, "node shutting down")
             return
         wait = srv.limiter.blocked_for(self.addr)
         if wait > 0:
+            self._settled = True  # a refused attempt does not extend the lockout
             srv._refuse(self.addr, wait)
             self.close(CLOSE_RATE_LIMITED, f"too many failed handshakes; retry in {math.ceil(wait)} s")
             return
@@ -220,7 +248,7 @@ class NodeConnection(LinkProtocol):
         if self._handshake is None:
             return
         t = self.server.handshake_timeout_s
-        self.server.limiter.failure(self.addr)
+        self._count_failure()
         log.warning("Gateway handshake from %s did not finish within %g s", self.addr, t)
         self._fail(CLOSE_HANDSHAKE_TIMEOUT, f"handshake not finished within {t:g} s")
 
@@ -231,8 +259,8 @@ class NodeConnection(LinkProtocol):
         try:
             welcome = handshake.receive(data if isinstance(data, str) else bytes(data))
         except HandshakeError as exc:
-            srv.limiter.failure(self.addr)
-            log.warning("refused a Gateway from %s: %s", self.addr, exc.reason)
+            self._count_failure()
+            log.warning("refused a Gateway from %s: %s", self.addr, printable(exc.reason))
             self._fail(exc.close_code, exc.reason)
             return
         except ConfigError as exc:
@@ -243,6 +271,8 @@ class NodeConnection(LinkProtocol):
         assert hello is not None
         self._handshake = None
         self._cancel_timer()
+        self._settled = True
+        self._release_pending()
         srv.limiter.success(self.addr)
         self.send(welcome)
         session = Session(conn=self, node=srv.node, gateway_id=hello.gateway_id, sample=srv.sample,
@@ -274,14 +304,31 @@ class NodeConnection(LinkProtocol):
         self._cancel_timer()
         if self._handshake is not None:  # gone in the middle of the handshake: a failure too
             self._handshake = None
-            self.server.limiter.failure(self.addr)
+            self._count_failure()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._raw is None or self.closed.done():
             return  # dropped at accept, or already ended
         self._cancel_timer()
         self.server._connections.discard(self)
+        self._release_pending()
+        if not self._settled and not self.server._stopping:
+            # Ended before a Welcome anywhere else: a failed or abandoned TLS handshake, a request
+            # that was not a WebSocket upgrade, the open deadline. A peer that never finishes the
+            # upgrade is locked out like one that sends a wrong key.
+            log.debug("connection from %s ended before the handshake; counted as a failed attempt", self.addr)
+            self._count_failure()
         super().connection_lost(exc)
+
+    def _count_failure(self) -> None:
+        if not self._settled:
+            self._settled = True
+            self.server.limiter.failure(self.addr)
+
+    def _release_pending(self) -> None:
+        if self._holds_pending:
+            self._holds_pending = False
+            self.server._pending_add(self.addr, -1)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -315,7 +362,9 @@ class GatewayServer:
                  max_frame_bytes: int = MAX_FRAME_BYTES,
                  ping_interval_s: float | None = PING_INTERVAL_S,
                  ping_timeout_s: float | None = PING_TIMEOUT_S,
-                 send_buffer_bytes: int = SEND_BUFFER_BYTES) -> None:
+                 send_buffer_bytes: int = SEND_BUFFER_BYTES,
+                 max_pending: int = MAX_PENDING,
+                 max_pending_per_address: int = MAX_PENDING_PER_ADDRESS) -> None:
         self.node, self.settings, self.node_id = node, settings, node_id
         self._sample = sample
         self.host = settings.listen.host if host is None else host
@@ -339,6 +388,11 @@ class GatewayServer:
         self._refusals: dict[str, tuple[float, int]] = {}  # address → (lockout end, 4008 closes sent in it)
         self._tls_tasks: set[asyncio.Task[None]] = set()
         self.dropped_before_tls = 0  # connections of locked-out addresses dropped at accept
+        self.max_pending, self.max_pending_per_address = max_pending, max_pending_per_address
+        self._pending: dict[str, int] = {}  # address → its connections not yet authenticated
+        self._pending_total = 0
+        self.dropped_pending = 0  # connections dropped at accept because a pending bound was full
+        self._pending_warned: dict[str, float] = {}  # "" (all) or address → last WARNING
 
     @property
     def port(self) -> int:
@@ -407,7 +461,12 @@ class GatewayServer:
 
     def _admit(self, addr: str) -> bool:
         """At TCP accept: False drops the connection before TLS (a locked-out address that was
-        already told 4008 ``POLITE_REFUSALS`` times in this lockout)."""
+        already told 4008 ``POLITE_REFUSALS`` times in this lockout, or a full pending bound)."""
+        if self._pending_total >= self.max_pending:
+            return self._drop_pending(addr, "", f"{self.max_pending} connections in all are still in their handshake")
+        if self._pending.get(addr, 0) >= self.max_pending_per_address:
+            return self._drop_pending(addr, addr, f"{self.max_pending_per_address} connections from it are still "
+                                                  "in their handshake")
         if self.limiter.blocked_for(addr) <= 0:
             return True
         until, told = self._refusals.get(addr, (0.0, 0))
@@ -416,6 +475,30 @@ class GatewayServer:
             log.debug("dropped a connection from %s before TLS: locked out and told %d times", addr, told)
             return False
         return True
+
+    def _pending_add(self, addr: str, n: int) -> None:
+        self._pending_total += n
+        left = self._pending.get(addr, 0) + n
+        if left > 0:
+            self._pending[addr] = left
+        else:
+            self._pending.pop(addr, None)
+
+    def _drop_pending(self, addr: str, key: str, why: str) -> bool:
+        """Drop a connection at accept for a full pending bound: one WARNING per bound (``key``: ""
+        for the total, else the address) per ``PENDING_WARN_INTERVAL_S``, the rest at DEBUG."""
+        self.dropped_pending += 1
+        now = time.monotonic()
+        if now - self._pending_warned.get(key, -math.inf) >= PENDING_WARN_INTERVAL_S:
+            if len(self._pending_warned) >= 10_000:  # bounded, like the limiter
+                self._pending_warned = {k: t for k, t in self._pending_warned.items()
+                                        if now - t < PENDING_WARN_INTERVAL_S}
+            self._pending_warned[key] = now
+            log.warning("dropped a Gateway connection from %s at accept: %s (further drops for %.0f s are "
+                        "logged at DEBUG)", addr, why, PENDING_WARN_INTERVAL_S)
+        else:
+            log.debug("dropped a Gateway connection from %s at accept: %s", addr, why)
+        return False
 
     def _refuse(self, addr: str, wait: float) -> None:
         """Count a 4008 close of a locked-out address (``_admit`` drops it after ``POLITE_REFUSALS``)

@@ -8,6 +8,7 @@ Every wait is bounded; every check can fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -408,6 +409,102 @@ async def test_repeated_failures_from_one_address_are_locked_out(light, tmp_path
         assert light.dropped_before_tls == n
 
 
+async def _until(done: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait (bounded) for the server's side of a connection to have ended: it counts at connection_lost."""
+    async with asyncio.timeout(timeout):
+        while not done():
+            await asyncio.sleep(0.02)
+
+
+async def test_connections_that_end_before_the_handshake_count_as_failed_attempts(light):
+    """A peer that never finishes TLS or the WebSocket upgrade is locked out like one with a wrong key."""
+    def failures() -> int:
+        return len(light.limiter._failures.get("127.0.0.1", ()))
+
+    # TCP only: connected and closed before any TLS.
+    _, w = await asyncio.open_connection("127.0.0.1", light.port)
+    w.close()
+    await _until(lambda: failures() == 1)
+    # TLS, then an HTTP request that is not a WebSocket upgrade: the node answers it and closes.
+    r, w = await asyncio.open_connection("127.0.0.1", light.port, ssl=_insecure())
+    w.write(b"GET / HTTP/1.1\r\nHost: node\r\n\r\n")
+    async with asyncio.timeout(10):
+        status = (await r.readline()).split()
+        assert status[:2] == [b"HTTP/1.1", b"426"], status
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await r.read()
+    w.close()
+    await _until(lambda: failures() == 2)
+    assert light.limiter.blocked_for("127.0.0.1") == 0.0
+    # Bytes that are not a TLS ClientHello: the third failure locks the address out.
+    _, w = await asyncio.open_connection("127.0.0.1", light.port)
+    w.write(b"\x00" * 64 + b"not tls\r\n\r\n")
+    await _until(lambda: light.limiter.blocked_for("127.0.0.1") > 0)
+    w.close()
+    with pytest.raises(ConnectionFailed) as info:
+        await NodeClient.connect(f"wss://127.0.0.1:{light.port}", keys.read_key(light.settings.key_path),
+                                 fingerprint=light.fingerprint)
+    assert info.value.close_code == 4008
+
+
+async def test_connections_still_in_their_handshake_are_bounded_per_address_and_in_all(tmp_path, caplog):
+    server = GatewayServer(None, make_settings(tmp_path), no_sample, "bounded-node", host="127.0.0.1",  # type: ignore[arg-type]
+                           port=0, limiter=FailureLimiter(max_failures=1000), max_pending=5, max_pending_per_address=3)
+    await server.start()
+    url, key = f"wss://127.0.0.1:{server.port}", keys.read_key(server.settings.key_path)
+    held = []
+
+    async def hold(src: str) -> None:
+        held.append((await asyncio.open_connection("127.0.0.1", server.port, local_addr=(src, 0)))[1])
+
+    async def dropped_at_accept(src: str) -> None:
+        r, w = await asyncio.open_connection("127.0.0.1", server.port, local_addr=(src, 0))
+        try:
+            async with asyncio.timeout(5):
+                with contextlib.suppress(ConnectionError):
+                    assert await r.read() == b""  # closed at once, before TLS
+        finally:
+            w.close()
+
+    caplog.set_level(logging.DEBUG, logger="optimanode.gateway.server")
+    try:
+        for _ in range(3):
+            await hold("127.0.0.1")  # idle: no TLS, held until the open deadline
+        await _until(lambda: server._pending_total == 3)
+        await dropped_at_accept("127.0.0.1")
+        await dropped_at_accept("127.0.0.1")
+        assert server.dropped_pending == 2
+        for _ in range(2):
+            await hold("127.0.0.2")  # another address still gets in, up to the total
+        await _until(lambda: server._pending_total == 5)
+        await dropped_at_accept("127.0.0.3")
+        assert server.dropped_pending == 3
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "at accept" in r.getMessage()]
+        assert len(warnings) == 2, warnings  # one per bound; the repeat went to DEBUG
+        assert "3 connections from it" in warnings[0] and "5 connections in all" in warnings[1]
+        # The held connections end; a real Gateway gets in, and once welcomed it no longer counts.
+        for w in held:
+            w.close()
+        await _until(lambda: server._pending_total == 0 and not server._pending)
+        client = await NodeClient.connect(url, key, fingerprint=server.fingerprint)
+        assert server._pending_total == 0
+        await client.close()
+    finally:
+        for w in held:
+            w.close()
+        await server.stop()
+
+
+async def test_what_a_refused_peer_sent_reaches_the_log_escaped_and_cut_short(light, caplog):
+    ws = await raw_connect(light)
+    assert isinstance(await recv(ws), Challenge)
+    forged = "x'\nINFO optimanode.gateway.server: Gateway 'admin' connected from 10.0.0.1\n" + "y" * 100_000
+    await ws.send(msgspec.msgpack.encode({"type": forged, "id": "x"}))
+    assert await until_closed(ws) == [] and ws.close_code == 4400
+    [line] = [r.getMessage() for r in caplog.records if "refused a Gateway from" in r.getMessage()]
+    assert "\n" not in line and "\\nINFO optimanode" in line and len(line) < 300, line[:400]
+
+
 async def test_the_client_refuses_a_certificate_other_than_the_pinned_one(light, tmp_path):
     other_cert, _ = tls.generate_self_signed("impostor")
     key = keys.read_key(light.settings.key_path)
@@ -416,8 +513,10 @@ async def test_the_client_refuses_a_certificate_other_than_the_pinned_one(light,
         await NodeClient.connect(url, key, fingerprint=tls.fingerprint(other_cert))
     assert info.value.got == light.fingerprint and info.value.expected == tls.fingerprint(other_cert)
     assert light.fingerprint in str(info.value)
-    # Nothing reached the handshake (no failure was counted), and the right pin works.
-    assert light.limiter.blocked_for("127.0.0.1") == 0.0 and not light.limiter._failures
+    # The node cannot tell a Gateway that refused its certificate from a peer that abandoned TLS:
+    # one failed attempt is counted (not a lockout), and the right pin works.
+    await _until(lambda: len(light.limiter._failures.get("127.0.0.1", ())) == 1)
+    assert light.limiter.blocked_for("127.0.0.1") == 0.0
     c = await NodeClient.connect(url, key, fingerprint=light.fingerprint.lower().replace("sha256:", ""))
     assert c.node_id == "light-node"
     await c.close()

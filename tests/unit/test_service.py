@@ -19,6 +19,7 @@ from optimanode.service import (
     configure_logging,
     log_context,
     merge_live,
+    raise_open_files_limit,
     stderr_is_journal,
     watchdog_interval,
 )
@@ -104,6 +105,34 @@ def test_json_log_lines_carry_the_same_fields():
     doc = json.loads(buf.getvalue())
     assert doc["level"] == "error" and doc["msg"] == "failed" and doc["request_id"] == "r-2"
     assert "ValueError: boom" in doc["exc"]
+
+
+def test_a_newline_in_a_message_cannot_forge_a_log_line_of_its_own():
+    logger, buf = _logger()
+    logger.warning("refused a Gateway from %s: %s", "127.0.0.1",
+                   "bad hello: Invalid value 'x'\nINFO optimanode.gateway.server: Gateway 'admin' connected\r\x1b[2K")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logger.exception("failed\nhere")
+    lines = buf.getvalue().splitlines()
+    assert lines[0].endswith("Invalid value 'x'\\nINFO optimanode.gateway.server: Gateway 'admin' connected\\r\\x1b[2K")
+    assert lines[1].endswith(" failed\\nhere")
+    assert lines[2] == "Traceback (most recent call last):" and lines[-1] == "ValueError: boom"  # tracebacks keep their lines
+
+
+def test_the_open_files_limit_is_raised_toward_what_the_hard_limit_allows():
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        before, after = raise_open_files_limit(4096)
+        want = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
+        assert (before, after) == (256, want) and resource.getrlimit(resource.RLIMIT_NOFILE) == (want, hard)
+        assert raise_open_files_limit(1024) == (want, want)  # never lowered
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_keys_nonces_and_private_keys_never_reach_the_log(tmp_path):

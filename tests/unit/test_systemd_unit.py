@@ -19,6 +19,7 @@ def test_the_unit_gives_the_node_what_its_stop_and_restart_rely_on():
     assert one["Service.KillMode"] == "mixed"
     # A worker killed for memory is the node's crash to handle, not the end of the service.
     assert one["Service.OOMPolicy"] == "continue"
+    assert one["Service.LimitNOFILE"] == "65536"
     # Room for the default drain, the cancels landing (5 s in Node.drain), the worker stop grace.
     defaults = Settings()
     assert int(one["Service.TimeoutStopSec"]) > defaults.drain_deadline_s + 5 + defaults.restart.stop_grace_s
