@@ -329,6 +329,8 @@ def load_settings(
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(str(path), "(file)", "an existing TOML file") from None
+        except OSError as exc:  # a directory, no read permission, an I/O error
+            raise ConfigError(str(path), "(file)", f"a readable TOML file ({exc.strerror or exc})") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(str(path), "(syntax)", f"valid TOML ({exc})") from None
         tree = _merge(tree, data)

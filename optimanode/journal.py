@@ -318,6 +318,16 @@ def _replay(path: Path, full: bool) -> dict[str, ExecutorView]:
         db.close()
 
 
+def _check_writable(path: Path, stream: str, body: EventBody) -> None:
+    """Raise JournalError unless ``body`` encodes, and its encoding decodes again."""
+    try:
+        decode_event(encode_event(body).decode())
+    except (msgspec.EncodeError, msgspec.DecodeError, msgspec.ValidationError, UnicodeError, OverflowError,
+            TypeError, ValueError) as exc:
+        raise JournalError(f"journal {path}: refused a {type(body).__name__} event of {stream}: it cannot be "
+                           f"written as it would be read back ({type(exc).__name__}: {exc})") from None
+
+
 class Journal:
     """Open with ``await Journal.open(path)``; close with ``await journal.close()``."""
 
@@ -525,10 +535,18 @@ class Journal:
         return await self.append(NODE_STREAM, _CHECKPOINT_MARK)
 
     async def append_many(self, items: Iterable[tuple[str, EventBody]]) -> list[Event]:
-        """Append events atomically (all or none); returns once they are committed to disk."""
+        """Append events atomically (all or none); returns once they are committed to disk.
+
+        An event that would not read back as itself (a path that is not UTF-8, an infinite float
+        that JSON writes as null, an integer past 64 bits) is refused here with JournalError, before
+        it is queued: written, it would make every later read of its rows fail.
+        """
         if self._closed:
             raise JournalError("journal is closed")
         batch = list(items)
+        for stream, body in batch:
+            if body is not _CHECKPOINT_MARK:
+                _check_writable(self.path, stream, body)
         fut: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
         await self._queue.put((batch, fut))
         return await fut
@@ -549,7 +567,9 @@ class Journal:
                 continue
             try:
                 results = await self._commit([b for b, _ in pending])
-            except JournalError as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever it is, the writer must outlive it
+                # An error that is not the database's (a bug) fails its callers like a JournalError
+                # would, instead of ending this task and leaving every later append waiting forever.
                 # The whole group failed; retry each caller alone so one bad batch
                 # does not fail its neighbours.
                 if len(pending) == 1:
@@ -559,7 +579,7 @@ class Journal:
                 for batch, fut in pending:
                     try:
                         res = await self._commit([batch])
-                    except JournalError as one_exc:
+                    except Exception as one_exc:  # noqa: BLE001 - as above
                         if not fut.done():
                             fut.set_exception(one_exc)
                     else:

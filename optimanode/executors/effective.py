@@ -3,7 +3,8 @@
 How it works: an executor's desired ``ModelSettings`` hold per-model overrides (None: "use the
 default"). ``effective`` merges them over ``Settings.model_defaults`` into the ``WorkerSettings``
 a worker is started with; 0 for ``n_ctx`` / ``n_threads`` means the model's own training context /
-every core this process may use. The runtime starts workers from it and calls a live worker
+every core this process may use (the model's own is clamped to ``N_CTX_MAX``, NCtx's limit: a
+header may declare up to 2**64-1). The runtime starts workers from it and calls a live worker
 *stale* when it differs from what that worker was started with; ``status`` shows it. Safe mode is
 the one input that is not a plain setting: with "auto", ``reconciler.on_exit`` turns it on after
 a worker died of a fatal signal while loading, and ``safe_mode_reason`` says why the next worker
@@ -19,18 +20,23 @@ Python (the in-process API), where msgspec did not decode it. Pure: no journal, 
 from __future__ import annotations
 
 import os
+import typing
 from typing import Any
 
 import msgspec
 
 from optimanode.config import ModelDefaults
-from optimanode.constraints import CHAT_TEMPLATE_NAMES, PARALLEL_AUTO_MAX, SafeMode, explain, validated
+from optimanode.constraints import CHAT_TEMPLATE_NAMES, PARALLEL_AUTO_MAX, NCtx, SafeMode, explain, validated
 from optimanode.executors.memory import GpuWish
 from optimanode.errors import BadRequest
 from optimanode.protocol import ModelInfo, ModelSettings, WorkerSettings
 
 # What a safe-mode worker runs without (said in the log, the journal and ExecutorStatus).
 SAFE_MODE_OFF = "llama.cpp's extra buffer types (weight repacking, AMX) and the persistent threadpool"
+# The largest n_ctx a setting may hold (NCtx's own limit, 1048576): the cap on a model's own
+# context length where n_ctx is 0. A header may declare anything up to 2**64-1, which no worker
+# can allocate and msgspec cannot encode (the model list would fail to serialise).
+N_CTX_MAX: int = typing.get_args(NCtx)[1].le
 
 
 def usable_cores() -> int:
@@ -63,7 +69,10 @@ def effective(info: ModelInfo, model: ModelSettings, defaults: ModelDefaults, sa
     n_ctx = s.n_ctx if s.n_ctx is not None else d.n_ctx
     n_threads = s.n_threads if s.n_threads is not None else d.n_threads
     parallel = effective_parallel(s, d, auto_parallel)
-    n_ctx = n_ctx or info.context_length or 2048
+    # 0: the model's own context length, clamped to what a setting may hold (WorkerSettings has no
+    # notes field to say so); a header without one (or with a nonsense negative) gets 2048.
+    own = min(info.context_length, N_CTX_MAX) if info.context_length > 0 else 0
+    n_ctx = n_ctx or own or 2048
     return WorkerSettings(
         model_path=info.path,
         # "auto" slots each get the whole window; a set parallel shares n_ctx among its slots.

@@ -39,6 +39,10 @@ MAX_ARRAY_WALK = 1 << 24
 MAX_NESTED = 1 << 16
 MAX_COUNT = 1 << 20
 MAX_ARRAY_DEPTH = 4
+# Layers (``{arch}.block_count``, the N of ``blk.N.``): llama.cpp loads at most 512 (LLAMA_MAX_LAYERS
+# in its llama-hparams.h). Beyond the header's block_count (or this cap, where it has none) a
+# tensor's layer is corrupt: ``layer_bytes`` has an entry per layer up to the highest.
+MAX_LAYERS = 512
 # Longer string values are skipped, not decoded (a chat template is a few KiB).
 MAX_DECODED_STRING = 1 << 20
 # Small integer arrays (per-layer head counts) are decoded; bigger arrays are only skipped.
@@ -295,6 +299,15 @@ def _parse(w: _Window, path: str, size: int) -> GGUFHeader:
         vtype = w.u32()
         meta[key] = w.value(vtype, key)
 
+    arch = meta.get("general.architecture")
+    block_key = f"{arch if isinstance(arch, str) else ''}.block_count"
+    block_count = _int(meta.get(block_key, 0))
+    if block_count > MAX_LAYERS:
+        raise ModelFileError(path, f"corrupt header: {block_key} is {block_count} "
+                                   f"(llama.cpp loads at most {MAX_LAYERS} layers)")
+    # A split part after the first has no block_count: its tensors' layers are held to the cap.
+    layer_cap = block_count or MAX_LAYERS
+
     elements = 0
     data_len = 0
     layers: dict[int, int] = {}
@@ -321,6 +334,10 @@ def _parse(w: _Window, path: str, size: int) -> GGUFHeader:
         nbytes = -(-ne // t[1]) * t[2]
         data_len = max(data_len, offset + nbytes)
         layer = _layer_of(name)
+        if layer is not None and layer >= layer_cap:
+            bound = (f"{block_key} is {block_count}" if block_count else
+                     f"the header declares no {block_key} and llama.cpp loads at most {MAX_LAYERS} layers")
+            raise ModelFileError(path, f"corrupt header: tensor {name!r} is in layer {layer}, but {bound}")
         if layer is None:
             other += nbytes
         else:
@@ -361,7 +378,7 @@ def _parse(w: _Window, path: str, size: int) -> GGUFHeader:
         context_length=_int(meta.get(f"{arch}.context_length", 0)),
         chat_template=bool(template),
         tensor_count=n_tensors,
-        block_count=_int(meta.get(f"{arch}.block_count", 0)),
+        block_count=block_count,
         embedding_length=_int(meta.get(f"{arch}.embedding_length", 0)),
         head_count=head_count,
         head_count_kv=_int(meta.get(f"{arch}.attention.head_count_kv", head_count)),
@@ -380,4 +397,4 @@ def _layer_of(name: str) -> int | None:
     if not name.startswith("blk."):
         return None
     index, dot, _ = name[4:].partition(".")
-    return int(index) if dot and index.isdigit() and len(index) < 7 else None
+    return int(index) if dot and index.isascii() and index.isdigit() and len(index) < 7 else None

@@ -157,6 +157,12 @@ class Registry:
                 name = e.name
                 if name.startswith("."):
                     continue
+                if not _utf8(name):
+                    # The journal, the link and the logs carry paths as UTF-8 text; a name from a
+                    # Latin-1 archive or share cannot be one. Listed (escaped) instead of registered.
+                    errors[_shown(e.path)] = ("the name is not valid UTF-8: rename it (the node records paths as"
+                                              " UTF-8 text)")
+                    continue
                 try:
                     if e.is_dir():
                         s = e.stat()
@@ -349,3 +355,17 @@ def _info(base: ModelInfo, h: gguf.GGUFHeader, tensors: int, params: int,
 
 def _int(v: object) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+def _utf8(name: str) -> bool:
+    """Whether a name from the file system is UTF-8 (Python keeps other bytes as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(path: str) -> str:
+    """A path with its bytes that are not UTF-8 written as \\xNN, for messages."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

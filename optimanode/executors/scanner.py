@@ -8,7 +8,9 @@ changed is ``rediscover``\\ed with a fresh crash budget; an unusable file is inv
 removed one vanishes (``Runtime.retire``: at once, or once its worker has stopped). A directory
 that could not be read this time removes nothing. The loop (``run``) rescans every
 ``scan.interval_s``, sooner while a file is still being copied; ``hash_loop`` computes each
-model's content identity (SHA-256 of its parts) once, in a thread, and journals it (``Hashed``).
+model's content identity (SHA-256 of its parts) once, in a thread, and journals it (``Hashed``);
+a file it cannot read (removed, no permission, a directory now) is logged once and skipped until
+a rescan sees it changed, and the others are hashed all the same.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class Scanner:
         self.registry = registry
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        # Executor id -> (path, size, mtime) of a file hash_loop could not read; retried once it changes.
+        self._unhashable: dict[str, tuple[str, int, int]] = {}
 
     def wake(self) -> None:
         """Start the next interval now (a reload may have changed it)."""
@@ -101,11 +105,22 @@ class Scanner:
     async def hash_loop(self) -> None:
         """Compute each model's content identity once, in a thread; the journal caches it."""
         while True:
+            for eid in set(self._unhashable) - set(self.runtime.executors):
+                del self._unhashable[eid]  # retired
             for ex in list(self.runtime.executors.values()):
                 info = ex.info
                 if info.sha256 or ex.state in ("invalid", "missing"):
                     continue
-                digest = await asyncio.to_thread(sha256_of, info.files)
+                seen = (info.path, info.size_bytes, info.mtime_ns)
+                if self._unhashable.get(ex.id) == seen:
+                    continue  # failed on this very file; a rescan that sees it change re-registers it
+                try:
+                    digest = await asyncio.to_thread(sha256_of, info.files)
+                except OSError as exc:  # removed, unreadable, a directory now: skip it, hash the rest
+                    self._unhashable[ex.id] = seen
+                    log.warning("cannot hash %s (%s): %s; skipped until the file changes", ex.id, info.path, exc)
+                    continue
+                self._unhashable.pop(ex.id, None)
                 if (ex.info.size_bytes, ex.info.mtime_ns) != (info.size_bytes, info.mtime_ns):
                     continue  # changed while hashing; the next pass takes the new one
                 await self.runtime.journal.append(ex.id, Hashed(sha256=digest, size_bytes=info.size_bytes,

@@ -90,6 +90,14 @@ def test_a_missing_file_is_an_error(tmp_path):
         load_settings(tmp_path / "nope.toml", environ={})
 
 
+def test_a_directory_as_the_config_file_is_a_config_error_naming_it(tmp_path):
+    d = tmp_path / "conf.d"
+    d.mkdir()
+    with pytest.raises(ConfigError, match="a readable TOML file") as info:
+        load_settings(d, environ={})
+    assert str(d) in str(info.value) and info.value.key == "(file)"
+
+
 def test_a_bad_environment_value_names_the_variable():
     with pytest.raises(ConfigError, match="OPTIMANODE_LISTEN_PORT"):
         load_settings(environ={"OPTIMANODE_LISTEN_PORT": "http"})

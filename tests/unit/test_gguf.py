@@ -13,7 +13,8 @@ import pytest
 
 import gguf_files as g
 from optimanode.errors import ModelFileError
-from optimanode.executors.gguf import FILE_TYPES, GGML_TYPES, MAX_DECODED_STRING, Skipped, file_type_name, read_header
+from optimanode.executors.gguf import (FILE_TYPES, GGML_TYPES, MAX_DECODED_STRING, MAX_LAYERS, Skipped,
+                                      file_type_name, read_header)
 
 MODEL_CACHE = Path(os.environ.get("OPTIMANODE_MODEL_CACHE", "~/.cache/optimanode/models")).expanduser()
 
@@ -219,6 +220,44 @@ def test_unknown_tensor_type(tmp_path: Path) -> None:
     struct.pack_into("<I", data, at, 31)
     p.write_bytes(data)
     assert reason(p).startswith("tensor 'blk.0.attn_q.weight' has ggml type 31, unknown to this reader")
+
+
+def _one_layer_tensor(path: Path, tensor: str, block_count: int | None) -> Path:
+    """A small GGUF (a few hundred bytes) holding one 1-element tensor ``tensor`` and, unless None, block_count."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    if block_count is not None:
+        w.add_block_count(block_count)
+    w.add_tensor(tensor, np.ones((1,), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_tensor_past_block_count_is_corrupt(tmp_path: Path) -> None:
+    """blk.999999 in a file whose block_count is 1 is a corrupt header, not a model with a 10**6-entry layer_bytes."""
+    p = _one_layer_tensor(tmp_path / "m.gguf", "blk.999999.attn_q.weight", block_count=1)
+    assert p.stat().st_size < 512
+    assert reason(p) == ("corrupt header: tensor 'blk.999999.attn_q.weight' is in layer 999999, "
+                         "but llama.block_count is 1")
+    ok = read_header(_one_layer_tensor(tmp_path / "ok.gguf", "blk.0.attn_q.weight", block_count=1))
+    assert (ok.block_count, ok.layer_bytes) == (1, (4,))
+
+
+def test_tensor_layers_without_block_count_are_capped(tmp_path: Path) -> None:
+    """Without a block_count (a split part after the first) a layer up to llama.cpp's 512 reads; past it is corrupt."""
+    ok = read_header(_one_layer_tensor(tmp_path / "ok.gguf", f"blk.{MAX_LAYERS - 1}.w", block_count=None))
+    assert (ok.block_count, len(ok.layer_bytes), ok.layer_bytes[-1]) == (0, MAX_LAYERS, 4)
+    p = _one_layer_tensor(tmp_path / "m.gguf", "blk.999999.attn_q.weight", block_count=None)
+    assert reason(p) == ("corrupt header: tensor 'blk.999999.attn_q.weight' is in layer 999999, but the header "
+                         "declares no llama.block_count and llama.cpp loads at most 512 layers")
+
+
+def test_absurd_block_count_is_corrupt(tmp_path: Path) -> None:
+    """A block_count no llama.cpp loads is refused: the memory estimate spreads weights over that many layers."""
+    p = _one_layer_tensor(tmp_path / "m.gguf", "blk.0.attn_q.weight", block_count=1_000_000)
+    assert reason(p) == "corrupt header: llama.block_count is 1000000 (llama.cpp loads at most 512 layers)"
 
 
 def test_missing_file_raises_oserror(tmp_path: Path) -> None:

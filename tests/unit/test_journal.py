@@ -9,6 +9,7 @@ from optimanode.errors import JournalError
 from optimanode.journal import NODE_STREAM, Journal, apply_migrations, project
 from optimanode.protocol import (
     DesiredChanged,
+    DrainStarted,
     Hashed,
     ModelInfo,
     ModelSettings,
@@ -77,6 +78,38 @@ async def test_concurrent_appends_share_commits_and_keep_every_event(tmp_path):
                                     for i in range(200)])
     assert sorted(e.version for e in events) == list(range(2, 202))
     assert len(await j.read(stream="a")) == 201
+    await j.close()
+
+
+async def test_an_event_that_would_not_read_back_is_refused_and_the_writer_goes_on(tmp_path):
+    j = await Journal.open(tmp_path / "j.sqlite3")
+    bad = ModelInfo(path="/m/caf\udce9.gguf", files=["/m/caf\udce9.gguf"], size_bytes=10, mtime_ns=5)
+    with pytest.raises(JournalError, match="refused a Registered event of a: .*UnicodeEncodeError"):
+        await asyncio.wait_for(j.append("a", Registered(info=bad)), 5)
+    # JSON writes an infinite float as null, which does not read back as a float.
+    with pytest.raises(JournalError, match="refused a DrainStarted event of b: .*ValidationError"):
+        await asyncio.wait_for(j.append("b", DrainStarted(pid=1, timeout_s=float("inf"))), 5)
+    e = await asyncio.wait_for(j.append("a", Registered(info=INFO)), 5)
+    assert e.seq == 1 and [x.seq for x in await j.read()] == [1]
+    await j.close()
+
+
+async def test_an_unexpected_error_in_a_commit_fails_its_callers_and_the_writer_goes_on(tmp_path, monkeypatch):
+    j = await Journal.open(tmp_path / "j.sqlite3")
+    real = j._commit_locked
+    calls = []
+
+    async def broken_once(batches):
+        calls.append(len(batches))
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return await real(batches)
+
+    monkeypatch.setattr(j, "_commit_locked", broken_once)
+    with pytest.raises(RuntimeError, match="a bug"):
+        await asyncio.wait_for(j.append("a", Registered(info=INFO)), 5)
+    e = await asyncio.wait_for(j.append("a", Registered(info=INFO)), 5)  # without the fix: waits forever
+    assert e.seq == 1
     await j.close()
 
 

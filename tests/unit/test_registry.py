@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -125,6 +126,24 @@ def test_hidden_and_other_files_are_ignored(models: Path) -> None:
     (models / ".cache").mkdir()
     settled(g.copy(src, models / ".cache" / "c.gguf"))
     assert [m.path for m in registry(models).scan().models.values()] == [str(src)]
+
+
+def test_a_name_that_is_not_utf8_is_listed_as_an_error_and_the_rest_registers(models: Path) -> None:
+    """The journal, the link and the logs carry paths as UTF-8 text: such a file (or directory) is
+    named in the scan's errors, escaped, and not registered; the other models are."""
+    src = g.write_model(models / "a.gguf")
+    bad = os.fsdecode(os.fsencode(str(models)) + b"/caf\xe9.gguf")
+    bad_dir = os.fsdecode(os.fsencode(str(models)) + b"/d\xff")
+    g.copy(src, Path(bad))
+    os.mkdir(bad_dir)
+    g.copy(src, Path(bad_dir) / "b.gguf")
+    settled(src, Path(bad), Path(bad_dir) / "b.gguf")
+    result = registry(models).scan()
+    assert [m.path for m in result.models.values()] == [str(src)] and not result.invalid
+    reason = "the name is not valid UTF-8: rename it (the node records paths as UTF-8 text)"
+    assert result.errors == {f"{models}/caf\\xe9.gguf": reason, f"{models}/d\\xff": reason}
+    for text in result.errors:
+        text.encode("utf-8")  # every message encodes
 
 
 def test_upper_case_suffix_counts(models: Path) -> None:
@@ -517,3 +536,81 @@ def test_sha256_of_covers_all_parts_in_order(models: Path) -> None:
     whole = b"".join(p.read_bytes() for p in parts)
     assert sha256_of([str(p) for p in parts], chunk=100) == hashlib.sha256(whole).hexdigest()
     assert sha256_of([str(p) for p in reversed(parts)]) != hashlib.sha256(whole).hexdigest()
+
+
+@pytest.mark.parametrize("gone", ["removed", "a directory now"])
+async def test_hash_loop_skips_an_unreadable_file_once_and_hashes_the_rest(
+        tmp_path: Path, models: Path, gone: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A registered file that cannot be read is logged once and skipped; the loop goes on (no exit,
+    so no ``TaskExited`` from the node's guard), hashes the others, and retries it once it changes."""
+    import asyncio
+    import logging
+
+    from optimanode.config import load_settings
+    from optimanode.executors import scanner as scanner_mod
+    from optimanode.executors.runtime import Background, Runtime
+    from optimanode.executors.scanner import Scanner
+    from optimanode.journal import Journal
+
+    paths = [g.write_model(models / f"{n}.gguf", name=n) for n in ("a", "b")]
+    settled(*paths)
+    settings = load_settings(environ={}, overrides={"models_dir": str(models), "state_dir": str(tmp_path / "state")})
+    journal = await Journal.open(tmp_path / "j.sqlite3", background_check_delay_s=None)
+    try:
+        runtime = Runtime(settings, journal, Background(), clock=Clock())
+        scanner = Scanner(runtime, registry(models))
+        await scanner.rescan()
+        bad, good = list(runtime.executors.values())  # in the order hash_loop takes them: the bad one first
+        bad_path = Path(bad.info.path)
+        bad_path.unlink()
+        if gone == "a directory now":
+            bad_path.mkdir()
+        tried: list[str] = []
+        real_sha, real_sleep = scanner_mod.sha256_of, asyncio.sleep
+        passes = 0
+
+        def counting_sha(files, *a, **kw):
+            tried.extend(files)
+            return real_sha(files, *a, **kw)
+
+        async def quick_sleep(delay, *a, **kw):  # the 5 s between passes, shortened
+            nonlocal passes
+            if delay == 5.0:
+                passes += 1
+                delay = 0.01
+            return await real_sleep(delay, *a, **kw)
+
+        monkeypatch.setattr(scanner_mod, "sha256_of", counting_sha)
+        monkeypatch.setattr(asyncio, "sleep", quick_sleep)
+        caplog.set_level(logging.WARNING, logger=scanner_mod.__name__)
+        task = asyncio.create_task(scanner.hash_loop())
+        try:
+            async with asyncio.timeout(10):
+                while passes < 5 and not task.done():
+                    await real_sleep(0.01)
+            assert not task.done(), task.exception()  # the loop did not exit
+            want = hashlib.sha256(paths[1].read_bytes()).hexdigest()
+            assert good.info.sha256 == want and journal.views()[good.id].info.sha256 == want
+            assert bad.info.sha256 == ""
+            assert tried.count(str(bad_path)) == 1  # not retried every pass
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert len(warnings) == 1 and str(bad_path) in warnings[0] and bad.id in warnings[0], warnings
+            # The file is back, changed: the rescan re-registers it and the next pass hashes it.
+            if bad_path.is_dir():
+                bad_path.rmdir()
+            g.write_model(bad_path, name="a2")
+            settled(bad_path)
+            os.utime(bad_path, (OLD + 1, OLD + 1))
+            await scanner.rescan()
+            want = hashlib.sha256(bad_path.read_bytes()).hexdigest()
+            async with asyncio.timeout(10):
+                while not bad.info.sha256 and not task.done():
+                    await real_sleep(0.01)
+            assert not task.done() and bad.info.sha256 == want
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    finally:
+        await journal.close()
