@@ -328,6 +328,24 @@ async def test_removing_the_file_stops_the_worker_and_marks_the_executor_missing
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+async def test_a_model_file_whose_name_is_not_utf8_is_reported_and_the_node_goes_on(tmp_path):
+    """A name from a Latin-1 share once stopped the journal's writer: the node never finished starting."""
+    models = tmp_path / "models"
+    models.mkdir()
+    good = gguf_files.write_model(models / "tiny.gguf")
+    bad = Path(os.fsdecode(os.fsencode(str(models)) + b"/caf\xe9.gguf"))
+    gguf_files.copy(good, bad)
+    gguf_files.settle(good, bad)
+    async with asyncio.timeout(30):
+        async with Node(make_settings(tmp_path)) as node:
+            assert [st.info.path for st in node.list()] == [str(good)]
+            result = await node.rescan()
+            assert result.errors == {f"{models}/caf\\xe9.gguf": "the name is not valid UTF-8: rename it (the node "
+                                                                   "records paths as UTF-8 text)"}
+            await node.disable(only_id(node))  # the journal still takes appends
+            assert not node.status(only_id(node)).enabled
+
+
 async def test_a_changed_file_is_reread_and_its_worker_restarted(tmp_path, models, smollm2_path):
     async with Node(make_settings(tmp_path)) as node:
         eid = only_id(node)
