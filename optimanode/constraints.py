@@ -24,8 +24,12 @@ import msgspec
 
 # -- the shared value types -----------------------------------------------------------------------
 
-Seconds = Annotated[float, msgspec.Meta(gt=0, description="a number of seconds > 0")]
-SecondsOrZero = Annotated[float, msgspec.Meta(ge=0, description="a number of seconds >= 0")]
+# At most a year: finite (an infinite one passed the check once, and JSON writes it as null, which
+# the journal then could not read back) and far past any timeout or interval an operator means.
+SECONDS_MAX = 31_536_000
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=SECONDS_MAX, description="a number of seconds > 0, at most a year")]
+SecondsOrZero = Annotated[float, msgspec.Meta(ge=0, le=SECONDS_MAX,
+                                              description="a number of seconds >= 0, at most a year")]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535, description="an integer from 1 to 65535")]
 Fraction = Annotated[float, msgspec.Meta(ge=0, le=1, description="a fraction from 0 to 1")]
 NCtx = Annotated[int, msgspec.Meta(ge=0, le=1 << 20, description="0..1048576 (0: the model's own)")]

@@ -53,6 +53,16 @@ def test_an_out_of_range_value_says_what_range_is_expected(tmp_path):
         load_settings(f, environ={})
 
 
+@pytest.mark.parametrize("value", ["inf", "nan", "1e300"])
+def test_a_duration_is_finite_and_at_most_a_year(tmp_path, value):
+    """An infinite drain_timeout_s once passed and reached the journal as null, which no reader decodes."""
+    f = tmp_path / "node.toml"
+    f.write_text(f"drain_timeout_s = {value}\n")
+    with pytest.raises(ConfigError, match=r"drain_timeout_s: expected a number of seconds >= 0, at most a year"):
+        load_settings(f, environ={})
+    assert load_settings(environ={}, overrides={"drain_timeout_s": "31536000"}).drain_timeout_s == 31_536_000
+
+
 def test_the_prefill_policy_is_one_of_the_protocols(tmp_path):
     from optimanode.protocol import PREFILL_POLICIES, WorkerSettings
 
