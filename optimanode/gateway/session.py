@@ -377,7 +377,15 @@ class Session:
             except Exception as exc:  # noqa: BLE001 - answer the Gateway, keep the session
                 log.exception("control call %s failed", type(msg).__name__)
                 reply = Error(id=msg.id, code="internal", message=f"{type(exc).__name__}: {exc}")  # type: ignore[union-attr]
-            self.send(reply)
+            try:
+                self.send(reply)
+            except (msgspec.EncodeError, OverflowError, UnicodeError, TypeError, ValueError) as exc:
+                # A value the link cannot carry (an integer past 64 bits from a model's header, a
+                # path that is not UTF-8): the call gets an error and this loop goes on serving
+                # the session's other control calls.
+                log.exception("the reply to control call %s could not be encoded", type(msg).__name__)
+                self.send(Error(id=msg.id, code="internal",  # type: ignore[union-attr]
+                                message=f"the reply could not be encoded: {type(exc).__name__}: {exc}"))
 
     async def _control_call(self, msg: GatewayToNode) -> NodeToGateway:
         node = self.node

@@ -129,6 +129,19 @@ async def test_list_and_get_model_answer_with_the_nodes_own_status(env: Env) -> 
     assert status == ModelStatus(id="c2", status=env.node.status(env.eid))
 
 
+async def test_a_reply_the_link_cannot_carry_gets_an_error_and_the_next_call_is_answered(env: Env, monkeypatch) -> None:
+    """A model header may declare integers past 64 bits; the control loop once died encoding one,
+    and the session's later control calls went unanswered."""
+    real = env.node.list
+    monkeypatch.setattr(env.node, "list", lambda: [msgspec.structs.replace(
+        st, info=msgspec.structs.replace(st.info, parameter_count=2**64)) for st in real()])
+    err = await env.call(ListModels(id="c1"))
+    assert isinstance(err, Error) and (err.id, err.code) == ("c1", "internal")
+    assert err.message.startswith("the reply could not be encoded: OverflowError")
+    status = await env.call(GetModel(id="c2", model=env.eid))
+    assert status == ModelStatus(id="c2", status=env.node.status(env.eid))
+
+
 async def test_a_control_call_on_an_unknown_model_gets_its_error_with_the_calls_id(env: Env) -> None:
     err = await env.call(GetModel(id="c3", model="nope"))
     assert isinstance(err, Error) and (err.id, err.code) == ("c3", "unknown_model")
