@@ -195,11 +195,12 @@ def read_key_file(path: Path, source: str, key: str) -> bytes:
     return raw
 
 
-def read_tokens(path: Path, source: str = "", key: str = "tokens_file") -> list[bytes]:
-    """Bearer tokens, one per line (blank lines and ``#`` comments skipped)."""
+def read_tokens(path: Path, source: str = "", key: str = "tokens_file", *, allow_empty: bool = False) -> list[bytes]:
+    """Bearer tokens, one per line (blank lines and ``#`` comments skipped); ``allow_empty``: a file
+    without one gives none (a reload that revokes them all) instead of an error."""
     text = _private_text(path, source or str(path), key, "tokens file")
     tokens = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not tokens:
+    if not tokens and not allow_empty:
         raise ConfigError(source or str(path), key, "a tokens file with at least one token (one per line)")
     for n, t in enumerate(tokens, 1):
         if len(t) < MIN_TOKEN_CHARS or any(c.isspace() for c in t):
@@ -271,7 +272,13 @@ def load_config(path: str | os.PathLike[str]) -> FrontConfig:
 
 
 class Tokens:
-    """The accepted bearer tokens, re-read when the file changes (a bad new file keeps the old tokens)."""
+    """The accepted bearer tokens, re-read when the file changes.
+
+    A file emptied of tokens, or removed, revokes them all (every request gets 401 until it holds
+    one again): an operator who deletes the last token means no one. A file that is broken (a short
+    token, loose permissions) keeps the previous tokens, since that is a mistake on the way to new
+    ones.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -290,9 +297,13 @@ class Tokens:
         if stamp != self._stamp:
             self._stamp = stamp
             try:
-                self._tokens = read_tokens(self.path)
+                self._tokens = [] if stamp is None else read_tokens(self.path, allow_empty=True)
             except ConfigError as exc:
                 log.error("kept the previous bearer tokens: %s", exc)
+            else:
+                if not self._tokens:
+                    log.error("%s holds no bearer token (or is gone): every request is refused until it holds one",
+                              self.path)
         scheme, _, given = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             return False

@@ -110,6 +110,14 @@ def test_bearer_tokens_are_checked_and_a_changed_file_is_reread(tmp_path):
     write(f, "bad\n")  # a broken new file keeps the tokens in force
     os.utime(f, ns=(2, 2))
     assert tokens.check("Bearer " + "v" * 30)
+    write(f, "# revoked\n\n")  # a file emptied of tokens revokes them all
+    os.utime(f, ns=(3, 3))
+    assert not tokens.check("Bearer " + "v" * 30)
+    write(f, "w" * 30 + "\n")
+    os.utime(f, ns=(4, 4))
+    assert tokens.check("Bearer " + "w" * 30)
+    f.unlink()  # and so does removing the file
+    assert not tokens.check("Bearer " + "w" * 30)
 
 
 def chat(**body) -> ChatBody:
