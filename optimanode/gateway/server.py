@@ -26,7 +26,8 @@ How it works:
   first frame: any other message 4001, a frame that does not decode 4400, a wrong MAC 4001, an
   unoffered version 4003. Every connection that ends without a Welcome counts as a failure
   against the remote address, wherever it ended (TLS, the HTTP upgrade, the open deadline, the
-  handshake), except a 4008 refusal and the node's own stop; nothing but the handshake is read
+  handshake), except a 4008 refusal and the node's own stop (an address counts as itself; an IPv6
+  one by its /64 network, ``limit_key``); nothing but the handshake is read
   before it succeeds. A refusal's reason is logged escaped and cut short (``printable``): it may
   quote what the peer sent. The keys are re-read when the key files change (rotation
   needs no restart).
@@ -48,6 +49,7 @@ How it works:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import ssl
@@ -113,11 +115,26 @@ MAX_PENDING_PER_ADDRESS = 16
 PENDING_WARN_INTERVAL_S = 60.0
 
 __all__ = ["MAX_FRAME_BYTES", "MAX_PENDING", "MAX_PENDING_PER_ADDRESS", "PING_INTERVAL_S", "PING_TIMEOUT_S",
-           "POLITE_REFUSALS", "SEND_BUFFER_BYTES", "GatewayServer", "NodeConnection", "printable"]
+           "POLITE_REFUSALS", "SEND_BUFFER_BYTES", "GatewayServer", "NodeConnection", "limit_key", "printable"]
 
 
 def _address(peer: object) -> str:
     return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+
+
+def limit_key(addr: str) -> str:
+    """What the failure limiter and the pending bounds count by: an IPv4 address itself (an
+    IPv4-mapped IPv6 one too), an IPv6 address's /64 network (one host is usually given a whole /64,
+    and would otherwise get a fresh budget from each of its addresses)."""
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return addr
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def printable(text: str, limit: int = 200) -> str:
@@ -142,6 +159,7 @@ class NodeConnection(LinkProtocol):
                                      send_buffer_bytes=server.send_buffer_bytes))
         self.server = server
         self.addr = "?"
+        self.key = "?"  # what the limits count by (limit_key)
         self.session: Session | None = None
         self._raw: asyncio.Transport | None = None  # the TCP transport, before TLS
         self._early: list[bytes] | None = None  # bytes that arrived before start_tls returned
@@ -159,12 +177,13 @@ class NodeConnection(LinkProtocol):
         srv = self.server
         self.addr = _address(transport.get_extra_info("peername"))
         self.log_fields["peer"] = self.addr
-        if not srv._admit(self.addr):
+        self.key = limit_key(self.addr)
+        if not srv._admit(self.key):
             transport.abort()
             return
         self._raw = transport
         srv._connections.add(self)
-        srv._pending_add(self.addr, 1)
+        srv._pending_add(self.key, 1)
         self._holds_pending = True
         self._timer = self.loop.call_later(srv.open_timeout_s, self._open_timeout)
         if srv._tls is None:
@@ -225,10 +244,10 @@ class NodeConnection(LinkProtocol):
             self._settled = True
             self.close(CLOSE_GOING_AWAY, "node shutting down")
             return
-        wait = srv.limiter.blocked_for(self.addr)
+        wait = srv.limiter.blocked_for(self.key)
         if wait > 0:
             self._settled = True  # a refused attempt does not extend the lockout
-            srv._refuse(self.addr, wait)
+            srv._refuse(self.key, wait)
             self.close(CLOSE_RATE_LIMITED, f"too many failed handshakes; retry in {math.ceil(wait)} s")
             return
         self._handshake = NodeHandshake(srv.node_id, srv.keyring.keys, max_frame_bytes=srv.max_frame_bytes)
@@ -273,7 +292,7 @@ class NodeConnection(LinkProtocol):
         self._cancel_timer()
         self._settled = True
         self._release_pending()
-        srv.limiter.success(self.addr)
+        srv.limiter.success(self.key)
         self.send(welcome)
         session = Session(conn=self, node=srv.node, gateway_id=hello.gateway_id, sample=srv.sample,
                           send_buffer_bytes=srv.send_buffer_bytes)
@@ -323,12 +342,12 @@ class NodeConnection(LinkProtocol):
     def _count_failure(self) -> None:
         if not self._settled:
             self._settled = True
-            self.server.limiter.failure(self.addr)
+            self.server.limiter.failure(self.key)
 
     def _release_pending(self) -> None:
         if self._holds_pending:
             self._holds_pending = False
-            self.server._pending_add(self.addr, -1)
+            self.server._pending_add(self.key, -1)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

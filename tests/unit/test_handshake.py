@@ -274,3 +274,15 @@ def test_the_welcome_says_the_nodes_minor_version_and_an_older_welcome_reads_as_
     older = msgspec.msgpack.encode({k: v for k, v in msgspec.structs.asdict(welcome).items() if k != "minor"}
                                    | {"type": "welcome"})
     assert decode_from_node(older).minor == 0
+
+
+def test_the_limits_count_an_ipv4_address_as_itself_and_an_ipv6_one_by_its_64_network():
+    from optimanode.gateway.server import limit_key
+
+    assert limit_key("192.0.2.7") == "192.0.2.7"
+    assert limit_key("::ffff:192.0.2.7") == "192.0.2.7"  # an IPv4 peer on a dual-stack socket
+    # A host given a /64 does not get a fresh budget from each of its addresses.
+    assert limit_key("2001:db8:1:2::1") == limit_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert limit_key("2001:db8:1:3::1") != limit_key("2001:db8:1:2::1")
+    assert limit_key("fe80::1%eth0") == "fe80::/64"
+    assert limit_key("not an address") == "not an address"
