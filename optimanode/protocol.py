@@ -66,6 +66,11 @@ from optimanode.constraints import (
 # takes a slot; one that does not compile is bad_request with the compiler's message.
 
 
+# The most GBNF llama.cpp's grammar parser is given: a grammar's own length, and (checked by the
+# worker) what a schema or tools' parameters convert to.
+GBNF_MAX_CHARS = 65536
+
+
 class JsonSchemaFormat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True,
                        tag_field="type", tag="json_schema"):
     """JSON valid against ``schema`` (converted to GBNF by llama-cpp-python's own converter)."""
@@ -82,7 +87,7 @@ class GrammarFormat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
                     tag_field="type", tag="grammar"):
     """Text in the language of a GBNF grammar (start symbol ``root``)."""
 
-    gbnf: Annotated[str, msgspec.Meta(min_length=1, max_length=65536,
+    gbnf: Annotated[str, msgspec.Meta(min_length=1, max_length=GBNF_MAX_CHARS,
                                       description="GBNF text of 1 to 65536 characters")]
 
 

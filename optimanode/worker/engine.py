@@ -27,6 +27,7 @@ import collections
 import ctypes
 import json
 import os
+import re
 import secrets
 import sys
 import tempfile
@@ -429,6 +430,8 @@ class Engine:
         grammar = self._grammar(params.response_format) if params.response_format is not None else None
         if calls is not None:
             assert self.tool_family is not None  # toolcalls.check said so
+            for tool in calls.tools:
+                _check_counts(tool.parameters, "tools")
             try:
                 gbnf = _strict_json_chars(toolcalls.grammar(self.tool_family, calls.tools, calls.tool_choice,
                                                             llama_grammar.SchemaConverter))
@@ -481,6 +484,7 @@ class Engine:
         """llama.cpp's grammar sampler for a response_format, or _Reject(bad_request) with the
         converter's or the grammar compiler's own message."""
         if isinstance(fmt, p.JsonSchemaFormat):
+            _check_counts(fmt.schema, "response_format.schema")
             try:
                 # llama-cpp-python's converter (a port of llama.cpp's json_schema_to_grammar.py).
                 gbnf = _strict_json_chars(llama_grammar.json_schema_to_gbnf(json.dumps(fmt.schema)))
@@ -494,7 +498,20 @@ class Engine:
         return self._compile(gbnf, "response_format." + ("schema" if isinstance(fmt, p.JsonSchemaFormat) else "gbnf"))
 
     def _compile(self, gbnf: str, field: str) -> Any:
-        """llama.cpp's grammar sampler for GBNF text, or _Reject(bad_request) naming ``field``."""
+        """llama.cpp's grammar sampler for GBNF text, or _Reject(bad_request) naming ``field``.
+
+        Bounds checked first, since what passes them is what llama.cpp's parser gets: it recurses
+        once per parenthesis and dies of SIGSEGV (the whole worker) at about 18,700 levels on an
+        8 MiB stack, so GRAMMAR_MAX_NESTING; a chain of rules each starting with the next crashes
+        it at about 65,000 (1.1 MB of GBNF), so a converted grammar gets a direct one's size,
+        GRAMMAR_MAX_CHARS (at most about 6,500 rules)."""
+        what = "the grammar" if field == "response_format.gbnf" else "the grammar it converts to"
+        if len(gbnf) > GRAMMAR_MAX_CHARS:
+            raise _Reject("bad_request", f"{field}: {what} is {len(gbnf)} characters, more than {GRAMMAR_MAX_CHARS}")
+        depth = _nesting(gbnf)
+        if depth > GRAMMAR_MAX_NESTING:
+            raise _Reject("bad_request", f"{field}: {what} nests parentheses {depth} deep, more than "
+                                         f"{GRAMMAR_MAX_NESTING}")
         # llama.cpp's grammar parser prints its reason to stderr (fd 2), not through the log
         # callback, which gets only "failed to parse grammar": catch what it prints.
         with _StderrCapture() as printed:
@@ -1001,6 +1018,62 @@ class _StderrCapture:
 
     def text(self) -> str:
         return self._text
+
+
+# What llama.cpp's grammar parser is given (docs/protocol.md, "Structured output"). Measured on
+# llama-cpp-python 0.3.36 (a subprocess per grammar, bisecting): parenthesis nesting crashes the
+# parser (SIGSEGV, stack overflow) at 18,710 levels, compiles at 18,671; a chain of rules each
+# starting with the next crashes at about 66,000. Repetitions do not: "a"{0,10000000} compiles in
+# 0.4 s and 61 MB, and llama.cpp refuses an exact count over 2,000 itself. So: a converted grammar
+# gets a direct one's size, nesting is bounded with an 18x margin (the converter writes maxLength n
+# as n nested groups, and llama.cpp refuses any maxLength over 1,000 anyway), and a schema's counts
+# are bounded before the converter writes them out (it writes 8 characters per unit of maxLength,
+# 21 per maxItems: maxLength 10**9 would be 8 GB), at a total no grammar of GRAMMAR_MAX_CHARS could hold.
+GRAMMAR_MAX_CHARS = p.GBNF_MAX_CHARS
+GRAMMAR_MAX_NESTING = 1024
+SCHEMA_MAX_COUNTS = GRAMMAR_MAX_CHARS
+_COUNT_KEYS = ("minLength", "maxLength", "minItems", "maxItems")
+_NOT_SCHEMA_KEYS = ("enum", "const", "default", "examples")  # values, not schemas
+_PATTERN_COUNT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+# What llama.cpp's parser skips (a literal, a character class, a comment) or counts (a group).
+_GBNF_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\r\n]*|[()]', re.DOTALL)
+
+
+def _nesting(gbnf: str) -> int:
+    """How deep ``gbnf`` nests parenthesized groups (an unclosed literal counts what follows: more, never less)."""
+    depth = most = 0
+    for m in _GBNF_TOKEN.finditer(gbnf):
+        c = m.group()
+        if c == "(":
+            depth += 1
+            most = max(most, depth)
+        elif c == ")":
+            depth = max(0, depth - 1)
+    return most
+
+
+def _check_counts(schema: Any, field: str) -> None:
+    """_Reject(bad_request) when a schema's repetition counts (minLength, maxLength, minItems,
+    maxItems, and every {m,n} of a pattern) add up to more than SCHEMA_MAX_COUNTS: the converter
+    would write at least a character per unit, in memory, before any size could be checked."""
+    total = 0
+    todo = [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in _COUNT_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    total += max(0, int(min(value, 1e18)))
+                elif key == "pattern" and isinstance(value, str):
+                    for m in _PATTERN_COUNT.finditer(value):
+                        total += max(int(m.group(1)), int(m.group(2) or 0))
+                elif key not in _NOT_SCHEMA_KEYS:
+                    todo.append(value)
+        elif isinstance(node, list):
+            todo.extend(node)
+    if total > SCHEMA_MAX_COUNTS:
+        raise _Reject("bad_request", f"{field}: its repetition counts (minLength, maxLength, minItems, maxItems, "
+                                     f"a pattern's {{m,n}}) add up to {total}, more than {SCHEMA_MAX_COUNTS}")
 
 
 # llama-cpp-python 0.3.36's schema converter lets a JSON string hold raw control characters (its

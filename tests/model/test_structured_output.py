@@ -159,3 +159,65 @@ def test_schema_strings_exclude_raw_control_characters() -> None:
     assert "char ::= [^\"\\\\] |" in loose  # still the converter's bug: drop this fix once it is gone
     strict = _strict_json_chars(loose)
     assert _JSON_CHAR_STRICT in strict.splitlines() and "char ::= [^\"\\\\] |" not in strict
+
+
+# Grammars that crashed the worker (SIGSEGV in llama.cpp's grammar parser, which recurses once per
+# parenthesis: about 18,700 levels on an 8 MiB stack), now refused before llama.cpp sees them.
+NESTED = "root ::= " + "(" * 20000 + '"a"' + ")" * 20000  # 40,012 characters, under the 65,536
+
+
+@pytest.mark.parametrize(("fmt", "message"), [
+    # The converter writes maxLength n as n nested groups: 240,110 characters, 30,000 deep.
+    (p.JsonSchemaFormat(schema={"type": "string", "maxLength": 30000}),
+     "response_format.schema: the grammar it converts to is 240110 characters, more than 65536"),
+    # Would be converted to 80 MB of GBNF (800 MB for 10**8 ...) before any size could be checked.
+    (p.JsonSchemaFormat(schema={"type": "object", "properties": {"a": {"type": "string", "maxLength": 10**7}}}),
+     "response_format.schema: its repetition counts (minLength, maxLength, minItems, maxItems, a pattern's "
+     "{m,n}) add up to 10000000, more than 65536"),
+    (p.JsonSchemaFormat(schema={"type": "string", "pattern": "^a{2000000}$"}),
+     "response_format.schema: its repetition counts (minLength, maxLength, minItems, maxItems, a pattern's "
+     "{m,n}) add up to 2000000, more than 65536"),
+    (p.GrammarFormat(gbnf=NESTED),
+     "response_format.gbnf: the grammar nests parentheses 20000 deep, more than 1024"),
+], ids=["maxLength-30000", "maxLength-10e7", "pattern-count", "nested-parentheses"])
+def test_a_grammar_too_large_or_deep_for_llama_cpp_is_bad_request(worker: Worker, fmt: p.ResponseFormat,
+                                                                   message: str) -> None:
+    """Refused naming the limit, and the same worker goes on serving (it crashed before)."""
+    (text, failed), = _run_all(worker, {"big": _chat("Hi", temperature=0.0, response_format=fmt)}, timeout=120).values()
+    assert isinstance(failed, p.Failed) and failed.code == "bad_request", failed
+    assert failed.message == message, failed.message
+    assert text == ""
+    (_, done), = _run_all(worker, {"after": _chat("Hi", temperature=0.0, max_tokens=4)}, timeout=120).values()
+    assert isinstance(done, p.Done), done
+
+
+def test_nesting_up_to_the_limit_still_compiles_and_literals_do_not_count(worker: Worker) -> None:
+    """1,024 groups deep is served; parentheses in literals, classes and comments are not groups."""
+    gbnf = ("# ((((\nroot ::= " + "(" * 1024 + '"(" [(]' + ")" * 1024 + ' "' + "(" * 5000 + '"\n')
+    (text, done), = _run_all(worker, {"deep": _chat("Hi", temperature=0.0, max_tokens=8,
+                                                    response_format=p.GrammarFormat(gbnf=gbnf))}).values()
+    assert isinstance(done, p.Done), done
+    assert text.startswith("(("), text
+
+
+def test_a_tool_whose_parameters_convert_too_large_is_bad_request(smollm2_tools_path: Path) -> None:
+    """Tool parameters go through the same converter and the same limits."""
+    w = Worker()
+    try:
+        w.send(p.WorkerSettings(model_path=str(smollm2_tools_path), n_ctx=1024, n_threads=2,
+                                parallel=1))
+        assert isinstance(w.recv(timeout=120), p.Ready)
+        tool = p.Tool(name="f", parameters={"type": "object", "properties": {"a": {"type": "string", "maxLength": 30000}},
+                                            "required": ["a"]})
+        req = p.ChatRequest(messages=[p.ChatMessage(role="user", content="hi")], tools=[tool], tool_choice="required",
+                            params=p.SamplingParams(max_tokens=4, temperature=0.0))
+        (text, failed), = _run_all(w, {"big": req}, timeout=120).values()
+        assert isinstance(failed, p.Failed) and failed.code == "bad_request", failed
+        assert failed.message.startswith("tools: the grammar it converts to is "), failed.message
+        assert failed.message.endswith(" characters, more than 65536"), failed.message
+        (_, done), = _run_all(w, {"after": _chat("Hi", temperature=0.0, max_tokens=4)}, timeout=120).values()
+        assert isinstance(done, p.Done), done
+        w.send(p.Shutdown())
+        assert w.wait(timeout=30) == 0
+    finally:
+        w.kill()
