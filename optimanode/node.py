@@ -2,7 +2,10 @@
 
 How it works:
 
-* ``Node.start`` opens the journal first (or takes the one given: ``Node(settings,
+* ``Node.start`` first takes the state directory's lock (``_StateLock``: one running node per
+  state directory; a second one on the same directory is refused before it reads or writes
+  anything, since it would journal the first one's requests as dead and break its appends), then
+  opens the journal (or takes the one given: ``Node(settings,
   journal=...)``, ``await Node.open(settings)``), replays it, and only then builds the parts on
   it: the executor runtime (``executors/runtime.py``: each model's record, its transitions and
   worker, the reconcile loop, a worker's end), the scanner (``executors/scanner.py``: the models
@@ -23,7 +26,7 @@ How it works:
   (``retention.py``: checkpoints, old events folded or deleted, the byte cap) runs as one more
   guarded loop; ``journal_report`` is its size against the cap, for metrics.
 * ``stop`` ends the loops, stops every worker (journaled where the journal still takes it), lets
-  the short background tasks end, journals ``node_stopped`` and closes the journal.
+  the short background tasks end, journals ``node_stopped``, closes the journal and lets the lock go.
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ import time
 from typing import Any
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from optimanode import __version__
 from optimanode.config import Settings
-from optimanode.errors import BadRequest, JournalError
+from optimanode.errors import BadRequest, ConfigError, JournalError
 from optimanode.executors.effective import chat_template_in_force, checked, conflict
 from optimanode.executors.reconciler import Facts, crashes_in_window
 from optimanode.executors.registry import Registry, ScanResult
@@ -77,6 +81,46 @@ class _Parts:
     inference: Inference
 
 
+class _StateLock:
+    """One running node per state directory: an exclusive ``flock`` on ``state_dir/node.lock``,
+    held from start to stop. The kernel lets it go when the process ends, however it ends, and
+    workers do not hold it (the descriptor is not inherited). Where there is no ``flock``
+    (Windows), there is no lock."""
+
+    NAME = "node.lock"
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    @classmethod
+    def acquire(cls, state_dir: Path) -> _StateLock:
+        try:
+            import fcntl
+        except ImportError:
+            return cls(None)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path = state_dir / cls.NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError("state_dir", str(state_dir), "a state directory no other running node uses (a node, "
+                              f"pid {holder}, holds {path}: stop it, or give this node a state_dir of its own)")
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor lets the flock go
+            self._fd = None
+
+
 class Node:
     """The node. ``async with Node(settings) as node:`` starts it and stops it cleanly."""
 
@@ -93,13 +137,20 @@ class Node:
         self._main: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
         self._stopping = False
+        self._lock: _StateLock | None = None
 
     @classmethod
     async def open(cls, settings: Settings, *, clock: Callable[[], float] = time.time) -> Node:
         """Open the journal, then build and start the node on it."""
-        journal = await Journal.open(settings.journal_path)
+        lock = _StateLock.acquire(settings.state_path)
+        try:
+            journal = await Journal.open(settings.journal_path)
+        except BaseException:
+            lock.release()
+            raise
         node = cls(settings, journal=journal, clock=clock)
-        await node.start()  # closes the journal if it fails
+        node._lock = lock
+        await node.start()  # closes the journal and lets the lock go if it fails
         return node
 
     @property
@@ -133,9 +184,15 @@ class Node:
         await self.stop()
 
     async def start(self) -> None:
-        self.settings.models_path.mkdir(parents=True, exist_ok=True)
-        if self._journal is None:
-            self._journal = await Journal.open(self.settings.journal_path)
+        if self._lock is None:
+            self._lock = _StateLock.acquire(self.settings.state_path)
+        try:
+            self.settings.models_path.mkdir(parents=True, exist_ok=True)
+            if self._journal is None:
+                self._journal = await Journal.open(self.settings.journal_path)
+        except BaseException:
+            self._lock.release()
+            raise
         journal = self._journal
         try:
             # Replayed before anything is written: a journal that does not replay is left as it was.
@@ -157,6 +214,7 @@ class Node:
         except BaseException:
             # Closed here, or its connection thread keeps the process alive after the error.
             await journal.close()
+            self._lock.release()
             raise
         self._main = asyncio.get_running_loop().create_task(self._run(parts), name="node-main")
         await self._started.wait()
@@ -208,6 +266,8 @@ class Node:
                 await self._journal.append(NODE_STREAM, NodeStopped(reason=reason))
             await self._journal.close()
         self.gpu_probe.close()
+        if self._lock is not None:
+            self._lock.release()
 
     # -- desired state (the operator's API) ------------------------------------------------
 
@@ -229,7 +289,8 @@ class Node:
         refused = conflict(settings, self.settings.model_defaults)
         if refused is not None:
             raise BadRequest(f"settings.{refused[0]}: expected {refused[1]}", field=f"settings.{refused[0]}")
-        await runtime.desire(ex, ex.enabled, settings, by)
+        # enabled=None: kept as it is when the change is made, not as read here (Runtime.desire).
+        await runtime.desire(ex, None, settings, by)
         return self.status(executor_id)
 
     def apply_settings(self, settings: Settings) -> None:

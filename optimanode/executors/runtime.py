@@ -7,8 +7,12 @@ How it works:
   previous process left behind (no worker survives its node).
 * Every change goes through ``fire``: the trigger is checked against the state table, the
   Transition event is appended (durable), and only then the in-memory machine moves; the loop and
-  whoever waits in ``wait_for_state`` are woken. Desired-state changes (``desire``, ``enable``)
-  are journaled before they return.
+  whoever waits in ``wait_for_state`` are woken. Desired-state changes (``desire``, ``enable``,
+  ``disable``) are journaled before they return. Each such change is one unit (``_change``):
+  under the executor's lock it reads the current values, appends, and applies what it appended,
+  and once appended it is applied even when its caller is cancelled (a Gateway that disconnects
+  mid-call), since the journal commits what was queued either way. So two changes at once each
+  change only their own field, and the running node always holds what the journal says.
 * The loop (``run``) ticks every second, at the next backoff deadline, or when woken: it gathers
   one ``Facts`` per executor (with its memory estimates, ``memory.estimate``), reads the free
   RAM (psutil) and each GPU's free memory (``gpu_probe``: NVML through ``metrics.GpuProbe``),
@@ -39,11 +43,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import psutil
 
@@ -77,6 +82,7 @@ from optimanode.executors.supervisor import ExitInfo, WorkerProcess
 from optimanode.journal import ExecutorView, Journal
 from optimanode.protocol import (
     DesiredChanged,
+    EventBody,
     GpuReport,
     ModelInfo,
     ModelSettings,
@@ -113,6 +119,9 @@ class Executor:
     unjournaled_exit: ExitInfo | None = None
     # After the worker stops: ("invalidate" | "vanish", reason).
     after_stop: tuple[Trigger, str] | None = None
+    # Held across read → append → apply by every change to its state or its desired state
+    # (``Runtime.fire``, ``Runtime.desire``): changes to one executor are journaled and applied
+    # one at a time, in the order they were asked for.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     restarts: int = 0
     backend: str = ""
@@ -194,6 +203,11 @@ class Background:
 
         task.add_done_callback(done)
 
+    def track(self, task: asyncio.Future[Any]) -> None:
+        """Keep ``task`` (its owner reads its outcome) referenced until it ends, and let ``settle`` wait for it."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def settle(self, timeout_s: float = 2.0) -> None:
         for t in list(self._tasks):
             with contextlib.suppress(BaseException):
@@ -264,29 +278,98 @@ class Runtime:
     # -- transitions -----------------------------------------------------------------------
 
     async def fire(self, ex: Executor, trigger: Trigger, **details: object) -> None:
-        """Check, journal (durably), then move the machine; illegal → IllegalTransition, nothing changed."""
-        async with ex.lock:
-            src = ex.state
-            dst = allowed(src, trigger)
-            if dst is None:
-                raise IllegalTransition(ex.id, trigger, src)
-            await self.journal.append(ex.id, Transition(trigger=trigger, src=src, dst=dst, **details))  # type: ignore[arg-type]
-            ex.life.fire(trigger)
-            ex.reason = str(details.get("reason", ""))
-            if ex.replacing and (dst == "running" or dst not in REPLACE_PATH):
-                ex.replacing = False
-                # The load a request asked for is done, or failed (its requests are told why).
-                ex.demanded = False
-            if dst == "running":
-                ex.ready_at = self.clock()
-            # In the same step as the move: no request can slip between the state and its admission.
-            if self.drainer is not None:
-                self.drainer.changed(ex)
-        log.info("executor %s: %s → %s (%s)%s", ex.id, src, dst, trigger,
+        """Check, journal (durably), then move the machine; illegal → IllegalTransition, nothing changed.
+
+        One unit (``_change``): a caller cancelled once the append is queued still leaves the
+        transition both journaled and applied, never journaled only.
+        """
+        def plan() -> tuple[list[tuple[str, EventBody]], Callable[[], None]]:
+            t = self._transition(ex, trigger, details)
+            return [(ex.id, t)], lambda: self._move(ex, t)
+
+        await self._change(ex, plan)
+        await self._moved()
+
+    @staticmethod
+    def _transition(ex: Executor, trigger: Trigger, details: dict[str, object]) -> Transition:
+        """The Transition ``trigger`` makes from ``ex``'s state now; IllegalTransition if none (under ``ex.lock``)."""
+        src = ex.state
+        dst = allowed(src, trigger)
+        if dst is None:
+            raise IllegalTransition(ex.id, trigger, src)
+        return Transition(trigger=trigger, src=src, dst=dst, **details)  # type: ignore[arg-type]
+
+    def _move(self, ex: Executor, t: Transition) -> None:
+        """Apply the journaled ``t`` in memory (under ``ex.lock``, right after its append)."""
+        ex.life.fire(t.trigger)
+        ex.reason = t.reason
+        if ex.replacing and (t.dst == "running" or t.dst not in REPLACE_PATH):
+            ex.replacing = False
+            # The load a request asked for is done, or failed (its requests are told why).
+            ex.demanded = False
+        if t.dst == "running":
+            ex.ready_at = self.clock()
+        # In the same step as the move: no request can slip between the state and its admission.
+        if self.drainer is not None:
+            self.drainer.changed(ex)
+        log.info("executor %s: %s → %s (%s)%s", ex.id, t.src, t.dst, t.trigger,
                  f": {ex.reason}" if ex.reason else "")
+
+    async def _moved(self) -> None:
+        """After a move: wake the loop and whoever waits in ``wait_for_state``."""
         self._wake.set()
         async with self._changed:
             self._changed.notify_all()
+
+    async def _change(self, ex: Executor,
+                      plan: Callable[[], tuple[list[tuple[str, EventBody]], Callable[[], None]]]) -> None:
+        """One change to ``ex`` as one unit: under ``ex.lock``, ``plan`` reads the current values
+        and returns the events to journal and how to apply them; they are appended (one commit),
+        then applied.
+
+        The journal commits an append once it is queued, whether or not its caller still waits
+        (a Gateway that disconnects mid-call cancels its control task). So a caller cancelled
+        after that still sees CancelledError, but the change is applied when the commit lands,
+        and ``ex.lock`` is held until then: the next change to ``ex`` reads what was committed.
+        A caller cancelled while it waits for the lock changes nothing.
+        """
+        await ex.lock.acquire()
+        try:
+            events, apply = plan()
+            append = asyncio.ensure_future(self.journal.append_many(events))
+        except BaseException:
+            ex.lock.release()
+            raise
+        self._background.track(append)
+        try:
+            await asyncio.shield(append)
+        except asyncio.CancelledError:
+            if append.done():
+                self._finish_orphan(ex, apply, append)
+            else:
+                append.add_done_callback(functools.partial(self._finish_orphan, ex, apply))
+            raise
+        except BaseException:
+            ex.lock.release()
+            raise
+        try:
+            apply()
+        finally:
+            ex.lock.release()
+
+    def _finish_orphan(self, ex: Executor, apply: Callable[[], None], append: asyncio.Future[Any]) -> None:
+        """The end of a change whose caller was cancelled (``_change``): applied if it was committed."""
+        try:
+            if append.cancelled():
+                log.warning("executor %s: a change whose caller was cancelled was not journaled", ex.id)
+            elif append.exception() is not None:
+                log.warning("executor %s: a change whose caller was cancelled could not be journaled: %s",
+                            ex.id, append.exception())
+            else:
+                apply()
+                self._background.spawn(self._moved(), f"changed-{ex.id}")
+        finally:
+            ex.lock.release()
 
     async def wait_for_state(self, executor_id: str, states: Iterable[str], timeout: float) -> str:
         """Wait until the executor is in one of ``states``; return it, or raise TimeoutError."""
@@ -299,17 +382,14 @@ class Runtime:
 
     # -- desired state ---------------------------------------------------------------------
 
-    async def desire(self, ex: Executor, enabled: bool, settings: ModelSettings, by: str) -> None:
-        """Journal what the operator wants for ``ex``, then hold it; the loop acts on it."""
-        await self.journal.append(ex.id, DesiredChanged(enabled=enabled, settings=settings, by=by))
-        ex.enabled, ex.settings = enabled, settings
-        if enabled:
-            ex.stop_now = False
-        elif ex.replacing:
-            ex.replacing = False  # no new worker follows: whoever waits for one is told so now
-            if self.drainer is not None:
-                self.drainer.changed(ex)
-        self._wake.set()
+    async def desire(self, ex: Executor, enabled: bool | None, settings: ModelSettings | None, by: str) -> None:
+        """Journal what the operator wants for ``ex``, then hold it; the loop acts on it.
+
+        ``None`` keeps that half as it is when the change is made (read under ``ex.lock``, not
+        by the caller): a configure (``enabled=None``) and a disable (``settings=None``) at once
+        each change only their own half, in the order they were asked for.
+        """
+        await self._desire(ex, enabled, settings, by)
 
     async def disable(self, ex: Executor, by: str, now: bool = False) -> None:
         """Want ``ex`` stopped; its worker drains first unless ``now`` (then its requests are cut at once)."""
@@ -317,17 +397,50 @@ class Runtime:
             ex.stop_now = True
             if self.drainer is not None:
                 self.drainer.hurry(ex)  # a drain already under way (an earlier disable) ends now
-        await self.desire(ex, False, ex.settings, by)
+        await self._desire(ex, False, None, by)
 
     async def enable(self, ex: Executor, by: str) -> None:
-        await self.desire(ex, True, ex.settings, by)
-        if ex.state == "failed":
-            # Re-enabling is how an operator says "try again": the crash budget starts afresh, and
-            # an automatic safe mode is dropped (the next worker proves whether it is still needed).
-            ex.crash_times.clear()
-            await self.fire(ex, "enable", reason=f"re-enabled by {by or 'operator'}",
-                            safe_mode=False if ex.safe else None)
-            ex.safe, ex.safe_reason = False, ""
+        """Want ``ex`` running. From ``failed`` this is how an operator says "try again": the
+        ``enable`` transition is journaled with the desire, in one commit."""
+        await self._desire(ex, True, None, by, retry=True)
+
+    async def _desire(self, ex: Executor, enabled: bool | None, settings: ModelSettings | None, by: str, *,
+                      retry: bool = False) -> None:
+        moves = False
+
+        def plan() -> tuple[list[tuple[str, EventBody]], Callable[[], None]]:
+            nonlocal moves
+            want = DesiredChanged(enabled=ex.enabled if enabled is None else enabled,
+                                  settings=ex.settings if settings is None else settings, by=by)
+            events: list[tuple[str, EventBody]] = [(ex.id, want)]
+            t: Transition | None = None
+            if retry and ex.state == "failed":
+                # Re-enabling is how an operator says "try again": the crash budget starts afresh, and
+                # an automatic safe mode is dropped (the next worker proves whether it is still needed).
+                t = self._transition(ex, "enable", dict(reason=f"re-enabled by {by or 'operator'}",
+                                                        safe_mode=False if ex.safe else None))
+                events.append((ex.id, t))
+                moves = True
+
+            def apply() -> None:
+                ex.enabled, ex.settings = want.enabled, want.settings
+                if want.enabled:
+                    ex.stop_now = False
+                elif ex.replacing:
+                    ex.replacing = False  # no new worker follows: whoever waits for one is told so now
+                    if self.drainer is not None:
+                        self.drainer.changed(ex)
+                if t is not None:
+                    ex.crash_times.clear()
+                    self._move(ex, t)
+                    ex.safe, ex.safe_reason = False, ""
+                self._wake.set()
+
+            return events, apply
+
+        await self._change(ex, plan)
+        if moves:
+            await self._moved()
 
     def effective(self, ex: Executor, auto_parallel: int | None = None) -> WorkerSettings:
         """The settings ``ex``'s worker runs (or would run) with."""

@@ -19,12 +19,12 @@ import psutil
 import pytest
 
 from optimanode.config import load_settings
-from optimanode.errors import (BadRequest, ModelNotRunning, NodeFault, Overloaded, ShuttingDown, UnknownModel,
+from optimanode.errors import (BadRequest, ConfigError, ModelNotRunning, NodeFault, Overloaded, ShuttingDown, UnknownModel,
                               WorkerCrashed)
 from optimanode.journal import Journal
 from optimanode.node import Node
 from optimanode.protocol import (ChatMessage, ChatRequest, Chunk, CompletionRequest, Done, ModelSettings,
-                                 SamplingParams, Transition)
+                                 SamplingParams, TaskExited, Transition)
 import gguf_files
 
 REPO = Path(__file__).resolve().parents[2]
@@ -344,6 +344,23 @@ async def test_a_model_file_whose_name_is_not_utf8_is_reported_and_the_node_goes
                                                                    "records paths as UTF-8 text)"}
             await node.disable(only_id(node))  # the journal still takes appends
             assert not node.status(only_id(node)).enabled
+
+
+async def test_a_second_node_on_the_same_state_directory_is_refused_before_it_touches_the_journal(tmp_path):
+    """It would journal the first one's requests as dead, recover its models and break its appends."""
+    (tmp_path / "models").mkdir()
+    settings = make_settings(tmp_path)
+    async with Node(settings) as first:
+        events = len(await first.journal.read())
+        with pytest.raises(ConfigError, match=rf"state_dir: .*expected a state directory no other running node uses "
+                                              rf"\(a node, pid {os.getpid()}, holds .*node.lock"):
+            await Node(settings).start()
+        with pytest.raises(ConfigError, match="no other running node"):
+            await Node.open(settings)
+        assert len(await first.journal.read()) == events  # nothing written by the refused ones
+        await first.journal.append("node", TaskExited(task="t", error="still appending"))
+    async with Node(settings) as again:  # stopped: the directory is free again
+        assert again.list() == []
 
 
 async def test_a_changed_file_is_reread_and_its_worker_restarted(tmp_path, models, smollm2_path):
