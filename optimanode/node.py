@@ -81,6 +81,9 @@ class _Parts:
     inference: Inference
 
 
+_I64_MAX = (1 << 63) - 1
+
+
 class _StateLock:
     """One running node per state directory: an exclusive ``flock`` on ``state_dir/node.lock``,
     held from start to stop. The kernel lets it go when the process ends, however it ends, and
@@ -338,7 +341,10 @@ class Node:
             requests_served=traffic.requests_served, tokens_generated=traffic.tokens_generated,
             backend=ex.backend, safe_mode=bool(why), safe_mode_reason=why,
             chat_template=chat_template_in_force(ex.info, ex.settings, self.settings.model_defaults),
-            memory_estimate_bytes=est.ram_bytes, vram_estimate_bytes=dict(placed.vram),
+            # Saturated: a model registered from an absurd header (before gguf.py's caps) must not
+            # make the whole model list fail to encode.
+            memory_estimate_bytes=min(est.ram_bytes, _I64_MAX),
+            vram_estimate_bytes={g: min(b, _I64_MAX) for g, b in placed.vram.items()},
             gpus=list(placed.gpus), loaded=ex.state == "running", evictions=ex.evictions,
             last_used=ex.last_used,
             # The worker's last heartbeat (a test's stand-in worker may have none).

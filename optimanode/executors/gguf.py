@@ -43,6 +43,14 @@ MAX_ARRAY_DEPTH = 4
 # in its llama-hparams.h). Beyond the header's block_count (or this cap, where it has none) a
 # tensor's layer is corrupt: ``layer_bytes`` has an entry per layer up to the highest.
 MAX_LAYERS = 512
+# Widths the memory estimate multiplies (executors/memory.py): past these a header is corrupt. Far
+# above any real model (embeddings of ~30,000, 128 heads of 256, vocabularies of ~260,000), and low
+# enough that the estimate's products stay inside the 64 bits it is sent in (one file's 2**62 once
+# made every model list fail to encode).
+MAX_WIDTH = 1 << 20  # embedding_length
+MAX_HEADS = 1 << 14  # attention.head_count, head_count_kv
+MAX_HEAD_WIDTH = 1 << 16  # attention.key_length, value_length
+MAX_VOCAB = 1 << 24  # the token embedding's rows
 # Longer string values are skipped, not decoded (a chat template is a few KiB).
 MAX_DECODED_STRING = 1 << 20
 # Small integer arrays (per-layer head counts) are decoded; bigger arrays are only skipped.
@@ -307,6 +315,12 @@ def _parse(w: _Window, path: str, size: int) -> GGUFHeader:
                                    f"(llama.cpp loads at most {MAX_LAYERS} layers)")
     # A split part after the first has no block_count: its tensors' layers are held to the cap.
     layer_cap = block_count or MAX_LAYERS
+    for suffix, cap in (("embedding_length", MAX_WIDTH), ("attention.head_count", MAX_HEADS),
+                        ("attention.head_count_kv", MAX_HEADS), ("attention.key_length", MAX_HEAD_WIDTH),
+                        ("attention.value_length", MAX_HEAD_WIDTH)):
+        key = f"{arch if isinstance(arch, str) else ''}.{suffix}"
+        if _int(meta.get(key, 0)) > cap:
+            raise ModelFileError(path, f"corrupt header: {key} is {_int(meta[key])} (at most {cap})")
 
     elements = 0
     data_len = 0
@@ -346,6 +360,9 @@ def _parse(w: _Window, path: str, size: int) -> GGUFHeader:
             head[name] = nbytes
         if name == "token_embd.weight" and n_dims >= 2:
             n_vocab = dims[1]
+            if n_vocab > MAX_VOCAB:
+                raise ModelFileError(path, f"corrupt header: tensor {name!r} has {n_vocab} rows (a vocabulary of at "
+                                           f"most {MAX_VOCAB})")
 
     alignment = _int(meta.get("general.alignment", DEFAULT_ALIGNMENT))
     if alignment <= 0 or alignment & (alignment - 1):

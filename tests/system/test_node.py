@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import psutil
 import pytest
 
@@ -24,7 +25,7 @@ from optimanode.errors import (BadRequest, ConfigError, ModelNotRunning, NodeFau
 from optimanode.journal import Journal
 from optimanode.node import Node
 from optimanode.protocol import (ChatMessage, ChatRequest, Chunk, CompletionRequest, Done, ModelSettings,
-                                 SamplingParams, TaskExited, Transition)
+                                 Models, SamplingParams, TaskExited, Transition, encode_link)
 import gguf_files
 
 REPO = Path(__file__).resolve().parents[2]
@@ -361,6 +362,19 @@ async def test_a_second_node_on_the_same_state_directory_is_refused_before_it_to
         await first.journal.append("node", TaskExited(task="t", error="still appending"))
     async with Node(settings) as again:  # stopped: the directory is free again
         assert again.list() == []
+
+
+async def test_a_model_recorded_with_absurd_widths_does_not_break_the_model_list(tmp_path):
+    """A record journaled before gguf.py's width caps keeps its header's numbers: its estimate is
+    saturated in the status, so the model list still encodes for everyone."""
+    (tmp_path / "models").mkdir()
+    gguf_files.settle(gguf_files.write_model(tmp_path / "models" / "tiny.gguf"))
+    async with Node(make_settings(tmp_path)) as node:
+        ex = node.executors[only_id(node)]
+        ex.info = msgspec.structs.replace(ex.info, embedding_length=2**62, head_count=2**62, head_count_kv=2**62)
+        [status] = node.list()
+        assert status.memory_estimate_bytes == 2**63 - 1
+        encode_link(Models(id="x", models=node.list()))
 
 
 async def test_a_changed_file_is_reread_and_its_worker_restarted(tmp_path, models, smollm2_path):

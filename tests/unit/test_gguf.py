@@ -260,6 +260,38 @@ def test_absurd_block_count_is_corrupt(tmp_path: Path) -> None:
     assert reason(p) == "corrupt header: llama.block_count is 1000000 (llama.cpp loads at most 512 layers)"
 
 
+@pytest.mark.parametrize(("key", "cap"), [("llama.embedding_length", 1 << 20), ("llama.attention.head_count", 1 << 14),
+                                        ("llama.attention.head_count_kv", 1 << 14),
+                                        ("llama.attention.key_length", 1 << 16),
+                                        ("llama.attention.value_length", 1 << 16)])
+def test_a_width_past_any_real_model_is_corrupt(tmp_path: Path, key: str, cap: int) -> None:
+    """The memory estimate multiplies these: one file's 2**62 once made every model list fail to encode."""
+    def write(name: str, value: int) -> Path:
+        w = gguf.GGUFWriter(str(tmp_path / name), "llama")
+        w.add_block_count(1)
+        w.add_uint64(key, value)
+        w.add_tensor("blk.0.attn_q.weight", np.ones((1,), dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return tmp_path / name
+
+    assert reason(write("big.gguf", 2**62)) == f"corrupt header: {key} is {2**62} (at most {cap})"
+    assert read_header(write("ok.gguf", cap)).block_count == 1
+
+
+def test_a_vocabulary_past_any_real_model_is_corrupt(tmp_path: Path) -> None:
+    w = gguf.GGUFWriter(str(tmp_path / "v.gguf"), "llama")
+    w.add_tensor("token_embd.weight", np.ones((1,), dtype=np.float32), raw_shape=(1 << 25, 0))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert reason(tmp_path / "v.gguf") == ("corrupt header: tensor 'token_embd.weight' has 33554432 rows "
+                                            "(a vocabulary of at most 16777216)")
+
+
 def test_missing_file_raises_oserror(tmp_path: Path) -> None:
     """A missing file is not a ModelFileError: the caller decides what a vanished file means."""
     with pytest.raises(FileNotFoundError):
