@@ -109,14 +109,19 @@ class Clock:
         return 1000.0
 
 
+def model_info(tmp_path) -> ModelInfo:
+    """A record of a model file; the runtime tests below never start its worker."""
+    path = str(tmp_path / "models" / "m.gguf")
+    return ModelInfo(path=path, files=[path], size_bytes=100, mtime_ns=1)
+
+
 async def test_re_enabling_a_failed_model_journals_the_desire_and_the_retry_in_one_commit(tmp_path, monkeypatch):
     """A crash right after the desire's commit cannot leave the node wanting the model but still
     failed (the operator's "try again" dropped): both are one append, or neither."""
     settings = make_settings(tmp_path)
     path = tmp_path / "j.sqlite3"
     journal = await Journal.open(path, background_check_delay_s=None)
-    info = ModelInfo(path=str(tmp_path / "models" / "m.gguf"), files=[str(tmp_path / "models" / "m.gguf")],
-                     size_bytes=100, mtime_ns=1)
+    info = model_info(tmp_path)
     try:
         await journal.append_many([
             ("m", Registered(info=info)),
@@ -164,8 +169,7 @@ async def test_a_transition_whose_caller_is_cancelled_is_journaled_and_applied_o
     settings = make_settings(tmp_path)
     path = tmp_path / "j.sqlite3"
     journal = await Journal.open(path, background_check_delay_s=None)
-    info = ModelInfo(path=str(tmp_path / "models" / "m.gguf"), files=[str(tmp_path / "models" / "m.gguf")],
-                     size_bytes=100, mtime_ns=1)
+    info = model_info(tmp_path)
     try:
         await journal.append("m", Registered(info=info))
         runtime = Runtime(settings, journal, Background(), clock=Clock())
