@@ -333,6 +333,11 @@ def load_settings(
             raise ConfigError(str(path), "(file)", f"a readable TOML file ({exc.strerror or exc})") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(str(path), "(syntax)", f"valid TOML ({exc})") from None
+        except (ValueError, RecursionError) as exc:
+            # tomllib's own limits: an integer past Python's 4,300 digits (ValueError), arrays nested
+            # a few thousand deep (RecursionError). A bad file, like any other.
+            raise ConfigError(str(path), "(syntax)", f"TOML within the parser's limits ({type(exc).__name__}: "
+                                                     f"{str(exc)[:200]})") from None
         tree = _merge(tree, data)
         _validate(tree, str(path))
     env = os.environ if environ is None else environ

@@ -194,7 +194,10 @@ class Notifier:
 # Keys a reload cannot change: the journal and registry are open on these paths, the hasher task
 # exists or not, and the listening sockets (the Gateway link, the metrics endpoint) are bound. A reload that changes one keeps the running
 # value and says that a restart is needed.
-RESTART_ONLY = ("models_dir", "state_dir", "listen", "scan.hash_models", "metrics_http")
+RESTART_ONLY = ("models_dir", "state_dir", "listen", "scan.hash_models", "metrics_http",
+                # Retention holds the journal settings it started with (docs/configuration.md says
+                # they apply at the next start); a reload said "changed" and applied nothing.
+                "journal")
 
 
 def _flat(settings: Settings) -> dict[str, Any]:
@@ -452,13 +455,21 @@ class Service:
         try:
             # A thread: reading the file must not hold up the loop (and the watchdog) on a slow disk.
             new = await asyncio.to_thread(self.load_settings)
-        except (ConfigError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a bad file raises, the node serves on
+            # ConfigError and OSError are the expected ones; anything else (a parser's own limit)
+            # must not escape: it would skip the drain and stop the node.
             self.last_reload_error = str(exc)
             log.error("reload refused, the running settings stay: bad configuration: %s", exc)
             self.notifier.ready(f"{describe(node)}; last reload refused: {exc}")
             return
         self.last_reload_error = ""
-        result = apply_settings(node, new)
+        try:
+            result = apply_settings(node, new)
+        except Exception as exc:  # noqa: BLE001 - as above: refused, not fatal
+            self.last_reload_error = str(exc)
+            log.exception("reload refused, the running settings stay: applying them failed")
+            self.notifier.ready(f"{describe(node)}; last reload refused: {exc}")
+            return
         self.last_reload = result
         set_log_level(result.settings.log_level)
         for server in self.servers:

@@ -31,7 +31,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from optimanode.config import load_settings
+from optimanode.config import Settings, load_settings
 from optimanode.errors import ConfigError, ShuttingDown
 from optimanode.journal import Journal
 from optimanode.node import Node
@@ -385,8 +385,12 @@ async def test_sighup_applies_changed_settings_without_dropping_the_node_or_its_
     assert [r[2] for r in rows if r[1] == "node"] == ["node_started", "node_stopped"]
 
 
-@pytest.mark.parametrize("bad", ['log_level = "loud"', "log_level = ", None], ids=["value", "syntax", "missing"])
+@pytest.mark.parametrize("bad", ['log_level = "loud"', "log_level = ", None,
+                                 'log_level = "info"\nx = ' + "9" * 5000, 'log_level = "info"\nx = ' + "[" * 3000],
+                         ids=["value", "syntax", "missing", "5000-digit-integer", "nested-3000-deep"])
 async def test_a_bad_config_on_sighup_keeps_the_running_settings(tmp_path, notify, caplog, bad):
+    """The last two are tomllib's own limits (ValueError, RecursionError): they once escaped the
+    reload and stopped the node without draining."""
     cfg = write_config(tmp_path / "optimanode.toml", tmp_path)
     load = lambda: load_settings(cfg, environ={})  # noqa: E731
     async with serving(load(), notifier_for(notify), load_settings=load) as (service, task):
@@ -405,6 +409,24 @@ async def test_a_bad_config_on_sighup_keeps_the_running_settings(tmp_path, notif
         assert any("reload refused" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
         with pytest.raises(ConfigError):
             load()
+
+
+async def test_a_settings_loader_that_fails_unexpectedly_on_sighup_keeps_the_node_serving(tmp_path, notify, caplog):
+    cfg = write_config(tmp_path / "optimanode.toml", tmp_path)
+    calls = []
+
+    def load() -> Settings:
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("a loader bug")
+        return load_settings(cfg, environ={})
+
+    async with serving(load(), notifier_for(notify), load_settings=load) as (service, task):
+        ready = await notify.await_for("READY", 30)
+        os.kill(os.getpid(), signal.SIGHUP)
+        again = await notify.await_for("READY", 10, after=ready)
+        assert "last reload refused: a loader bug" in again.fields["STATUS"] and not task.done()
+        assert service.node.list() == []
 
 
 async def test_a_server_that_cannot_start_stops_the_node_and_closes_the_journal(tmp_path, notify):

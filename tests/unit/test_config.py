@@ -95,6 +95,14 @@ def test_broken_toml_names_the_file(tmp_path):
     assert str(f) in str(info.value)
 
 
+@pytest.mark.parametrize("text", ["x = " + "9" * 5000, "x = " + "[" * 3000], ids=["5000-digit-integer", "nested"])
+def test_a_file_past_the_toml_parsers_own_limits_is_a_config_error(tmp_path, text):
+    f = tmp_path / "node.toml"
+    f.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=r"\(syntax\): expected TOML within the parser's limits"):
+        load_settings(f, environ={})
+
+
 def test_a_missing_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="an existing TOML file"):
         load_settings(tmp_path / "nope.toml", environ={})

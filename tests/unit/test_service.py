@@ -72,6 +72,13 @@ def test_merge_live_keeps_the_keys_that_need_a_restart():
     assert set(r.changed) == {"log_level", "drain_deadline_s"}
 
 
+def test_journal_settings_are_restart_only_since_retention_holds_those_it_started_with():
+    old = load_settings(environ={}, overrides={"journal.max_bytes": "1000000000"})
+    r = merge_live(old, load_settings(environ={}, overrides={"journal.max_bytes": "2000000000"}))
+    assert r.settings.journal.max_bytes == 1_000_000_000
+    assert r.needs_restart == ("journal.max_bytes",) and r.changed == ()
+
+
 def _logger(json_lines: bool = False, redactor: Redactor | None = None) -> tuple[logging.Logger, io.StringIO]:
     buf = io.StringIO()
     handler = logging.StreamHandler(buf)
