@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 from collections.abc import Callable
@@ -281,6 +282,20 @@ class Session:
         req = _Request(id=msg.id, node_rid=f"{self.sid}/{msg.id}")
         self._requests[msg.id] = req
         req.task = asyncio.create_task(self._infer(req, msg), name=f"gateway-infer-{req.node_rid}")
+        req.task.add_done_callback(functools.partial(self._infer_ended, req))
+
+    def _infer_ended(self, req: _Request, task: asyncio.Task[None]) -> None:
+        """The answer for a request whose task was cancelled before it ever ran: an Infer and its
+        CancelInfer in one read (a caller cancelled right after sending), or the session shutting
+        down at that moment. Its body never ran, so none of its branches sent the terminal frame
+        or freed the id (it stayed taken for the whole session). A task that ran has forgotten it."""
+        if self._requests.get(req.id) is not req:
+            return
+        self._forget(req)
+        if req.shutting_down:
+            self.send(Error(id=req.id, code="shutting_down", message="the node is shutting down"))
+        elif req.cancel_requested and not self.closing:
+            self.send(Error(id=req.id, code="cancelled", message="cancelled before it started"))
 
     async def _infer(self, req: _Request, msg: Infer) -> None:
         gateway_id, hold = msg.id, self._hold

@@ -234,6 +234,20 @@ async def test_an_infer_for_a_model_that_is_not_running_or_unknown_ends_with_one
     assert env.session._requests == {}
 
 
+async def test_an_infer_and_its_cancel_in_one_read_end_with_cancelled_and_free_the_id(env: Env) -> None:
+    """Both frames handled before the Infer's task first runs (a caller cancelled right after its
+    send): the task is cancelled before its body starts, which once meant no terminal frame and
+    an id taken for the rest of the session."""
+    request = CompletionRequest(prompt="The capital of France is")
+    env.send(Infer(id="r1", model=env.eid, request=request))
+    env.send(CancelInfer(id="r1"))
+    reply = await env.recv()
+    assert isinstance(reply, Error) and (reply.id, reply.code) == ("r1", "cancelled")
+    again = await env.call(Infer(id="r1", model=env.eid, request=request))  # the id is free again
+    assert isinstance(again, Error) and (again.id, again.code) == ("r1", "model_not_running")
+    assert env.session._requests == {}
+
+
 async def test_a_cancel_for_an_unknown_request_gets_no_frame(env: Env) -> None:
     env.send(CancelInfer(id="never-sent"))
     reply = await env.call(ListModels(id="c"))
