@@ -21,7 +21,9 @@ How it works:
 * Every frame is decoded as the connection parses it (from the read callback: no task wakes per
   frame) and routed by ``id`` to the queue of the call waiting for it, so any number of inferences
   and control calls share the connection; the connection's end wakes every waiting call. Every
-  Metrics frame also updates ``latest_metrics``, which ``NodePool`` ranks nodes by.
+  Metrics frame also updates ``latest_metrics``, which ``NodePool`` ranks nodes by. A frame that
+  does not decode (a newer or buggy node) ends the call its ``id`` names with ``ClientError``; one
+  without a usable id fails the connection (close 4400: every waiting call ends).
 * ``infer`` is an async iterator of ``TokenChunk`` ... ``InferDone``; an ``Error`` frame raises
   ``RemoteError`` with the node's stable ``code``, ``message`` and ``details``. Leaving the loop
   early (``break``, cancellation) sends ``CancelInfer`` for it.
@@ -69,11 +71,13 @@ from optimanode.link import (
     HandshakeError,
     Link,
     LinkProtocol,
+    close_reason,
     format_fingerprint,
     mac,
     parse_fingerprint,
 )
 from optimanode.protocol import (
+    CLOSE_BAD_FRAME,
     CLOSE_UNAUTHORIZED,
     Ack,
     CancelInfer,
@@ -180,6 +184,30 @@ class _Lost:
 
     def __init__(self, code: int | None, reason: str) -> None:
         self.code, self.reason = code, reason
+
+
+class _Unreadable:
+    """What a call's queue gets for a frame with its id that does not decode: the call ends with
+    ClientError(``problem``)."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def _peek_id_type(data: bytes | bytearray) -> tuple[str, str]:
+    """The ``id`` and ``type`` of a frame that did not decode, read loosely: each only when the
+    frame is a map and it is a string (an id also 1..128 characters); else ""."""
+    try:
+        raw = msgspec.msgpack.decode(data)
+    except Exception:  # noqa: BLE001 - any garbage: there is no id
+        return "", ""
+    if not isinstance(raw, dict):
+        return "", ""
+    rid, kind = raw.get("id"), raw.get("type")
+    return (rid if isinstance(rid, str) and 0 < len(rid) <= 128 else "",
+            kind[:64] if isinstance(kind, str) else "")
 
 
 class _Closed:
@@ -357,10 +385,9 @@ class NodeClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _connection_lost(self) -> None:
+    def _connection_lost(self, lost: _Lost | None = None) -> None:
         if self._lost is None:
-            code, reason = self._conn.link.close_info()
-            self._lost = _Lost(code, reason)
+            self._lost = lost or _Lost(*self._conn.link.close_info())
             for q in self._waiting.values():
                 q.put_nowait(self._lost)
             self._metrics_event.set()  # wakes wait_metrics, which then raises ConnectionLost
@@ -369,9 +396,33 @@ class NodeClient:
         try:
             msg = decode_from_node(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("node %s sent a frame this client cannot read: %s", self.node_id, exc)
+            self._unreadable(data, exc)
             return
         self._route(msg)
+
+    def _unreadable(self, data: bytes | bytearray, exc: Exception) -> None:
+        """A frame that does not decode (a newer or buggy node): dropping it could leave a call
+        waiting for ever (a stream's InferDone), so the call its ``id`` names ends with ClientError;
+        a frame without a usable id could have been for any call, so the connection is failed
+        (close 4400) and every waiting call ends with ConnectionLost."""
+        rid, kind = _peek_id_type(data)
+        what = f"a {kind!r} frame" if kind else "a frame"
+        if rid:
+            problem = f"node {self.node_id} sent {what} for {rid} that this client cannot read: {exc}"
+            q = self._waiting.get(rid)
+            if q is None:
+                log.warning("%s (no call waits for it: dropped)", problem)
+                return
+            log.warning("%s", problem)
+            q.put_nowait(_Unreadable(problem))
+            return
+        reason = f"unreadable frame from the node: {exc}"
+        log.warning("node %s sent %s without an id that this client cannot read (%s): closing the connection "
+                    "(%d)", self.node_id, what, exc, CLOSE_BAD_FRAME)
+        if self._lost is None:
+            # Every waiting call ends now, with this reason, not after the closing handshake.
+            self._connection_lost(_Lost(CLOSE_BAD_FRAME, close_reason(reason)))
+        self._conn.close(CLOSE_BAD_FRAME, reason)
 
     def _route(self, msg: NodeToGateway) -> None:
         if isinstance(msg, Metrics):
@@ -420,6 +471,8 @@ class NodeClient:
     def _check(msg: Any) -> None:
         if isinstance(msg, _Lost):
             raise ConnectionLost(msg.code, msg.reason)
+        if isinstance(msg, _Unreadable):
+            raise ClientError(msg.problem)
         if isinstance(msg, Error):
             raise RemoteError(msg.code, msg.message, msg.details)
 
@@ -452,6 +505,8 @@ class NodeClient:
                 if isinstance(msg, (Error, _Lost)):
                     finished = True
                     self._check(msg)
+                if isinstance(msg, _Unreadable):
+                    self._check(msg)  # not `finished`: the CancelInfer stops it if the node still runs it
                 if isinstance(msg, InferDone):
                     finished = True
                     yield msg

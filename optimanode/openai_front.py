@@ -318,6 +318,14 @@ class Tokens:
 # The fleet: nodes kept connected, in one pool
 
 
+# Reconnecting to a node: the first delay, the cap it doubles up to, and how long a session must
+# have stayed up for the next reconnect to start from the first delay again (a node that completes
+# the handshake and closes at once must not be reconnected several times a second for ever).
+RECONNECT_FIRST_S = 0.5
+RECONNECT_MAX_S = 30.0
+STABLE_SESSION_S = 30.0
+
+
 class Fleet:
     """One keeper task per node: connect, subscribe to metrics, sit in the pool until the link drops."""
 
@@ -339,7 +347,8 @@ class Fleet:
                 await asyncio.gather(*(f.wait() for f in firsts))
 
     async def _keep(self, t: NodeTarget, first: asyncio.Event) -> None:
-        delay = 0.5
+        loop = asyncio.get_running_loop()
+        delay = RECONNECT_FIRST_S
         while True:
             try:
                 c = await NodeClient.connect(t.url, t.key, fingerprint=t.fingerprint, gateway_id=self.cfg.gateway_id,
@@ -350,9 +359,9 @@ class Fleet:
                 log.warning("node %s: %s (next try in %.1f s)", t.url, exc, delay)
                 first.set()
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, RECONNECT_MAX_S)
                 continue
-            delay = 0.5
+            up_since = loop.time()
             try:
                 with contextlib.suppress(ClientError, RequestError, TimeoutError):
                     await c.subscribe(self.cfg.metrics_interval_s)
@@ -363,7 +372,9 @@ class Fleet:
                 first.set()
                 while not c.closed:  # NodeClient has no close event of its own; a bounded poll suffices
                     await asyncio.sleep(0.25)
-                log.warning("node %s (%s): connection lost; reconnecting", t.url, c.node_id)
+                if loop.time() - up_since >= STABLE_SESSION_S:
+                    delay = RECONNECT_FIRST_S  # a session that stayed up: start the backoff again
+                log.warning("node %s (%s): connection lost; reconnecting in %.1f s", t.url, c.node_id, delay)
             finally:
                 with contextlib.suppress(ValueError):
                     self.pool.clients.remove(c)
@@ -371,6 +382,8 @@ class Fleet:
                     with contextlib.suppress(Exception):
                         await c.close()
             self.state[t.url] = "reconnecting"
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX_S)
 
     def connected(self) -> list[NodeClient]:
         return [c for c in self.pool.clients if not c.closed]

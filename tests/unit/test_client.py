@@ -17,6 +17,7 @@ import msgspec
 import pytest
 
 from optimanode.client import (
+    ClientError,
     ConnectionLost,
     NodeClient,
     NodePool,
@@ -26,6 +27,7 @@ from optimanode.client import (
 )
 from optimanode.link import Link, LinkProtocol
 from optimanode.protocol import (
+    CLOSE_BAD_FRAME,
     Ack,
     CancelInfer,
     CompletionRequest,
@@ -142,14 +144,93 @@ async def test_calls_answered_out_of_order_each_get_their_own_answer(pair) -> No
     assert [s.id for s in await asyncio.gather(*tasks)] == ["m0", "m1", "m2"]
 
 
-async def test_a_frame_the_client_cannot_read_is_skipped_and_the_session_goes_on(pair) -> None:
+# What a newer or buggy node may send: an InferDone with a finish reason this client does not know.
+UNREADABLE_DONE = dict(type="done", finish_reason="tool_budget", usage={"prompt_tokens": 1, "completion_tokens": 1},
+                       timings={"ttft_s": 0.1, "tokens_per_s": 1.0, "total_s": 0.1})
+
+
+def unreadable(**fields) -> bytes:
+    return msgspec.msgpack.encode({**UNREADABLE_DONE, **fields})
+
+
+async def test_a_frame_the_client_cannot_read_ends_the_call_its_id_names_and_the_session_goes_on(pair) -> None:
+    client, node = pair
+    got: list = []
+
+    async def run() -> None:
+        async for msg in client.infer("m", REQUEST, request_id="r1"):
+            got.append(msg)
+
+    task = asyncio.create_task(run())
+    await node.recv()
+    node.send(TokenChunk(id="r1", text="Paris"))
+    assert node.end.send(unreadable(id="r1"))
+    # Ends at once (call_timeout plays no part in a stream: without this it waited for ever).
+    with pytest.raises(ClientError, match=r"'done' frame for r1 .*cannot read.*tool_budget") as exc:
+        await asyncio.wait_for(task, 5)
+    assert not isinstance(exc.value, ConnectionLost)
+    assert got == [TokenChunk(id="r1", text="Paris")]
+    assert await node.recv() == CancelInfer(id="r1")  # in case the node still runs it (it ignores a finished id)
+    assert not client.closed
+    # The same connection serves the next call.
+    second = asyncio.create_task(client.models())
+    call = await node.recv()
+    node.send(Models(id=call.id, models=[STATUS]))
+    assert await asyncio.wait_for(second, 5) == [STATUS]
+
+
+async def test_an_unreadable_answer_to_a_control_call_or_subscription_ends_it_at_once(pair) -> None:
     client, node = pair
     task = asyncio.create_task(client.models())
     call = await node.recv()
-    assert node.end.send(b"\xc1 not a frame")
-    assert node.end.send(msgspec.msgpack.encode({"type": "from_the_future", "id": call.id}))
+    assert node.end.send(msgspec.msgpack.encode({"type": "models", "id": call.id, "models": "not a list"}))
+    with pytest.raises(ClientError, match=f"'models' frame for {call.id} .*cannot read"):
+        await asyncio.wait_for(task, 2)  # not the call's own timeout (5 s)
+    reports = client.metrics(1.0)
+    first = asyncio.create_task(anext(reports))
+    sub = await node.recv()
+    assert isinstance(sub, Subscribe)
+    assert node.end.send(msgspec.msgpack.encode({"type": "metrics", "id": sub.id, "report": 7}))
+    with pytest.raises(ClientError, match="'metrics' frame .*cannot read"):
+        await asyncio.wait_for(first, 2)
+    await reports.aclose()
+    assert isinstance(await node.recv(), Unsubscribe) and not client.closed
+
+
+async def test_an_unreadable_frame_for_no_waiting_call_is_dropped_and_the_session_goes_on(pair) -> None:
+    client, node = pair
+    assert node.end.send(unreadable(id="long-gone"))
+    assert node.end.send(msgspec.msgpack.encode({"type": "from_the_future", "id": "long-gone"}))
+    task = asyncio.create_task(client.models())
+    call = await node.recv()
     node.send(Models(id=call.id, models=[]))
     assert await asyncio.wait_for(task, 5) == [] and not client.closed
+
+
+@pytest.mark.parametrize("frame", [
+    b"\xc1 not a frame",
+    msgspec.msgpack.encode(["not", "a", "map"]),
+    unreadable(),
+    unreadable(id=""),
+    unreadable(id=7),
+], ids=["not-msgpack", "not-a-map", "no-id", "empty-id", "int-id"])
+async def test_an_unreadable_frame_without_an_id_fails_the_connection_and_ends_every_waiting_call(pair, frame) -> None:
+    client, node = pair
+    call = asyncio.create_task(client.models())
+    stream = asyncio.create_task(anext(client.infer("m", REQUEST)))
+    await node.recv()
+    await node.recv()
+    assert node.end.send(frame)
+    for task in (call, stream):
+        with pytest.raises(ConnectionLost, match="4400: unreadable frame from the node") as exc:
+            await asyncio.wait_for(task, 5)
+        assert exc.value.close_code == CLOSE_BAD_FRAME
+    assert client.closed
+    with pytest.raises(ConnectionLost):
+        await client.models()  # and every later one, at once
+    async with asyncio.timeout(10):
+        await node.end.wait_closed()
+    assert node.end.link.close_info()[0] == CLOSE_BAD_FRAME  # the node was told why
 
 
 async def test_a_request_id_already_waiting_is_refused(pair) -> None:
@@ -333,6 +414,25 @@ async def test_the_pool_tries_the_next_node_when_one_refuses_before_the_first_fr
     assert [type(m).__name__ for m in await asyncio.wait_for(task, 5)] == ["TokenChunk", "InferDone"]
     await pool.close()
 
+
+
+async def test_the_pool_lets_go_of_a_node_whose_stream_ends_unreadable() -> None:
+    client, node = await connected()
+    client.latest_metrics = report(running(free=1))
+    pool = NodePool([client])
+
+    async def run() -> list:
+        return [m async for m in pool.infer("m", REQUEST)]
+
+    task = asyncio.create_task(run())
+    call = await node.recv()
+    assert pool._pending(client) == 1
+    node.send(TokenChunk(id=call.id, text="Paris"))
+    assert node.end.send(unreadable(id=call.id))
+    with pytest.raises(ClientError, match="cannot read"):
+        await asyncio.wait_for(task, 5)
+    assert pool._pending(client) == 0  # its slot is free again
+    await pool.close()
 
 # -- before connecting ------------------------------------------------------------------------------------
 

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from optimanode.client import RemoteError, format_fingerprint
+from optimanode.client import NodeClient, RemoteError, _GatewayConnection, _handshake, format_fingerprint
+from optimanode import openai_front
 from optimanode.errors import ConfigError
+from optimanode.link import GatewayHandshake, Link, LinkProtocol, NodeHandshake
 from optimanode.openai_front import (
+    RECONNECT_FIRST_S,
+    RECONNECT_MAX_S,
     STATUS_BY_CODE,
     ApiError,
     ChatBody,
     CompletionBody,
     EmbeddingBody,
+    Fleet,
+    FrontConfig,
+    NodeTarget,
     Tokens,
     api_error,
     chat_request,
@@ -24,6 +32,7 @@ from optimanode.openai_front import (
     load_config,
 )
 from optimanode.protocol import ERROR_CODES, JsonSchemaFormat, NamedToolChoice
+from unit.linkpair import open_pair
 
 TOKEN = "t" * 24
 FP = format_fingerprint(bytes(range(32)))
@@ -202,3 +211,84 @@ def test_the_command_refuses_a_bad_file_with_one_line_and_status_2(conf, tmp_pat
     path = conf('listen = "nowhere"')
     assert cli.main(["openai", "--config", str(path)]) == 2
     assert "listen: expected HOST:PORT" in capsys.readouterr().err
+
+
+# -- keeping a node connected -----------------------------------------------------------------------
+
+
+class _NodeThatDropsEachSession(LinkProtocol):
+    """The node's end of the real link core: a good handshake, then close 1011 at once."""
+
+    key = bytes(range(32))
+
+    def __init__(self, sessions: list[int]) -> None:
+        super().__init__(Link.server(ping_interval_s=None, ping_timeout_s=None))
+        self.sessions, self.handshake = sessions, NodeHandshake("flaky", lambda: [self.key])
+        self.on_message = self.on_text = self._message
+
+    def on_open(self) -> None:
+        self.send(self.handshake.challenge())
+
+    def _message(self, data) -> None:
+        if self.handshake.hello is None:
+            self.send(self.handshake.receive(data))
+            self.sessions.append(1)
+            self.close(1011, "internal error")
+
+
+async def _keep_flaky_node(monkeypatch, tmp_path: Path, *, window_s: float, most: int) -> tuple[list[int], list[float]]:
+    """Run Fleet's keeper against a node that drops each session after its handshake (wired
+    without a socket by tests/unit/linkpair.py; the handshake is the real one), with a virtual
+    clock: asyncio.sleep only adds to it, and once it reaches ``window_s`` the keeper's next sleep
+    never ends. Returns (the sessions the node saw, the delays the keeper slept), stopping at
+    ``most`` sessions whatever the clock says."""
+    sessions: list[int] = []
+
+    async def connect(url: str, key: bytes, *, gateway_id: str | None = None, **_: object) -> NodeClient:
+        conn = _GatewayConnection(Link.client(url, ping_interval_s=None, ping_timeout_s=None), None)
+        await open_pair(_NodeThatDropsEachSession(sessions), conn)
+        await conn.opened
+        welcome = await _handshake(conn, GatewayHandshake(key, gateway_id or "gw"))
+        return NodeClient(conn, url=url, node_id=welcome.node_id, gateway_id=gateway_id or "gw",
+                          version=welcome.version, max_frame_bytes=welcome.max_frame_bytes, call_timeout=5.0)
+
+    monkeypatch.setattr(openai_front.NodeClient, "connect", staticmethod(connect))
+    slept: list[float] = []
+    parked = asyncio.Event()
+    real_sleep = asyncio.sleep
+
+    async def virtual_sleep(delay: float, result=None):
+        if sum(slept) >= window_s:
+            parked.set()
+            await asyncio.Event().wait()
+        slept.append(delay)
+        await real_sleep(0)
+        return result
+
+    monkeypatch.setattr(asyncio, "sleep", virtual_sleep)
+    target = NodeTarget("ws://node.test/", _NodeThatDropsEachSession.key, None, plaintext=True)
+    fleet = Fleet(FrontConfig(host="127.0.0.1", port=0, tokens_file=tmp_path / "tokens", nodes=[target],
+                              gateway_id="gw", connect_timeout_s=5.0))
+    keeper = asyncio.create_task(fleet._keep(target, asyncio.Event()))
+    try:
+        async with asyncio.timeout(30):
+            while not parked.is_set() and len(sessions) < most and not keeper.done():
+                await real_sleep(0.01)
+    finally:
+        keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)
+        await fleet.pool.close()
+    return sessions, [d for d in slept if d != 0.25]  # (not the poll while a session is up)
+
+
+async def test_a_node_that_drops_each_session_is_reconnected_with_a_growing_delay(monkeypatch, tmp_path) -> None:
+    sessions, delays = await _keep_flaky_node(monkeypatch, tmp_path, window_s=120.0, most=30)
+    # Two virtual minutes: 0.5 + 1 + 2 + ... + 16 + 30 + 30 s, not hundreds of reconnects.
+    assert len(sessions) <= 10, f"{len(sessions)} sessions in 120 s (delays {delays})"
+    assert delays[:8] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, RECONNECT_MAX_S, RECONNECT_MAX_S]
+
+
+async def test_the_delay_starts_again_only_after_a_session_that_stayed_up(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(openai_front, "STABLE_SESSION_S", 0.0)  # every session counts as one that stayed up
+    sessions, delays = await _keep_flaky_node(monkeypatch, tmp_path, window_s=1e9, most=5)
+    assert len(sessions) >= 5 and len(delays) >= 4 and set(delays) == {RECONNECT_FIRST_S}
