@@ -15,7 +15,11 @@ millisecond anyway (measured there). A lock serialises callers all the same.
   initialised lazily on the first sample. If that fails (no driver: ``NVML Shared Library Not
   Found`` / ``Driver Not Loaded``, or any other NVML error), the report has ``gpus=[]`` and
   ``gpu_status`` says why, and init is tried again at most every ``nvml_retry_s`` (60 s), since a
-  failing init costs a dlopen each time. Handles, names and UUIDs are read once; utilization, memory,
+  failing init costs a dlopen each time. Handles, names and UUIDs are read once, each GPU's on its own:
+  a GPU whose handle NVML refuses (NoPermission for a device a DeviceAllow= or container restriction
+  keeps from this process, GPU lost) is left out, the others keep their own NVML indices, ``gpu_status``
+  names the one left out on every report and the log says it once (``GpuProbe`` the same); when no GPU
+  opens at all NVML is shut down and init retried as above. Utilization, memory,
   temperature, power and the enforced power limit on every sample, each field on its own: a field the
   driver refuses (NotSupported, NoPermission, GPU lost) becomes None (or 0 for memory) rather than
   failing the report, and a lost GPU is also named in ``gpu_status``. An unexpected failure of the
@@ -38,11 +42,13 @@ millisecond anyway (measured there). A lock serialises callers all the same.
 
 ``GpuProbe`` is the small NVML reader memory admission uses (``executors/runtime.py``): each
 call gives one ``GpuReport`` per GPU with its index, name, UUID, total and free memory only, or []
-without NVML (init retried at most every ``retry_s``), never an exception.
+without NVML (init retried at most every ``retry_s``), never an exception. Every init that succeeds
+but finds nothing usable is matched by its ``nvmlShutdown``, so retries do not pile up NVML's refcount.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -60,6 +66,8 @@ from optimanode.protocol import (
     MemoryReport,
     MetricsReport,
 )
+
+log = logging.getLogger(__name__)
 
 # NVML's C error codes (stable ABI) that mean "this machine has no usable NVIDIA driver".
 _NO_DRIVER_CODES = frozenset({9, 12})  # NVML_ERROR_DRIVER_NOT_LOADED, NVML_ERROR_LIBRARY_NOT_FOUND
@@ -98,6 +106,43 @@ def describe_nvml_error(exc: BaseException) -> str:
     return f"NVML: {exc}"
 
 
+def open_gpus(nvml: Any, count: int) -> tuple[list[tuple[int, Any, str, str]], list[str]]:
+    """Each GPU index's (index, handle, name, UUID), looked up one by one, and a note per index left out.
+
+    One refused handle (NoPermission under a device restriction, GPU lost) costs that GPU only: the
+    others keep their NVML indices, which placement and ``CUDA_VISIBLE_DEVICES`` go by. A name or
+    UUID NVML will not give is "".
+    """
+    gpus, skipped = [], []
+    for index in range(count):
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        except nvml.NVMLError as exc:
+            skipped.append(f"GPU {index} left out ({describe_nvml_error(exc)})")
+            continue
+        texts = []
+        for fn in (nvml.nvmlDeviceGetName, nvml.nvmlDeviceGetUUID):
+            try:
+                texts.append(_text(fn(handle)))
+            except nvml.NVMLError:
+                texts.append("")
+        gpus.append((index, handle, texts[0], texts[1]))
+    return gpus, skipped
+
+
+class _SkipLog:
+    """Logs the GPUs left out at init once, and again only when that changes."""
+
+    def __init__(self, who: str) -> None:
+        self._who = who
+        self._last: tuple[str, ...] = ()
+
+    def __call__(self, skipped: Sequence[str]) -> None:
+        if skipped and tuple(skipped) != self._last:
+            log.warning("%s: %s; the other GPUs are used", self._who, "; ".join(skipped))
+        self._last = tuple(skipped)
+
+
 class Sampler:
     """Turns the executors callable, psutil and NVML into MetricsReports; see the module docstring."""
 
@@ -112,8 +157,11 @@ class Sampler:
         self._clock = clock
         self._nvml_retry_s = nvml_retry_s
         self._lock = threading.Lock()
-        # NVML state: None until an init succeeds; then one (handle, name, uuid) per GPU index.
-        self._gpus: list[tuple[Any, str, str]] | None = None
+        # NVML state: None until an init succeeds; then one (index, handle, name, uuid) per GPU that
+        # opened, and a note per GPU index whose handle NVML refused (said in every report's status).
+        self._gpus: list[tuple[int, Any, str, str]] | None = None
+        self._skipped: list[str] = []
+        self._log_skipped = _SkipLog("metrics")
         self._gpu_status = ""
         self._next_init = float("-inf")
         # pid → (process, user+system CPU seconds, time.monotonic()) at the previous sample.
@@ -198,18 +246,26 @@ class Sampler:
             self._gpu_status = describe_nvml_error(exc)
             return
         try:
-            handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+            gpus, skipped = open_gpus(nvml, nvml.nvmlDeviceGetCount())
         except nvml.NVMLError as exc:
             self._gpu_status = describe_nvml_error(exc)
             self._try(nvml.nvmlShutdown)
             return
-        self._gpus = [(h, _text(self._try(nvml.nvmlDeviceGetName, h) or ""),
-                       _text(self._try(nvml.nvmlDeviceGetUUID, h) or "")) for h in handles]
-        self._gpu_status = "" if handles else "no NVIDIA GPU (NVML found none)"
+        except BaseException:
+            self._try(nvml.nvmlShutdown)  # each successful init has its shutdown, whatever happened after
+            raise
+        self._log_skipped(skipped)
+        if skipped and not gpus:
+            # None opened: start over after the retry interval, as when init fails.
+            self._try(nvml.nvmlShutdown)
+            self._gpu_status = "; ".join([*skipped, f"NVML re-init in {self._nvml_retry_s:g} s"])
+            return
+        self._gpus, self._skipped = gpus, skipped
+        self._gpu_status = "; ".join(skipped) if gpus else "no NVIDIA GPU (NVML found none)"
 
     def _shutdown_nvml(self) -> None:
         if self._gpus is not None:
-            self._gpus = None
+            self._gpus, self._skipped = None, []
             self._try(self._nvml.nvmlShutdown)
 
     def _try(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -232,7 +288,7 @@ class Sampler:
     def _read_gpus(self, now: float) -> tuple[list[GpuReport], str, dict[int, int]]:
         nvml, t = self._nvml, self._try
         reports, vram, problems = [], {}, []
-        for index, (h, name, uuid) in enumerate(self._gpus or []):
+        for index, h, name, uuid in self._gpus or []:
             try:
                 mem = nvml.nvmlDeviceGetMemoryInfo(h)
             except nvml.NVMLError as exc:  # every board reports memory: its failure is news (e.g. GPU lost)
@@ -256,7 +312,8 @@ class Sampler:
                     on_this_gpu[proc.pid] = max(on_this_gpu.get(proc.pid, 0), int(proc.usedGpuMemory))
             for pid, used in on_this_gpu.items():
                 vram[pid] = vram.get(pid, 0) + used
-        if reports and len(problems) == len(reports):
+        problems = [*self._skipped, *problems]
+        if reports and len(problems) - len(self._skipped) == len(reports):
             # No GPU answers (driver reloaded, handles stale): start over after the retry interval.
             self._shutdown_nvml()
             self._next_init = now + self._nvml_retry_s
@@ -314,7 +371,8 @@ class GpuProbe:
         self._nvml: Any = nvml
         self._clock = clock
         self._retry_s = retry_s
-        self._gpus: list[tuple[Any, str, str]] | None = None
+        self._gpus: list[tuple[int, Any, str, str]] | None = None
+        self._log_skipped = _SkipLog("memory admission")
         self._next_init = float("-inf")
         self.status = ""
 
@@ -323,7 +381,7 @@ class GpuProbe:
             if self._gpus is None and not self._init():
                 return []
             nvml, out = self._nvml, []
-            for index, (h, name, uuid) in enumerate(self._gpus or []):
+            for index, h, name, uuid in self._gpus or []:
                 try:
                     mem = nvml.nvmlDeviceGetMemoryInfo(h)
                 except nvml.NVMLError:
@@ -350,13 +408,32 @@ class GpuProbe:
         nvml = self._nvml
         try:
             nvml.nvmlInit()
-            handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
-            self._gpus = [(h, _text(nvml.nvmlDeviceGetName(h)), _text(nvml.nvmlDeviceGetUUID(h))) for h in handles]
         except nvml.NVMLError as exc:
             self.status = describe_nvml_error(exc)
             return False
-        self.status = "" if self._gpus else "no NVIDIA GPU (NVML found none)"
+        try:
+            gpus, skipped = open_gpus(nvml, nvml.nvmlDeviceGetCount())
+        except nvml.NVMLError as exc:
+            gpus, skipped = [], [describe_nvml_error(exc)]
+        except BaseException:
+            self._shutdown(nvml)
+            raise
+        self._log_skipped([s for s in skipped if s.startswith("GPU ")])
+        if skipped and not gpus:
+            # Nothing usable after an init that worked: undo it (NVML counts inits), retry later.
+            self.status = "; ".join(skipped)
+            self._shutdown(nvml)
+            return False
+        self._gpus = gpus
+        self.status = "; ".join(skipped) if gpus else "no NVIDIA GPU (NVML found none)"
         return True
+
+    @staticmethod
+    def _shutdown(nvml: Any) -> None:
+        try:
+            nvml.nvmlShutdown()
+        except nvml.NVMLError:
+            pass
 
     def close(self) -> None:
         if self._gpus is not None:

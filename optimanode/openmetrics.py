@@ -5,12 +5,18 @@ How it works:
 * Off unless ``metrics_http.listen`` is set (``metrics_server`` returns None then); "PORT" serves
   on 127.0.0.1, "HOST:PORT" where the operator says. ``OpenMetricsServer`` is one of the
   service's servers (optimanode/cli.py ``serve``): started after the node, stopped before it.
-* The HTTP side is ``prometheus_client``'s own server (``start_http_server``: a WSGI server in a
-  daemon thread, a thread per scrape). It negotiates the format (OpenMetrics 1.0 for a Prometheus
-  that asks for it, the classic text format otherwise) and gzip. Chosen over an ASGI server on the
-  node's loop because a scrape then never runs on the event loop (formatting a few hundred series
-  is the bulk of a scrape's cost), it needs no dependency beyond ``prometheus_client``, and it is
-  the library's documented way to serve metrics from a process that is not a web application.
+* The HTTP side is ``prometheus_client``'s WSGI app (``make_wsgi_app``: it negotiates the format,
+  OpenMetrics 1.0 for a Prometheus that asks for it, the classic text format otherwise, and gzip)
+  under ``_ScrapeServer``, wsgiref's server with a thread per connection in a daemon thread of its
+  own. Chosen over an ASGI server on the node's loop because a scrape then never runs on the event
+  loop (formatting a few hundred series is the bulk of a scrape's cost), and it needs no dependency
+  beyond ``prometheus_client``. Unlike the library's ``start_http_server`` (no timeout, no limit:
+  400 connections that send half a request and stall held 400 threads and descriptors for good),
+  each connection has a socket timeout (``connection_timeout_s``, 5 s without progress closes it)
+  and at most ``max_connections`` (16) are served at once. One more connection closes the one that
+  has waited longest without completing its request (so idle or stalled connections cannot shut a
+  scraper out), or, when every slot is busy answering a request, is itself closed unanswered.
+  One request per connection (HTTP/1.0-style close), as before.
 * Nothing is kept up to date in between: ``_NodeCollector.collect`` runs in the scrape's thread,
   asks the event loop for one ``Snapshot`` (``asyncio.run_coroutine_threadsafe``: the node's
   dicts are read on the loop that changes them, so no lock and no torn state; the loop's share is
@@ -18,7 +24,9 @@ How it works:
   per model and two ``stat`` calls) and turns it into metric families with the pure ``families``.
   A loop that does not answer within ``scrape_timeout_s`` gives ``optimanode_event_loop_responsive
   0`` and the process metrics instead of an error page, and the time the loop took to run the read
-  is ``optimanode_event_loop_lag_seconds``.
+  is ``optimanode_event_loop_lag_seconds``. Scrapes that come together share one read: a snapshot
+  serves the scrapes that ask within ``snapshot_ttl_s`` (0.1 s) of it, and a scrape that asks while
+  a read is in flight waits for that read rather than queueing its own sample on the loop.
 * What is served: host CPU, load and memory, each NVIDIA GPU (NVML through the sampler: its free
   memory, and one ``optimanode_gpu_model`` series per model placed on it), and per
   model its state (one series per state, 1 for the current one), enabled, safe mode, restarts,
@@ -36,13 +44,16 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.metrics_core import Metric
 
@@ -54,14 +65,19 @@ from optimanode.executors.supervisor import CRASH_CAUSES
 from optimanode.protocol import ExecutorStatus, MetricsReport
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
     from optimanode.node import Node
 
 log = logging.getLogger(__name__)
 
 # A scrape waits this long for the event loop; Prometheus' own scrape_timeout defaults to 10 s.
 SCRAPE_TIMEOUT_S = 5.0
+# A connection that makes no progress (sends nothing more of its request, reads none of the answer)
+# for this long is closed.
+CONNECTION_TIMEOUT_S = 5.0
+# Connections served at once, one thread each (a Prometheus scrapes over one at a time).
+MAX_CONNECTIONS = 16
+# A snapshot serves the scrapes that ask within this long of it.
+SNAPSHOT_TTL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -313,28 +329,142 @@ class _NodeCollector:
         yield from families(snap)
 
 
+class _ScrapeHandler(WSGIRequestHandler):
+    """wsgiref's handler, silent (no access log line per scrape), telling the server once the request is in."""
+
+    server: _ScrapeServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (the base class's name)
+        pass
+
+    def parse_request(self) -> bool:
+        # The request line and headers are read: from here the connection is serving, not waiting.
+        return super().parse_request() and self.server.answering(self.connection)
+
+
+class _ScrapeServer(WSGIServer):
+    """wsgiref's WSGI server with a thread per connection, a socket timeout and a cap (module docstring).
+
+    Threads are counted from accept to close. At the cap, a new connection closes the connection
+    that has waited longest for its request to come in, or, when none is waiting, is refused
+    (closed at once): threads stay under ``2 * max_connections`` even while closed ones finish.
+    """
+
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], family: int, *, timeout_s: float, max_connections: int) -> None:
+        self.address_family = family
+        self.timeout_s, self.max_connections = timeout_s, max_connections
+        self._lock = threading.Lock()
+        self._live = 0  # handler threads running
+        self._open: dict[socket.socket, bool] = {}  # connection → still waiting for its request (oldest first)
+        self.refused = self.evicted = 0
+        self._refusal_logged = float("-inf")
+        super().__init__(address, _ScrapeHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            if self._live >= self.max_connections:
+                victim = next((c for c, waiting in self._open.items() if waiting), None)
+                if victim is None or self._live >= 2 * self.max_connections:
+                    self.refused += 1
+                    self._log_refusal()
+                    self.shutdown_request(request)
+                    return
+                self._open[victim] = False  # no longer a candidate; its thread ends and counts itself out
+                self.evicted += 1
+                _abort(victim)
+            self._live += 1
+            self._open[request] = True
+        try:
+            request.settimeout(self.timeout_s)
+            threading.Thread(target=self._serve, args=(request, client_address), daemon=True,
+                             name="openmetrics-scrape").start()
+        except BaseException:
+            self._done(request)
+            raise
+
+    def answering(self, connection: socket.socket) -> bool:
+        """The handler has the request; False when the connection was closed to make room meanwhile."""
+        with self._lock:
+            if self._open.get(connection):
+                self._open[connection] = False
+                return True
+            return False
+
+    def _serve(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self._done(request)
+            self.shutdown_request(request)
+
+    def _done(self, request: Any) -> None:
+        with self._lock:
+            self._live -= 1
+            self._open.pop(request, None)
+
+    def _log_refusal(self) -> None:
+        now = time.monotonic()
+        if now - self._refusal_logged >= 60:
+            self._refusal_logged = now
+            log.warning("the metrics endpoint has %d connections answering requests (its limit); closed a new "
+                        "one unanswered (%d so far)", self._live, self.refused)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):  # timed out, reset, closed to make room: the client's end
+            log.debug("metrics endpoint: connection from %s ended: %s", client_address, sys.exc_info()[1])
+            return
+        log.warning("metrics endpoint: error serving %s", client_address, exc_info=True)
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self._lock:  # the connections still open end now rather than at their timeout
+            for connection in self._open:
+                _abort(connection)
+
+
+def _abort(connection: socket.socket) -> None:
+    """Ends a connection another thread serves: its blocked read returns at once (it closes the socket)."""
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class OpenMetricsServer:
     """``OpenMetricsServer(node, settings, sample)``; ``await start()``, ``.port``, ``await stop()``.
 
     ``sample`` is the node's ``Sampler.sample`` (shared with the Gateway link, so host CPU% and
     tokens/s cover the time since whichever asked last). ``host``/``port`` override
     ``metrics_http.listen`` (tests use port 0). ``start`` raises ConfigError when the address
-    cannot be bound.
+    cannot be bound. ``connection_timeout_s``, ``max_connections`` and ``snapshot_ttl_s`` are the
+    HTTP server's limits and the shared snapshot's age (module docstring; tests make them small).
     """
 
     def __init__(self, node: Node, settings: Settings, sample: Callable[[], MetricsReport], node_id: str = "", *,
                  host: str | None = None, port: int | None = None,
-                 scrape_timeout_s: float = SCRAPE_TIMEOUT_S) -> None:
+                 scrape_timeout_s: float = SCRAPE_TIMEOUT_S, connection_timeout_s: float = CONNECTION_TIMEOUT_S,
+                 max_connections: int = MAX_CONNECTIONS, snapshot_ttl_s: float = SNAPSHOT_TTL_S) -> None:
         address = metrics_address(settings.metrics_http.listen) or ("127.0.0.1", 0)
         self.node, self.node_id = node, node_id
         self.host = address[0] if host is None else host
         self._port = address[1] if port is None else port
         self.scrape_timeout_s = scrape_timeout_s
+        self.connection_timeout_s, self.max_connections = connection_timeout_s, max_connections
+        self.snapshot_ttl_s = snapshot_ttl_s
         self._sample = sample
+        # The last snapshot (completed at, snapshot) and the read in flight, shared by concurrent scrapes.
+        self._cache_lock = threading.Lock()
+        self._cached: tuple[float, Snapshot] | None = None
+        self._reading: concurrent.futures.Future[Snapshot] | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_NodeCollector(self))  # type: ignore[arg-type]
         ProcessCollector(registry=self.registry)
-        self._httpd: WSGIServer | None = None
+        self._httpd: _ScrapeServer | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -352,13 +482,23 @@ class OpenMetricsServer:
         self._loop = asyncio.get_running_loop()
         try:
             # In a thread: a host name is resolved (getaddrinfo) before the bind.
-            self._httpd, self._thread = await asyncio.to_thread(start_http_server, self._port, self.host,
-                                                                self.registry)
+            self._httpd, self._thread = await asyncio.to_thread(self._serve)
         except OSError as exc:
             raise ConfigError("metrics_http.listen", f"{self.host}:{self._port}",
                               "an address of this machine with a free port for the metrics endpoint (is another "
                               "program using it?)", got=exc.strerror or str(exc)) from exc
         log.info("OpenMetrics endpoint on %s", self.url)
+
+    def _serve(self) -> tuple[_ScrapeServer, threading.Thread]:
+        # The address family the host asks for (an IPv6 literal or name binds AF_INET6).
+        family, _, _, _, sockaddr = socket.getaddrinfo(self.host, self._port, type=socket.SOCK_STREAM,
+                                                       flags=socket.AI_PASSIVE)[0]
+        httpd = _ScrapeServer((sockaddr[0], self._port), family, timeout_s=self.connection_timeout_s,
+                              max_connections=self.max_connections)
+        httpd.set_app(make_wsgi_app(self.registry))
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True, name="openmetrics")
+        thread.start()
+        return httpd, thread
 
     async def stop(self) -> None:
         httpd, thread = self._httpd, self._thread
@@ -376,8 +516,10 @@ class OpenMetricsServer:
     def snapshot(self) -> Snapshot:
         """The node read once, on its event loop.
 
-        From a scrape's thread this waits for the loop up to ``scrape_timeout_s`` (TimeoutError);
-        on the loop's own thread (a test calling the registry there) it reads directly.
+        From a scrape's thread this waits for the loop up to ``scrape_timeout_s`` (TimeoutError),
+        or returns the snapshot read less than ``snapshot_ttl_s`` ago, or waits for the read another
+        scrape has in flight (its snapshot or its error); on the loop's own thread (a test calling
+        the registry there) it reads directly.
         """
         loop = self._loop
         asked = time.monotonic()
@@ -387,7 +529,28 @@ class OpenMetricsServer:
             running = None
         if loop is None or running is loop:
             return self._read(asked)
+        with self._cache_lock:
+            cached, shared = self._cached, self._reading
+            if cached is not None and time.monotonic() - cached[0] < self.snapshot_ttl_s:
+                return cached[1]
+            mine = shared is None
+            if shared is None:
+                shared = self._reading = concurrent.futures.Future()
+        if not mine:
+            return shared.result(self.scrape_timeout_s + 1.0)
+        try:
+            snap = self._ask_loop(loop, asked)
+        except BaseException as exc:
+            with self._cache_lock:
+                self._reading = None
+            shared.set_exception(exc)
+            raise
+        with self._cache_lock:
+            self._cached, self._reading = (time.monotonic(), snap), None
+        shared.set_result(snap)
+        return snap
 
+    def _ask_loop(self, loop: asyncio.AbstractEventLoop, asked: float) -> Snapshot:
         async def read() -> Snapshot:
             return self._read(asked)
 
@@ -422,4 +585,5 @@ def metrics_server(node: Node, settings: Settings, sample: Callable[[], MetricsR
     return OpenMetricsServer(node, settings, sample, node_id)
 
 
-__all__ = ["SCRAPE_TIMEOUT_S", "OpenMetricsServer", "Snapshot", "families", "metrics_server"]
+__all__ = ["CONNECTION_TIMEOUT_S", "MAX_CONNECTIONS", "SCRAPE_TIMEOUT_S", "SNAPSHOT_TTL_S", "OpenMetricsServer",
+           "Snapshot", "families", "metrics_server"]

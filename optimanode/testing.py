@@ -15,7 +15,9 @@ exceptions as the subset the sampler calls, checked against nvidia-ml-py 13:
   an ``NVMLError``) as pynvml does when the driver lacks the ``_v3`` entry points; ``_v2`` still works.
 
 Configure a machine with ``FakeGpu`` entries, ``unsupported`` function names per GPU, ``errors``
-(function name → NVML error code) per GPU or for the whole fake, or ``init_error`` for a machine
+(function name → NVML error code) per GPU or for the whole fake (a GPU's ``errors`` may name
+``nvmlDeviceGetHandleByIndex``: that one GPU's lookup fails, as for a device this process may not
+open), or ``init_error`` for a machine
 without the driver (``FakeNvml.without_driver()``). ``FakeNvml.machine(80, 24, 48, used_gib=...)``
 builds a machine of N GPUs of those sizes in GiB (distinct names and UUIDs), for memory admission
 and placement. Everything is plain mutable state: change a GPU's numbers between samples, or set
@@ -161,7 +163,11 @@ class FakeNvml:
         self._enter("nvmlDeviceGetHandleByIndex")
         if not 0 <= index < len(self.gpus):
             raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
-        return self.gpus[index]
+        gpu = self.gpus[index]
+        # A lookup one GPU refuses: NO_PERMISSION for a device this process may not open, GPU_IS_LOST.
+        if "nvmlDeviceGetHandleByIndex" in gpu.errors:
+            raise NVMLError(gpu.errors["nvmlDeviceGetHandleByIndex"])
+        return gpu
 
     def nvmlDeviceGetName(self, handle: FakeGpu) -> str:
         self._enter("nvmlDeviceGetName", handle)

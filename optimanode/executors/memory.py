@@ -231,7 +231,8 @@ def place(est: Estimate, gpus: Sequence[GpuMemory], wish: GpuWish, free: Mapping
         missing = [i for i in wish.gpus if i not in by_index]
         if missing:
             return Shortfall(f"GPU {missing[0]}", 0, 0,
-                             f"this machine has {len(gpus)} NVIDIA GPU(s): 0..{len(gpus) - 1}")
+                             f"this machine has {len(gpus)} usable NVIDIA GPU(s): "
+                             f"{', '.join(str(g.index) for g in sorted(gpus, key=lambda g: g.index))}")
         return _check(est, [by_index[i] for i in wish.gpus], wish, free)
     ranked = sorted(gpus, key=lambda g: (-free.get(g.index, 0), g.index))
     first: Placement | Shortfall | None = None

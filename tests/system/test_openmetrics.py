@@ -339,3 +339,135 @@ def test_optimanode_run_serves_the_endpoint_when_asked_and_a_bad_value_stops_it_
             proc.kill()
             proc.wait(10)
     assert f"OpenMetrics endpoint on http://127.0.0.1:{port}/metrics" in log.read_text()
+
+
+# -- the HTTP server's limits: a timeout per connection, a cap, one read shared by concurrent scrapes --
+
+
+def half_request(port: int) -> socket.socket:
+    """A connection that sends part of a request line and then nothing, as a stalled or hostile client."""
+    c = socket.create_connection(("127.0.0.1", port), timeout=10)
+    c.sendall(b"GET /metrics HTTP/1.1\r\n")  # the headers never end
+    return c
+
+
+def closed_by_server(c: socket.socket, wait_s: float) -> bool:
+    """True when the server has closed ``c`` (EOF or reset) within ``wait_s``; False when it stays open."""
+    c.settimeout(wait_s)
+    try:
+        return c.recv(1024) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def scrape_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "openmetrics-scrape")
+
+
+@contextlib.asynccontextmanager
+async def endpoint_on(tmp_path: Path, **limits: float) -> AsyncIterator[tuple[OpenMetricsServer, list[int]]]:
+    """A node without models and its endpoint on an ephemeral loopback port; the list counts samples."""
+    settings = make_settings(tmp_path)
+    samples: list[int] = []
+    async with Node(settings) as node:
+        sampler = Sampler(node.list, nvml=FakeNvml.without_driver())
+
+        def sample():
+            samples.append(1)
+            return sampler.sample()
+
+        endpoint = OpenMetricsServer(node, settings, sample, host="127.0.0.1", port=0, **limits)  # type: ignore[arg-type]
+        await endpoint.start()
+        try:
+            yield endpoint, samples
+        finally:
+            await endpoint.stop()
+            sampler.close()
+
+
+async def test_a_client_that_stalls_mid_request_is_disconnected_after_the_connection_timeout(tmp_path: Path) -> None:
+    async with endpoint_on(tmp_path, connection_timeout_s=0.5) as (endpoint, _):
+        stalled = half_request(endpoint.port)
+        try:
+            started = time.monotonic()
+            # Closed by the server (prometheus_client's server kept it, and its thread, for good).
+            assert await asyncio.to_thread(closed_by_server, stalled, 10.0)
+            assert time.monotonic() - started >= 0.3  # by the timeout, not at once
+        finally:
+            stalled.close()
+        m = await scrape(endpoint.url)
+        assert one(m, "optimanode_event_loop_responsive") == 1 and "optimanode_host_cpu_percent" in m
+
+
+async def test_connections_beyond_the_cap_close_the_longest_waiting_and_a_scrape_still_succeeds(
+        tmp_path: Path) -> None:
+    cap, extra = 4, 3
+    # A long connection timeout: every close here is the cap's doing.
+    async with endpoint_on(tmp_path, connection_timeout_s=60, max_connections=cap) as (endpoint, _):
+        idle = [half_request(endpoint.port) for _ in range(cap + extra)]
+        try:
+            # The three oldest are closed to make room; the newest four are held.
+            oldest = await asyncio.gather(*(asyncio.to_thread(closed_by_server, c, 10.0) for c in idle[:extra]))
+            assert all(oldest)
+            newest = await asyncio.gather(*(asyncio.to_thread(closed_by_server, c, 0.3) for c in idle[extra:]))
+            assert not any(newest)
+            assert scrape_threads() <= cap
+            # A real scrape, while the cap is full of idle connections: answered in full.
+            m = await scrape(endpoint.url, openmetrics=True)
+            assert one(m, "optimanode_event_loop_responsive") == 1 and "optimanode_host_cpu_percent" in m
+            # It took the place of the oldest idle one.
+            assert await asyncio.to_thread(closed_by_server, idle[extra], 10.0)
+            assert scrape_threads() <= cap
+        finally:
+            for c in idle:
+                c.close()
+
+
+async def test_when_every_slot_is_answering_a_new_connection_is_closed_unanswered(tmp_path: Path) -> None:
+    async with endpoint_on(tmp_path, max_connections=2, scrape_timeout_s=5.0) as (endpoint, _):
+        got: list[tuple[str, str]] = []
+        scrapers = [threading.Thread(target=lambda: got.append(fetch(endpoint.url))) for _ in range(2)]
+        for t in scrapers:
+            t.start()
+        # The loop is blocked here: both scrapes have their request in and wait for the node's answer.
+        httpd = endpoint._httpd
+        assert httpd is not None
+        deadline = time.monotonic() + 10
+        while not (len(httpd._open) == 2 and not any(httpd._open.values())):
+            assert time.monotonic() < deadline, httpd._open
+            time.sleep(0.01)
+        third = socket.create_connection(("127.0.0.1", endpoint.port), timeout=10)
+        try:
+            third.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert closed_by_server(third, 10.0)  # refused while the loop is still blocked
+        finally:
+            third.close()
+        for t in scrapers:
+            await asyncio.to_thread(t.join, 10)
+        # The two answered in full once the loop ran.
+        assert len(got) == 2
+        for _, body in got:
+            assert one(parse(body, openmetrics=False), "optimanode_event_loop_responsive") == 1
+
+
+async def test_concurrent_scrapes_share_one_sample(tmp_path: Path) -> None:
+    async with endpoint_on(tmp_path, snapshot_ttl_s=5.0) as (endpoint, samples):
+        bodies = await asyncio.gather(*(asyncio.to_thread(fetch, endpoint.url) for _ in range(8)))
+        assert len(samples) == 1  # one Sampler.sample for eight scrapes (it was eight)
+        for _, body in bodies:
+            assert one(parse(body, openmetrics=False), "optimanode_event_loop_responsive") == 1
+
+
+async def test_stop_closes_the_connections_still_open(tmp_path: Path) -> None:
+    async with endpoint_on(tmp_path, connection_timeout_s=60) as (endpoint, _):
+        idle = half_request(endpoint.port)
+        try:
+            await endpoint.stop()
+            assert await asyncio.to_thread(closed_by_server, idle, 10.0)  # at stop, not 60 s later
+            for t in [t for t in threading.enumerate() if t.name == "openmetrics-scrape"]:
+                await asyncio.to_thread(t.join, 10)
+            assert scrape_threads() == 0  # its thread ended with it
+        finally:
+            idle.close()

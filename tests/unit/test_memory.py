@@ -135,7 +135,7 @@ def test_listed_gpus_and_tensor_split_are_taken_as_given() -> None:
     assert placed.vram[1] == int(part * 3 / 4) + e.gpu_compute
     assert placed.vram[0] == int(part / 4) + e.gpu_compute + e.gpu_logits
     missing = place(e, gpus, GpuWish(gpus=(2,)), free_of(gpus))
-    assert isinstance(missing, Shortfall) and missing.reason == "no GPU 2: this machine has 2 NVIDIA GPU(s): 0..1"
+    assert isinstance(missing, Shortfall) and missing.reason == "no GPU 2: this machine has 2 usable NVIDIA GPU(s): 0, 1"
 
 
 def test_eight_gpus_of_different_sizes() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import logging
 import os
 import time
 
@@ -11,11 +12,12 @@ import psutil
 import pynvml
 import pytest
 
-from optimanode.metrics import Sampler
+from optimanode.metrics import GpuProbe, Sampler
 from optimanode.protocol import ExecutorStatus, ModelInfo
 from optimanode.testing import (
     NVML_ERROR_DRIVER_NOT_LOADED,
     NVML_ERROR_GPU_IS_LOST,
+    NVML_ERROR_NO_PERMISSION,
     FakeGpu,
     FakeNvml,
 )
@@ -141,6 +143,76 @@ def test_lost_gpu_is_named_and_nvml_reinitialised_after_the_interval():
     gpu.errors = {}
     clock.t += 30
     assert sampler.sample().gpus[0].memory_total_bytes == 80 * GiB and fake.init_calls == 2
+
+
+@pytest.mark.parametrize(("code", "text"), [(NVML_ERROR_NO_PERMISSION, "Insufficient Permissions"),
+                                            (NVML_ERROR_GPU_IS_LOST, "GPU is lost")], ids=["no-permission", "lost"])
+def test_one_gpu_refusing_its_handle_leaves_the_other_three_with_their_own_indices(code, text, caplog):
+    """GPU 1 of four refused (DeviceAllow= keeps it from us, or it fell off the bus): 0, 2, 3 stay, named."""
+    fake = FakeNvml.machine(80, 24, 48, 40)
+    fake.gpus[1].errors = {"nvmlDeviceGetHandleByIndex": code}
+    fake.gpus[2].compute_processes = {os.getpid(): GiB}
+    note = f"GPU 1 left out (NVML: {text})"
+    sampler = Sampler(lambda: [status(os.getpid(), gpus=[2])], nvml=fake)
+    probe = GpuProbe(fake)
+    with caplog.at_level(logging.WARNING, logger="optimanode.metrics"):
+        reports = [sampler.sample() for _ in range(3)]
+        probed = [probe() for _ in range(3)]
+    for report in reports:
+        assert [(g.index, g.uuid, g.memory_total_bytes) for g in report.gpus] == \
+            [(i, fake.gpus[i].uuid, fake.gpus[i].memory_total) for i in (0, 2, 3)]
+        assert report.gpu_status == note  # on every report, not only the first
+        assert [g.models for g in report.gpus] == [[], ["a"], []]  # placed by NVML index, not list position
+        assert report.executors[0].vram_bytes == GiB
+    for gpus in probed:
+        assert [(g.index, g.name, g.memory_free_bytes) for g in gpus] == \
+            [(i, fake.gpus[i].name, fake.gpus[i].memory_total) for i in (0, 2, 3)]
+    assert probe.status == note
+    # Said once in the log by each reader, however many samples and probes.
+    warned = [r.getMessage() for r in caplog.records if note in r.getMessage()]
+    assert len(warned) == 2 and warned[0].startswith("metrics: ") and warned[1].startswith("memory admission: ")
+    sampler.close()
+    probe.close()
+    assert fake.refcount == 0
+
+
+def test_no_gpu_opening_shuts_nvml_down_and_retries_after_the_interval():
+    """Every handle refused: nothing usable, so the init is undone and tried again 60 s later."""
+    clock, fake = Clock(), FakeNvml.machine(80, 80)
+    for gpu in fake.gpus:
+        gpu.errors = {"nvmlDeviceGetHandleByIndex": NVML_ERROR_NO_PERMISSION}
+    sampler = Sampler(lambda: [], nvml=fake, clock=clock)
+    probe = GpuProbe(fake, clock=clock)
+    for _ in range(3):
+        report = sampler.sample()
+        assert report.gpus == [] and probe() == [] and fake.refcount == 0
+        assert report.gpu_status == ("GPU 0 left out (NVML: Insufficient Permissions); GPU 1 left out (NVML: "
+                                     "Insufficient Permissions); NVML re-init in 60 s"), report.gpu_status
+        assert probe.status.startswith("GPU 0 left out (NVML: Insufficient Permissions); GPU 1 left out")
+        clock.t += 60
+    assert fake.init_calls == 6  # one each per 60 s, each undone
+    fake.gpus[0].errors = {}
+    assert [g.index for g in sampler.sample().gpus] == [0] and [g.index for g in probe()] == [0]
+    sampler.close()
+    probe.close()
+    assert fake.refcount == 0
+
+
+def test_gpu_probe_balances_init_and_shutdown_after_a_failed_init():
+    """An init that works followed by a failing call is undone before the next try: the refcount stays 0."""
+    clock = Clock()
+    fake = FakeNvml(FakeNvml.machine(80, 80).gpus, errors={"nvmlDeviceGetCount": NVML_ERROR_GPU_IS_LOST})
+    probe = GpuProbe(fake, clock=clock, retry_s=60)
+    for _ in range(5):  # five 60 s retries, as the node's admission makes them
+        assert probe() == [] and fake.refcount == 0
+        clock.t += 60
+    assert probe.status == "NVML: GPU is lost"
+    assert fake.init_calls == fake.calls["nvmlShutdown"] == 5
+    # A name NVML will not give no longer costs the GPU: it is "" and the memory still counts.
+    fake.errors = {"nvmlDeviceGetName": NVML_ERROR_GPU_IS_LOST}
+    assert [(g.index, g.name, g.memory_total_bytes) for g in probe()] == [(0, "", 80 * GiB), (1, "", 80 * GiB)]
+    probe.close()
+    assert fake.refcount == 0 and fake.init_calls == fake.calls["nvmlShutdown"] == 6
 
 
 def test_vram_per_pid_from_the_fake():
