@@ -17,7 +17,11 @@ is resized; the requests running keep their slots). A request's deadline (its ow
 it bounds the wait in the queue (``Admission.slot``), then a timer ``abort``s the stream on the
 worker; either way the request ends with ``deadline_exceeded``. ``drain`` (SIGTERM) refuses new
 requests and the queued ones at once, lets the running ones finish until a deadline and cancels
-the rest, which end with ``shutting_down``.
+the rest, which end with ``shutting_down`` (one whose own Done, stop or length, comes in that same
+step ends with it: every token was streamed). A request id is taken from the check until the
+request ends, queued or running: a second request with it is refused (``bad_request``). An id
+freed here may still be the worker's for a moment (a deadline's abort ends the request before the
+worker answers its cancel): the supervisor keeps it until then, and a reuse waits for it there.
 
 A worker's drain (the runtime calls it before stopping a worker that serves: configure, a new
 file, new model defaults, disable): the stop transition's own step calls ``changed``, which
@@ -233,6 +237,9 @@ class Inference:
         self._background = background
         self._traffic: dict[str, Traffic] = {}
         self._requests: dict[str, WorkerProcess] = {}
+        # Every request id from its duplicate check to its end, queued or admitted: a second
+        # request with an id taken is refused, whether the first is running or still queued.
+        self._ids: set[str] = set()
         self._accepting = True
         # Requests cancelled because the drain deadline passed: they end with shutting_down.
         self._shut_out: set[str] = set()
@@ -260,8 +267,10 @@ class Inference:
     async def infer(self, executor_id: str, request: InferenceRequest, *, request_id: str | None = None,
                     by: str = "") -> AsyncIterator[Chunk | Done]:
         """Stream a completion: Chunk..., then Done. Raises RequestError with a stable code."""
-        async with self._counted(executor_id, request, request_id, by) as flight:
-            async for msg in flight.worker.generate(flight.rid, request):
+        async with self._counted(executor_id, request, request_id, by) as flight, \
+                contextlib.aclosing(flight.worker.generate(flight.rid, request)) as messages:
+            # (aclosing: a consumer that stops early ends the worker's stream now, not when collected.)
+            async for msg in messages:
                 if isinstance(msg, Chunk):
                     # Counted as they stream, so the metrics' tokens/s is smooth, not a spike at the end.
                     flight.traffic.tokens_generated += msg.tokens
@@ -332,8 +341,19 @@ class Inference:
             raise ModelNotRunning(f"model {ex.id} is {ex.state}" + (f": {ex.reason}" if ex.reason else ""),
                                   state=ex.state, executor=ex.id)
         rid = request_id or uuid.uuid4().hex
-        if rid in self._requests:
+        if rid in self._ids:
             raise BadRequest(f"request id {rid!r} is already in flight", field="id")
+        # Reserved from here (queued too) until this request ends.
+        self._ids.add(rid)
+        try:
+            async with self._flight(ex, rid, request, by) as flight:
+                yield flight
+        finally:
+            self._ids.discard(rid)
+
+    @contextlib.asynccontextmanager
+    async def _flight(self, ex: Executor, rid: str, request: InferenceRequest, by: str) -> AsyncIterator[_Flight]:
+        """``_admitted``'s wait for a slot and the request's run, its id reserved."""
         loop = asyncio.get_running_loop()
         limit = deadline(request.params.deadline_s, ex.settings, self.runtime.settings.model_defaults)
         deadline_at = loop.time() + limit if limit is not None else None
@@ -370,7 +390,9 @@ class Inference:
                 flight.outcome = exc.code
                 raise
             except (asyncio.CancelledError, GeneratorExit):
-                flight.outcome = "cancelled"
+                # A consumer that stops at the Done (GeneratorExit) ended a request that finished.
+                if flight.done is None:
+                    flight.outcome = "cancelled"
                 raise
             finally:
                 if timer is not None:
@@ -406,7 +428,9 @@ class Inference:
             raise
 
     def _finished(self, flight: _Flight, done: Done) -> None:
-        if flight.rid in self._shut_out:
+        # Only a request the drain's cancel ended: one that finished by itself in the same step
+        # (every token streamed) ends with its own Done.
+        if flight.rid in self._shut_out and done.finish_reason == "cancelled":
             raise ShuttingDown(f"the node is shutting down; request cancelled after the "
                                f"{self.runtime.settings.drain_deadline_s:g} s drain deadline")
         flight.done, flight.outcome = done, done.finish_reason

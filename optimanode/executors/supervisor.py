@@ -20,6 +20,11 @@ How it works:
   runtime's figure), which the worker's host prompt cache keeps to; ``nudge`` sends it at once.
 * ``abort`` ends one request's stream with a given error and cancels it at the worker (a
   request's deadline, ``optimanode/inference.py``).
+* An id is the worker's until it answers it: a request that ended for its caller before the
+  worker's Done or Failed (aborted, its receiver raised, its caller gone) leaves a tombstone
+  (``_tombs``) that swallows the id's frames until that answer comes (or the worker exits). A
+  ``generate`` reusing the id waits behind it before sending its Generate, so the worker never
+  refuses the reuse as "already running" and the new request never sees the old one's frames.
 * When the process ends, for whatever reason, every request still in flight on it gets a
   ``WorkerCrashed`` error at once (exit code or signal in its details): nothing waits on a dead
   worker. Then ``on_exit`` tells the runtime (``runtime.py``), which journals the crash or the
@@ -220,6 +225,9 @@ class WorkerProcess:
         self.exit: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._streams: dict[str, _Stream] = {}
+        # Ids the worker still holds for requests over for their callers: resolved (and removed)
+        # when the worker's Done or Failed for it arrives, or when the worker exits.
+        self._tombs: dict[str, asyncio.Future[None]] = {}
         self._on_exit = on_exit
         self._hb_interval, self._hb_timeout = heartbeat_interval_s, heartbeat_timeout_s
         self._last_pong = time.monotonic()
@@ -302,11 +310,26 @@ class WorkerProcess:
     def _on_frame(self, msg: object) -> None:
         self._last_pong = time.monotonic()  # any frame proves the worker is alive
         if isinstance(msg, Chunk | Done | Failed):
+            tomb = self._tombs.get(msg.id)
+            if tomb is not None:
+                # The old request's late frames (a reuse of the id waits for its answer, so they
+                # come before any of the new one's): they go nowhere; its answer frees the id.
+                if isinstance(msg, Chunk):
+                    self.tokens_out += msg.tokens
+                else:
+                    del self._tombs[msg.id]
+                    if not tomb.done():
+                        tomb.set_result(None)
+                return
             stream = self._streams.get(msg.id)
             if stream is None:
                 return  # a request that was cancelled or abandoned: its late frames go nowhere
-            if isinstance(msg, Chunk):
+            if not isinstance(msg, Chunk):
+                stream.answered = True  # the worker has let go of the id
+            else:
                 self.tokens_out += msg.tokens
+                if stream.over:
+                    return  # ended for its caller (aborted): no chunk after the error
                 if stream.sink is not None:
                     if stream.flush is not None:
                         self._flushes.add(stream.flush)
@@ -315,6 +338,7 @@ class WorkerProcess:
                     except Exception as exc:  # noqa: BLE001 - that request's bug, not the worker's
                         log.exception("the receiver of request %s failed", msg.id)
                         stream.sink = None
+                        stream.over = True
                         stream.queue.put_nowait(NodeFault(f"{type(exc).__name__}: {exc}", code="internal"))
                         self.cancel(msg.id)  # the request is over for its caller: free the slot
                     return
@@ -422,10 +446,20 @@ class WorkerProcess:
             log.exception("on_exit handler failed for %s", self.executor_id)
 
     def _fail_streams(self, err: RequestError) -> None:
-        """End every request in flight with ``err`` (a stream already ended ignores a second one)."""
+        """End every request in flight with ``err`` (a stream already ended ignores a second one).
+
+        The worker will answer nothing more: the tombstones go too."""
         for stream in self._streams.values():
             stream.sink = None
+            stream.over = True
             stream.queue.put_nowait(err)
+        self._release_tombs()
+
+    def _release_tombs(self) -> None:
+        tombs, self._tombs = self._tombs, {}
+        for tomb in tombs.values():
+            if not tomb.done():
+                tomb.set_result(None)
 
     def _kill(self, why: str) -> None:
         if self.proc.returncode is None:
@@ -445,19 +479,29 @@ class WorkerProcess:
         """Stream the worker's answer; raises WorkerCrashed, or RequestError for the worker's Failed.
 
         With ``on_chunk``, chunks are not yielded but handed to it from the pipe's read callback,
-        before any task wakes (what ``complete`` does for the Gateway session).
+        before any task wakes (what ``complete`` does for the Gateway session). An id the worker
+        still holds for an earlier request (a tombstone) is waited for before the Generate goes.
         """
         if request_id in self._streams:
             raise NodeFault(f"request id {request_id!r} is already in flight", code="bad_request")
         stream = self._streams[request_id] = _Stream(on_chunk, on_flush)
         finished = False
         try:
-            if self.exit.done():
-                raise WorkerCrashed(self.exit.result().describe(), executor=self.executor_id)
-            if self._killed_for.startswith(STALLED):  # killed, maybe not reaped yet: nothing more goes to it
-                raise WorkerCrashed(f"worker {self.pid} is being killed ({self._killed_for})",
-                                    executor=self.executor_id, cause=STALLED)
+            self._check_alive()
+            tomb = self._tombs.get(request_id)
+            if tomb is not None:
+                # The worker still holds the id for an earlier request that ended here before
+                # the worker answered it: wait for that answer (it comes within a decode step of
+                # the Cancel sent, or the worker exits). ``abort`` may end this one meanwhile.
+                error = await self._behind(tomb, stream)
+                if error is not None:
+                    finished = True
+                    raise error
+                self._check_alive()
             self._send(Generate(id=request_id, request=request))
+            stream.sent = True
+            if stream.cancel_asked:  # cancelled while it waited: the worker ends it with Done(cancelled)
+                self.cancel(request_id)
             while True:
                 msg = await stream.queue.get()
                 if isinstance(msg, RequestError):
@@ -471,11 +515,40 @@ class WorkerProcess:
                     finished = True
                     return
         finally:
-            self._streams.pop(request_id, None)
-            if not finished and not self.exit.done():
-                # The caller went away (cancelled, disconnected): stop decoding for it.
-                with contextlib.suppress(RequestError):
-                    self._send(Cancel(id=request_id))
+            if self._streams.get(request_id) is stream:
+                del self._streams[request_id]
+            if stream.sent and not stream.answered and not self.exit.done():
+                # Over for its caller (aborted, its receiver raised, or it went away: cancelled,
+                # disconnected) before the worker answered: stop decoding for it, and keep the id
+                # until the worker lets go of it.
+                if not stream.cancelled:
+                    stream.cancelled = True
+                    with contextlib.suppress(RequestError):
+                        self._send(Cancel(id=request_id))
+                self._tombs[request_id] = asyncio.get_running_loop().create_future()
+
+    def _check_alive(self) -> None:
+        """Raise WorkerCrashed if nothing more may be sent to this worker."""
+        if self.exit.done():
+            raise WorkerCrashed(self.exit.result().describe(), executor=self.executor_id)
+        if self._killed_for.startswith(STALLED):  # killed, maybe not reaped yet: nothing more goes to it
+            raise WorkerCrashed(f"worker {self.pid} is being killed ({self._killed_for})",
+                                executor=self.executor_id, cause=STALLED)
+
+    async def _behind(self, tomb: asyncio.Future[None], stream: _Stream) -> RequestError | None:
+        """Wait for ``tomb`` (or the worker's exit); the error that ended ``stream`` meanwhile, if any."""
+        getter = asyncio.ensure_future(stream.queue.get())
+        try:
+            # (asyncio.wait cancels none of them: the tombstone and the exit stay as they are.)
+            await asyncio.wait((getter, tomb, self.exit), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()
+        if getter.done() and not getter.cancelled():
+            msg = getter.result()
+            assert isinstance(msg, RequestError)  # nothing else comes before the Generate is sent
+            return msg
+        return None
 
     async def complete(self, request_id: str, request: InferenceRequest, on_chunk: Callable[[Chunk], None],
                        on_flush: Callable[[], None] | None = None) -> Done:
@@ -497,20 +570,30 @@ class WorkerProcess:
         raise AssertionError("generate ended without a Done")  # it returns only after one
 
     def cancel(self, request_id: str) -> None:
-        if request_id in self._streams and not self.exit.done():
-            with contextlib.suppress(RequestError):
-                self._send(Cancel(id=request_id))
+        stream = self._streams.get(request_id)
+        if stream is None or self.exit.done() or stream.cancelled:
+            return
+        if not stream.sent:  # waiting behind a tombstone: the Cancel follows its Generate
+            stream.cancel_asked = True
+            return
+        stream.cancelled = True
+        with contextlib.suppress(RequestError):
+            self._send(Cancel(id=request_id))
 
     def abort(self, request_id: str, error: RequestError) -> None:
         """End ``request_id``'s stream now with ``error`` (its caller gets it next) and stop its decoding.
 
-        The worker still ends the request (``Done`` cancelled); that late answer goes nowhere.
+        The worker still ends the request (``Done`` cancelled); that late answer goes nowhere, and
+        until it comes the id stays taken (a tombstone: a reuse waits for it). One still waiting
+        behind a tombstone ends without having been sent.
         """
         stream = self._streams.get(request_id)
-        if stream is None:
+        if stream is None or stream.over:
             return
-        self.cancel(request_id)
+        if stream.sent:
+            self.cancel(request_id)
         stream.sink = None  # no chunk after the error
+        stream.over = True
         stream.queue.put_nowait(error)
 
     # -- stopping ----------------------------------------------------------------------------
@@ -546,13 +629,21 @@ class WorkerProcess:
 class _Stream:
     """One request in flight on a worker: its Done/Failed/errors queue, and where its chunks go."""
 
-    __slots__ = ("flush", "queue", "sink")
+    __slots__ = ("answered", "cancel_asked", "cancelled", "flush", "over", "queue", "sent", "sink")
 
     def __init__(self, sink: Callable[[Chunk], None] | None, flush: Callable[[], None] | None) -> None:
         # Chunks too, when there is no sink (generate).
         self.queue: asyncio.Queue[Chunk | Done | Failed | RequestError] = asyncio.Queue()
         self.sink = sink
         self.flush = flush
+        # Its Generate went to the worker; the worker's Done or Failed for it came (the id is free there).
+        self.sent = False
+        self.answered = False
+        # Ended here with an error (abort, a failing receiver, the worker's end): nothing more for its caller.
+        self.over = False
+        # A Cancel went to the worker; one was asked for before the Generate went (sent after it).
+        self.cancelled = False
+        self.cancel_asked = False
 
 
 class _FrameReader(asyncio.Protocol):

@@ -300,8 +300,10 @@ async def test_sighup_with_new_model_defaults_replaces_the_models_one_at_a_time(
         hup_at = time.monotonic()
         os.kill(os.getpid(), signal.SIGHUP)
         async with asyncio.timeout(240):
-            while not all(node.status(e).state == "running" and node.status(e).effective.n_ctx == 384
-                          for e in eids):
+            # A new worker each (the effective settings read 384 as soon as the reload is in, while
+            # the second model's old worker still runs: waiting on them alone raced under load).
+            while not all(node.status(e).state == "running" and node.status(e).pid not in (None, old[e])
+                          and node.status(e).effective.n_ctx == 384 for e in eids):
                 await asyncio.sleep(0.1)
         print(f"\nSIGHUP: both models replaced, one after the other, in {time.monotonic() - hup_at:.2f} s")
         assert all(node.status(e).pid != old[e] for e in eids)
