@@ -18,64 +18,19 @@ import pytest
 
 from optimanode import protocol as p
 from optimanode.errors import NodeFault, RequestError, ShuttingDown, WorkerCrashed
-from optimanode.executors.supervisor import ExitInfo, WorkerProcess, _FrameReader
+from optimanode.executors.supervisor import WorkerProcess, _FrameReader
 from optimanode.inference import Inference, _Flight
 from optimanode.protocol import CompletionRequest, SamplingParams
+from unit.test_supervisor import Proc, worker  # noqa: F401  (the worker stand-in and its fixture)
 
 OLD = CompletionRequest(prompt="Write a long story about a dragon.", params=SamplingParams(max_tokens=300))
 NEW = CompletionRequest(prompt="The capital of France is", params=SamplingParams(max_tokens=4))
-USAGE = p.Usage(prompt_tokens=5, completion_tokens=2)
 TIMINGS = p.Timings(ttft_s=0.1, tokens_per_s=10.0, total_s=0.2)
 
 
 def done(rid: str, finish: str = "length", completion_tokens: int = 2) -> p.Done:
     return p.Done(id=rid, finish_reason=finish, usage=p.Usage(prompt_tokens=5, completion_tokens=completion_tokens),
                   timings=TIMINGS)
-
-
-class Stdin:
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def frames(self) -> list[object]:
-        out, pos = [], 0
-        while pos < len(self.data):
-            (n,) = p.FRAME_HEADER.unpack_from(self.data, pos)
-            out.append(p.decode_to_worker(bytes(self.data[pos + 4:pos + 4 + n])))
-            pos += 4 + n
-        return out
-
-
-class Proc:
-    def __init__(self) -> None:
-        self.pid = 4242
-        self.returncode: int | None = None
-        self.stdin = Stdin()
-        self.kills = 0
-
-    def kill(self) -> None:
-        self.kills += 1
-
-
-async def _no_exit(worker: WorkerProcess, info: ExitInfo) -> None:
-    raise AssertionError("no exit expected")
-
-
-@pytest.fixture
-async def worker() -> tuple[WorkerProcess, _FrameReader, Proc]:
-    proc = Proc()
-    w = WorkerProcess("m", p.WorkerSettings(model_path="/m/a.gguf"), proc, _no_exit,  # type: ignore[arg-type]
-                      heartbeat_interval_s=1.0, heartbeat_timeout_s=10.0)
-    reader = _FrameReader(w)
-    w._frames = reader
-    return w, reader, proc
 
 
 def feed(reader: _FrameReader, *msgs: object) -> None:
