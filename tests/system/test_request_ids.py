@@ -1,6 +1,6 @@
-"""Request ids over a request's whole life, with the real SmolLM2 worker (docs/protocol.md: "an id
-may be reused once its request has ended").
+"""Request ids over a request's whole life, with the real SmolLM2 worker.
 
+docs/protocol.md: "an id may be reused once its request has ended".
 A request that ends on the node before its worker let go of its id (its deadline, a drain's cut)
 leaves the id to the worker until the worker's own answer (the supervisor's tombstone): a reuse at
 once waits for that answer instead of being refused, and gets only its own frames. Two in-process
