@@ -111,6 +111,7 @@ from optimanode.protocol import (
     Welcome,
     decode_from_node,
     encode_link,
+    peek_id_type,
 )
 
 log = logging.getLogger(__name__)
@@ -194,20 +195,6 @@ class _Unreadable:
 
     def __init__(self, problem: str) -> None:
         self.problem = problem
-
-
-def _peek_id_type(data: bytes | bytearray) -> tuple[str, str]:
-    """The ``id`` and ``type`` of a frame that did not decode, read loosely: each only when the
-    frame is a map and it is a string (an id also 1..128 characters); else ""."""
-    try:
-        raw = msgspec.msgpack.decode(data)
-    except Exception:  # noqa: BLE001 - any garbage: there is no id
-        return "", ""
-    if not isinstance(raw, dict):
-        return "", ""
-    rid, kind = raw.get("id"), raw.get("type")
-    return (rid if isinstance(rid, str) and 0 < len(rid) <= 128 else "",
-            kind[:64] if isinstance(kind, str) else "")
 
 
 class _Closed:
@@ -405,7 +392,7 @@ class NodeClient:
         waiting for ever (a stream's InferDone), so the call its ``id`` names ends with ClientError;
         a frame without a usable id could have been for any call, so the connection is failed
         (close 4400) and every waiting call ends with ConnectionLost."""
-        rid, kind = _peek_id_type(data)
+        rid, kind = peek_id_type(data)
         what = f"a {kind!r} frame" if kind else "a frame"
         if rid:
             problem = f"node {self.node_id} sent {what} for {rid} that this client cannot read: {exc}"

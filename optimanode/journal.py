@@ -318,14 +318,20 @@ def _replay(path: Path, full: bool) -> dict[str, ExecutorView]:
         db.close()
 
 
-def _check_writable(path: Path, stream: str, body: EventBody) -> None:
-    """Raise JournalError unless ``body`` encodes, and its encoding decodes again."""
+def _writable(path: Path, stream: str, body: EventBody) -> str:
+    """``body``'s row text (what the commit writes); JournalError unless it decodes again."""
     try:
-        decode_event(encode_event(body).decode())
+        data = encode_event(body).decode()
+        decode_event(data)
     except (msgspec.EncodeError, msgspec.DecodeError, msgspec.ValidationError, UnicodeError, OverflowError,
             TypeError, ValueError) as exc:
         raise JournalError(f"journal {path}: refused a {type(body).__name__} event of {stream}: it cannot be "
                            f"written as it would be read back ({type(exc).__name__}: {exc})") from None
+    return data
+
+
+# What the writer commits: (stream, body, its row text; None for the checkpoint mark, made in the commit).
+_Batch = list[tuple[str, EventBody, str | None]]
 
 
 class Journal:
@@ -336,7 +342,7 @@ class Journal:
         self.path = path
         self._versions: dict[str, int] = {}
         self._views: dict[str, ExecutorView] = {}
-        self._queue: asyncio.Queue[tuple[list[tuple[str, EventBody]], asyncio.Future[list[Event]]] | None] = (
+        self._queue: asyncio.Queue[tuple[_Batch, asyncio.Future[list[Event]]] | None] = (
             asyncio.Queue())
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
@@ -543,10 +549,8 @@ class Journal:
         """
         if self._closed:
             raise JournalError("journal is closed")
-        batch = list(items)
-        for stream, body in batch:
-            if body is not _CHECKPOINT_MARK:
-                _check_writable(self.path, stream, body)
+        batch: _Batch = [(stream, body, None if body is _CHECKPOINT_MARK else _writable(self.path, stream, body))
+                         for stream, body in items]
         fut: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
         await self._queue.put((batch, fut))
         return await fut
@@ -590,13 +594,13 @@ class Journal:
                 if not fut.done():
                     fut.set_result(res)
 
-    async def _commit(self, batches: list[list[tuple[str, EventBody]]]) -> list[list[Event]]:
+    async def _commit(self, batches: list[_Batch]) -> list[list[Event]]:
         if self.write_lock.locked() and self.on_append_waiting is not None:
             self.on_append_waiting()  # retention yields: its transaction rolls back (module docstring)
         async with self.write_lock:
             return await self._commit_locked(batches)
 
-    async def _commit_locked(self, batches: list[list[tuple[str, EventBody]]]) -> list[list[Event]]:
+    async def _commit_locked(self, batches: list[_Batch]) -> list[list[Event]]:
         # Copies: the fold is kept only if the transaction commits.
         versions, views, notes, open_ = dict(self._versions), dict(self._views), dict(self._notes), dict(self._open)
         now = time.time()
@@ -612,7 +616,7 @@ class Journal:
                 checkpoint = None
                 for batch in batches:
                     out = []
-                    for stream, body in batch:
+                    for stream, body, data in batch:
                         seq += 1
                         versions[stream] = versions.get(stream, 0) + 1
                         if body is _CHECKPOINT_MARK:
@@ -626,7 +630,7 @@ class Journal:
                         elif isinstance(body, Transition):
                             notes[stream] = note(notes.get(stream), body)
                         rows.append((now, stream, versions[stream], body.__struct_config__.tag,  # type: ignore[attr-defined]
-                                     encode_event(body).decode()))
+                                     data if data is not None else encode_event(body).decode()))
                         out.append(Event(seq=seq, ts=now, stream=stream, version=versions[stream], body=body))
                         if stream != NODE_STREAM:
                             new = project(views.get(stream), stream, seq, body)

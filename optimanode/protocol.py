@@ -1060,3 +1060,18 @@ def decode_from_gateway(data: bytes) -> GatewayToNode:
 
 def decode_from_node(data: bytes) -> NodeToGateway:
     return _checked(_from_node, data)
+
+
+def peek_id_type(data: bytes | bytearray) -> tuple[str, str]:
+    """The ``id`` and ``type`` of a frame that did not decode, read loosely, so either end can
+    answer the request it names: each only when the frame is a map and it is a string (an id also
+    1..128 characters, a type cut to 64); else ""."""
+    try:
+        raw = msgspec.msgpack.decode(data)
+    except Exception:  # noqa: BLE001 - any garbage: there is no id
+        return "", ""
+    if not isinstance(raw, dict):
+        return "", ""
+    rid, kind = raw.get("id"), raw.get("type")
+    return (rid if isinstance(rid, str) and 0 < len(rid) <= 128 else "",
+            kind[:64] if isinstance(kind, str) else "")

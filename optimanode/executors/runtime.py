@@ -406,10 +406,7 @@ class Runtime:
 
     async def _desire(self, ex: Executor, enabled: bool | None, settings: ModelSettings | None, by: str, *,
                       retry: bool = False) -> None:
-        moves = False
-
         def plan() -> tuple[list[tuple[str, EventBody]], Callable[[], None]]:
-            nonlocal moves
             want = DesiredChanged(enabled=ex.enabled if enabled is None else enabled,
                                   settings=ex.settings if settings is None else settings, by=by)
             events: list[tuple[str, EventBody]] = [(ex.id, want)]
@@ -420,7 +417,6 @@ class Runtime:
                 t = self._transition(ex, "enable", dict(reason=f"re-enabled by {by or 'operator'}",
                                                         safe_mode=False if ex.safe else None))
                 events.append((ex.id, t))
-                moves = True
 
             def apply() -> None:
                 ex.enabled, ex.settings = want.enabled, want.settings
@@ -434,13 +430,11 @@ class Runtime:
                     ex.crash_times.clear()
                     self._move(ex, t)
                     ex.safe, ex.safe_reason = False, ""
-                self._wake.set()
 
             return events, apply
 
         await self._change(ex, plan)
-        if moves:
-            await self._moved()
+        await self._moved()  # the loop, and whoever waits in wait_for_state (a retry moves the state)
 
     def effective(self, ex: Executor, auto_parallel: int | None = None) -> WorkerSettings:
         """The settings ``ex``'s worker runs (or would run) with."""

@@ -87,6 +87,7 @@ from optimanode.protocol import (
     Unsubscribe,
     decode_from_gateway,
     encode_link,
+    peek_id_type,
 )
 
 if TYPE_CHECKING:
@@ -234,7 +235,7 @@ class Session:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             where, expected = _field_of(exc)
             message = f"{where}: expected {expected}" if where != "frame" else f"frame does not decode: {exc}"
-            self.send(Error(id=_peek_id(data), code="bad_request", message=message, details={"field": where}))
+            self.send(Error(id=peek_id_type(data)[0], code="bad_request", message=message, details={"field": where}))
             return
         if isinstance(msg, Hello):
             self.send(Error(code="bad_request", message="already authenticated", details={"field": "type"}))
@@ -285,16 +286,17 @@ class Session:
         req.task.add_done_callback(functools.partial(self._infer_ended, req))
 
     def _infer_ended(self, req: _Request, task: asyncio.Task[None]) -> None:
-        """The answer for a request whose task was cancelled before it ever ran: an Infer and its
-        CancelInfer in one read (a caller cancelled right after sending), or the session shutting
-        down at that moment. Its body never ran, so none of its branches sent the terminal frame
-        or freed the id (it stayed taken for the whole session). A task that ran has forgotten it."""
-        if self._requests.get(req.id) is not req:
-            return
+        """The answer for a request whose task was cancelled: the one place for it, since a task
+        cancelled before it first ran (an Infer and its CancelInfer in one read, a caller cancelled
+        right after sending) never enters its body, whose branches would otherwise answer. Runs
+        before anyone awaiting the task resumes (registered first), so the frame precedes a close."""
+        if not task.cancelled():
+            return  # the body answered (and forgot the id)
         self._forget(req)
         if req.shutting_down:
             self.send(Error(id=req.id, code="shutting_down", message="the node is shutting down"))
         elif req.cancel_requested and not self.closing:
+            # We cancelled it ourselves (it had not reached the worker): the cancel is the answer.
             self.send(Error(id=req.id, code="cancelled", message="cancelled before it started"))
 
     async def _infer(self, req: _Request, msg: Infer) -> None:
@@ -315,16 +317,6 @@ class Session:
         except RequestError as exc:
             self._forget(req)
             self.send(error_frame(msg.id, exc))
-        except asyncio.CancelledError:
-            self._forget(req)
-            if req.shutting_down:
-                self.send(Error(id=msg.id, code="shutting_down", message="the node is shutting down"))
-                return
-            if req.cancel_requested and not self.closing:
-                # We cancelled it ourselves (it had not reached the worker): the cancel is the answer.
-                self.send(Error(id=msg.id, code="cancelled", message="cancelled before it started"))
-                return
-            raise
         except Exception as exc:  # noqa: BLE001 - one request's bug must not end the session
             log.exception("request %s failed", req.node_rid)
             self._forget(req)
@@ -452,16 +444,6 @@ def _field_of(exc: Exception) -> tuple[str, str]:
         return "frame", "a MessagePack map"
     path, expected = explain(exc, GatewayToNode)
     return path or "frame", expected
-
-
-def _peek_id(data: bytes) -> str:
-    """The frame's ``id`` when it is a map with a string id, so the error reaches the right request."""
-    try:
-        raw = msgspec.msgpack.decode(data)
-    except Exception:  # noqa: BLE001 - any garbage: there is no id
-        return ""
-    rid = raw.get("id") if isinstance(raw, dict) else None
-    return rid if isinstance(rid, str) and 0 < len(rid) <= 128 else ""
 
 
 def _unknown_settings(data: bytes) -> str:
