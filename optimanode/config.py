@@ -51,6 +51,10 @@ from optimanode.constraints import (
 from optimanode.errors import ConfigError
 
 ENV_PREFIX = "OPTIMANODE_"
+# Not settings: the workers' diagnostic switches (read by optimanode/worker/log.py), which a node
+# started with them passes on to every worker it starts. Only these names: a misspelt one is
+# still refused like any unknown setting.
+WORKER_DIAGNOSTICS = frozenset({"OPTIMANODE_WORKER_TRACE", "OPTIMANODE_WORKER_STEP_LOG"})
 
 
 class Listen(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -343,7 +347,7 @@ def load_settings(
     env = os.environ if environ is None else environ
     env_layer: dict[str, Any] = {}
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG" or name in WORKER_DIAGNOSTICS:
             continue
         key = _env_to_key(name)
         if key is None:

@@ -48,7 +48,7 @@ from optimanode.worker import toolcalls
 from optimanode.worker.blackbox import _blackbox, _decode_hang, _fault_injection
 from optimanode.worker.embed import Embedder
 from optimanode.worker.jobs import _done, _Job, _Jobs, _Reject
-from optimanode.worker.log import TRACE, _log
+from optimanode.worker.log import STEP_LOG, TRACE, StepLog, _log
 from optimanode.worker.prefix import Prefixes
 from optimanode.worker.prompt_cache import prompt_cache_bytes
 from optimanode.worker.progress import Progress
@@ -207,6 +207,8 @@ class Engine:
         # Counters for tests and the trace: prompt tokens asked for, and those actually evaluated.
         self.prompt_tokens_total = 0
         self.prompt_tokens_evaluated = 0
+        # The decode steps, timed, when OPTIMANODE_WORKER_STEP_LOG names a file (log.StepLog).
+        self._steps = StepLog.open(STEP_LOG)
 
         llama_cpp.llama_backend_init()
         # A template the operator set is checked before the model loads, so a bad one fails the
@@ -316,6 +318,9 @@ class Engine:
         self.embeds = Embedder(self.model, settings, self.tokenize, self.progress, self.threadpool.attach_to)
 
     def close(self) -> None:
+        if self._steps is not None:
+            self._steps.close()
+            self._steps = None
         if self.batch is not None:
             llama_cpp.llama_batch_free(self.batch)
             self.batch = None
@@ -813,7 +818,12 @@ class Engine:
         _blackbox.enter("prompt evaluation" if any(s.run.chunk for s in plan) else "generation",  # type: ignore[union-attr]
                         b.n_tokens, len(plan), (s.run.job.id for s in plan))  # type: ignore[union-attr]
         _decode_hang.check(self.progress.steps)
+        steps = self._steps
+        start = time.monotonic() if steps is not None else 0.0
         rc = llama_cpp.llama_decode(self.ctx, b)
+        if steps is not None:
+            prompts = [s.run.chunk for s in plan if s.run.chunk]  # type: ignore[union-attr]
+            steps.write(start, time.monotonic() - start, b.n_tokens, len(plan), sum(prompts), len(prompts))
         _blackbox.leave()
         self.progress.stepped()
         if rc == 0:

@@ -41,9 +41,16 @@ TRACE_LINE = re.compile(r"request (\S+): slot (\d+), prompt (\d+) tokens \((\d+)
 
 
 @pytest.fixture(scope="module")
-def started(smollm2_path: Path) -> Iterator[tuple[Worker, p.Ready]]:
+def step_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The module worker's step log prefix (OPTIMANODE_WORKER_STEP_LOG): its file is ``<prefix>.<pid>``."""
+    return tmp_path_factory.mktemp("steps") / "steps"
+
+
+@pytest.fixture(scope="module")
+def started(smollm2_path: Path, step_log: Path) -> Iterator[tuple[Worker, p.Ready]]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OPTIMANODE_WORKER_TRACE", "1")  # one stderr line per request: reuse counts
+        mp.setenv("OPTIMANODE_WORKER_STEP_LOG", str(step_log))
         w = Worker()
     try:
         w.send(p.WorkerSettings(model_path=str(smollm2_path), n_ctx=N_CTX, n_threads=1, parallel=PARALLEL))
@@ -115,6 +122,39 @@ def test_batched_greedy_outputs_equal_each_prompts_solo_output(worker: Worker) -
         assert isinstance(done, p.Done) and done.finish_reason == "length", done
         assert done.usage.completion_tokens == 48 == sum(c.tokens for c in chunks)
         assert text_of(chunks) == alone[i], (PROMPTS[i], text_of(chunks), alone[i])
+
+
+def test_the_step_log_has_a_line_for_every_decode_step_of_the_requests(worker: Worker, step_log: Path) -> None:
+    """OPTIMANODE_WORKER_STEP_LOG: each step's tokens, sequences and prompt tokens add up to what the
+    requests evaluated (their prompts less the cached tokens) and generated (every token but the
+    last of each is fed back), and the steps are timed on the monotonic clock, one after the other."""
+    log = step_log.parent / f"{step_log.name}.{worker.proc.pid}"
+    before = len(log.read_text().splitlines()) if log.exists() else 0
+    t0 = time.monotonic()
+    ids = [f"steps{i}" for i in range(3)]
+    frames = b"".join(p.frame(p.Generate(id=i, request=completion(f"Step log {n}. {PROMPTS[n]}", max_tokens=6 + n)))
+                      for n, i in enumerate(ids))
+    worker.send_raw(frames)
+    got = collect_all(worker, ids)
+    t1 = time.monotonic()
+    dones = [done for _, done in got.values()]
+    assert all(isinstance(d, p.Done) for d in dones), dones
+    assert eventually(lambda: len(log.read_text().splitlines()) > before)
+    rows = [line.split() for line in log.read_text().splitlines()[before:]]
+    assert rows and all(len(r) == 6 for r in rows), rows
+    start = [float(r[0]) for r in rows]
+    seconds = [float(r[1]) for r in rows]
+    tokens, seqs, prompt_tokens, prompt_seqs = ([int(r[k]) for r in rows] for k in range(2, 6))
+    assert t0 <= start[0] and start[-1] + seconds[-1] <= t1
+    assert all(a + s <= b for a, s, b in zip(start, seconds, start[1:])), "the steps overlap"
+    assert all(s > 0 for s in seconds)
+    evaluated = sum(d.usage.prompt_tokens - d.usage.cached_tokens for d in dones)
+    generated_fed = sum(d.usage.completion_tokens - 1 for d in dones)
+    assert sum(prompt_tokens) == evaluated
+    assert sum(tokens) == evaluated + generated_fed
+    # A step's sequences: those with prompt tokens, and one token each for the others.
+    assert all(t - pt == n - pn for t, pt, n, pn in zip(tokens, prompt_tokens, seqs, prompt_seqs))
+    assert max(seqs) == 3 and sum(prompt_seqs) >= 3
 
 
 def test_on_the_cpu_prompts_that_arrive_together_are_evaluated_one_per_step(worker: Worker) -> None:

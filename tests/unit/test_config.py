@@ -29,6 +29,18 @@ def test_environment_values_are_converted_to_the_keys_type():
     assert s.scan.enable_new is True and s.restart.jitter == 0.5 and s.model_defaults.n_ctx == 4096
 
 
+def test_the_workers_diagnostic_variables_pass_but_a_misspelt_one_is_refused():
+    from optimanode.config import WORKER_DIAGNOSTICS
+    from optimanode.worker.log import STEP_LOG_VARIABLE, TRACE_VARIABLE
+
+    # The names the worker reads are the ones the node lets through (and no others).
+    assert WORKER_DIAGNOSTICS == {TRACE_VARIABLE, STEP_LOG_VARIABLE}
+    s = load_settings(environ={"OPTIMANODE_WORKER_TRACE": "1", "OPTIMANODE_WORKER_STEP_LOG": "/tmp/steps"})
+    assert s == Settings()
+    with pytest.raises(ConfigError, match="OPTIMANODE_WORKER_STEPLOG"):
+        load_settings(environ={"OPTIMANODE_WORKER_STEPLOG": "/tmp/steps"})
+
+
 def test_a_wrong_type_in_the_file_names_the_file_the_key_and_the_expectation(tmp_path):
     f = tmp_path / "node.toml"
     f.write_text('[listen]\nport = "eighty"\n')

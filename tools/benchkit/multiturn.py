@@ -51,6 +51,7 @@ import contextlib
 import http.client
 import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -65,6 +66,7 @@ from .common import BASE_PROMPTS, add_common_options, free_port, log, machine, m
     model_path, report
 from .compare import find_llama_server, start_llama_server
 from .nodeproc import NodeProc
+from .steps import breakdown, floor_of, read, waiting_share
 
 # A later turn "landed where its prefix is" when its cached tokens reach the previous prompt's
 # length less this many tokens (the previous prompt's last token may merge with the reply's first).
@@ -149,6 +151,7 @@ class NodeSystem:
         self.node = node
         self.prefill = prefill
         self.name = f"node[{prefill}]"
+        self.step_logs: list[Path] = [node.step_log] if node.step_log else []
 
     async def turn(self, prompt: str, max_tokens: int) -> Turn:
         sent = time.perf_counter()
@@ -176,6 +179,7 @@ class PoolSystem:
             raise RuntimeError(f"the nodes name the model differently: {[n.eid for n in nodes]}")
         self.name = f"NodePool x{len(nodes)} [{prefill}]"
         self.samples: list[tuple[float, ...]] = []
+        self.step_logs: list[Path] = [n.step_log for n in nodes if n.step_log]
 
     async def watch(self) -> None:
         await self.pool.watch(0.25)
@@ -336,11 +340,13 @@ async def one_round(system: Any, args: argparse.Namespace, round_no: int) -> dic
     if isinstance(system, PoolSystem):
         sampler = asyncio.create_task(sample_occupancy(system, stop, occupancy))
     load0 = os.getloadavg()[0]
+    m0 = time.monotonic()  # the workers' step logs use this clock
     t0 = time.perf_counter()
     try:
         await asyncio.gather(*(conversation(c) for c in range(args.conversations)))
     finally:
         wall = time.perf_counter() - t0
+        m1 = time.monotonic()
         stop.set()
         if sampler is not None:
             await sampler
@@ -352,7 +358,14 @@ async def one_round(system: Any, args: argparse.Namespace, round_no: int) -> dic
            "ttft_p50_per_turn": [p50(ttfts[t]) for t in range(args.turns)],
            "first_prompt_tokens_p50": p50([float(x) for x in first_prompt_tokens]),
            "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],
+           "slots": args.parallel * len(getattr(system, "nodes", getattr(system, "servers", [system]))),
            "ttfts": {str(t + 1): [round(x, 4) for x in v] for t, v in ttfts.items()}}
+    # TTFT of a later turn as the closed-loop model gives it from the wall (steps.waiting_share).
+    out["ttft_later_model_s"] = wall * waiting_share(args.conversations, out["slots"], args.turns)
+    if getattr(system, "step_logs", None):
+        per_node = [breakdown(read([prefix], m0, m1), args.parallel, wall) for prefix in system.step_logs]
+        out["steps"] = per_node
+        out["generation_floor_s"] = floor_of(per_node)
     if isinstance(system, PoolSystem):
         out["occupancy"] = occupancy
         out["pool_stats"] = system.stats()
@@ -366,6 +379,12 @@ def summarize(out: dict[str, Any], results: dict[str, list[dict[str, Any]]]) -> 
         m: dict[str, Any] = {f: med([x[f] for x in v]) for f in (*FIGURES, "prompt_tokens", "cached_tokens",
                                                                   "landed_share", "first_prompt_tokens_p50")}
         m["ttft_p90_later"] = med([x.get("ttft_p90_later", float("nan")) for x in v])
+        m["ttft_later_model_s"] = med([x.get("ttft_later_model_s", float("nan")) for x in v])
+        if "generation_floor_s" in v[0]:
+            m["generation_floor_s"] = med([x["generation_floor_s"] for x in v])
+            m["decode_share"] = med([statistics.mean(b["decode_share"] for b in x["steps"]) for x in v])
+            m["full_step_token_ms"] = med([1000 * statistics.mean(b["full_step_token_s"] for b in x["steps"]) for x in v])
+            m["prompt_tokens_evaluated"] = med([sum(b["prompt_tokens_evaluated"] for b in x["steps"]) for x in v])
         m["ttft_p50_per_turn"] = [med([x["ttft_p50_per_turn"][t] for x in v]) for t in range(len(v[0]["ttft_p50_per_turn"]))]
         if "occupancy" in v[0]:
             m["imbalanced_samples"] = sum(x["occupancy"].get("imbalanced_samples", 0) for x in v)
@@ -381,6 +400,21 @@ def summarize(out: dict[str, Any], results: dict[str, list[dict[str, Any]]]) -> 
         for b in servers:
             ratios[f"{a} / {b}"] = {f: med([x[f] / y[f] for x, y in zip(results[a], results[b]) if y[f]]) for f in FIGURES}
     out["ratios"] = ratios
+    # The replies alone (steps.breakdown's generation floor) against the server's round, per round:
+    # a node that evaluated no prompt token at all would still need this share of the wall, and
+    # (the closed-loop model) of the later-turn TTFT.
+    floors: dict[str, dict[str, float]] = {}
+    for a in nodes:
+        for b in servers:
+            pairs = [(x, y) for x, y in zip(results[a], results[b]) if "generation_floor_s" in x]
+            if pairs:
+                share = waiting_share(out["conversations"], pairs[0][0]["slots"], out["turns"])
+                floors[f"{a} / {b}"] = {
+                    "floor_over_wall": med([x["generation_floor_s"] / y["wall_s"] for x, y in pairs]),
+                    "floor_ttft_over_later_ttft": med([x["generation_floor_s"] * share / y["ttft_p50_later"]
+                                                       for x, y in pairs])}
+    if floors:
+        out["generation_floors"] = floors
     goals = {"ttft_p50_later": ("<=", 0.3), "ttft_p50_all": ("<=", 0.5), "tokens_per_s": (">=", 1.8)}
     out["goals"] = {pair: {f: {"ratio": r[f], "goal": f"{op} {g}",
                                "met": (r[f] <= g) if op == "<=" else (r[f] >= g)}
@@ -478,7 +512,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "model_defaults.n_threads": args.threads, "model_defaults.n_ctx": args.n_ctx,
             "model_defaults.parallel": args.parallel, "model_defaults.n_batch": args.n_batch,
             "model_defaults.prefill": prefill, "model_defaults.flash_attn": args.flash_attn,
-            "scan.hash_models": "false"})
+            "scan.hash_models": "false"},
+            env={"OPTIMANODE_WORKER_STEP_LOG": str(work / f"steps-{tag}")} if args.step_log else None)
+        n.step_log = work / f"steps-{tag}" if args.step_log else None
         nodes.append(n)
         return n
 
@@ -552,10 +588,22 @@ def print_table(out: dict[str, Any]) -> None:
             print(f"{'':<{w}} imbalance (one node > 80 % of its slots, the other idle): {f['imbalanced_samples']} of "
                   f"{f['occupancy_samples']} samples (0.25 s); with requests waiting meanwhile: "
                   f"{f.get('queued_while_other_idle_samples', 0)}")
+    for name, f in out["medians"].items():
+        if not math.isnan(f.get("ttft_later_model_s", math.nan)):
+            print(f"{name}: later-turn TTFT p50 {f['ttft_p50_later']:.2f} s, the closed-loop model "
+                  f"(wall x waiting share) {f['ttft_later_model_s']:.2f} s")
+        if "generation_floor_s" in f:
+            print(f"{name}: {f['decode_share']:.0%} of the wall in llama_decode, {f['prompt_tokens_evaluated']:.0f} prompt "
+                  f"tokens evaluated, a generated token in a full step {f['full_step_token_ms']:.1f} ms; "
+                  f"generation floor (the replies alone) {f['generation_floor_s']:.1f} s")
     for pair, g in out["goals"].items():
         print(f"{pair}: " + ", ".join(f"{k} {v['ratio']:.2f} (goal {v['goal']}: {'met' if v['met'] else 'MISSED'})"
                                       for k, v in g.items())
               + f", wall {out['ratios'][pair]['wall_s']:.2f}, turn 1 {out['ratios'][pair]['ttft_p50_turn1']:.2f}")
+        if pair in out.get("generation_floors", {}):
+            fl = out["generation_floors"][pair]
+            print(f"  generation floor / server wall {fl['floor_over_wall']:.2f}; the floor's later-turn TTFT "
+                  f"(closed-loop model) / server's measured {fl['floor_ttft_over_later_ttft']:.2f}")
 
 
 def plot(out: dict[str, Any], path: str) -> None:
@@ -616,6 +664,10 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
                    help="flash attention on every system: the node's model_defaults.flash_attn, llama-server's -fa "
                         "(default auto: both systems' own default)")
+    c.add_argument("--step-log", action="store_true",
+                   help="the nodes' workers log every decode step (OPTIMANODE_WORKER_STEP_LOG); each node's round "
+                        "is broken down and its generation floor (the replies alone) set against llama-server "
+                        "(benchkit/steps.py)")
     c.add_argument("--rounds", type=int, default=2, help="rounds, the order alternating (default 2)")
     c.add_argument("--repeats", type=int, default=5, help="returning: return/cold pairs (default 5)")
     c.add_argument("--llama-server", metavar="PATH", help="llama-server binary (default: the build under /tmp/lcp)")
