@@ -41,6 +41,13 @@ wall time; prompt tokens served from cache (the node's ``usage.cached_tokens``, 
 prefix is*: their cached tokens cover the conversation's previous prompt (less ``LANDED_SLACK``
 tokens, for a tokenizer boundary). Ratios node / llama-server are medians of per-round ratios.
 ``--plot OUT.png`` draws TTFT p50 per turn number, one line per system.
+
+``--step-log``: the nodes' workers log every decode step (``OPTIMANODE_WORKER_STEP_LOG``); each node
+round gets its breakdown (``steps.breakdown``: the share of the wall inside ``llama_decode``, the
+steps with prompt tokens, the prompt tokens evaluated) and its generation floor (the replies alone
+at the cost of a token in a full step), set against llama-server's wall and later-turn TTFT in
+the same round. Every system's later-turn TTFT is printed beside the closed-loop model's
+(``steps.waiting_share``).
 """
 
 from __future__ import annotations
@@ -385,6 +392,8 @@ def summarize(out: dict[str, Any], results: dict[str, list[dict[str, Any]]]) -> 
             m["decode_share"] = med([statistics.mean(b["decode_share"] for b in x["steps"]) for x in v])
             m["full_step_token_ms"] = med([1000 * statistics.mean(b["full_step_token_s"] for b in x["steps"]) for x in v])
             m["prompt_tokens_evaluated"] = med([sum(b["prompt_tokens_evaluated"] for b in x["steps"]) for x in v])
+            for part in ("decode_s", "prompt_marginal_s", "partial_steps_s"):  # per node (the mean of a pool's)
+                m[part] = med([statistics.mean(b[part] for b in x["steps"]) for x in v])
         m["ttft_p50_per_turn"] = [med([x["ttft_p50_per_turn"][t] for x in v]) for t in range(len(v[0]["ttft_p50_per_turn"]))]
         if "occupancy" in v[0]:
             m["imbalanced_samples"] = sum(x["occupancy"].get("imbalanced_samples", 0) for x in v)
@@ -595,7 +604,9 @@ def print_table(out: dict[str, Any]) -> None:
         if "generation_floor_s" in f:
             print(f"{name}: {f['decode_share']:.0%} of the wall in llama_decode, {f['prompt_tokens_evaluated']:.0f} prompt "
                   f"tokens evaluated, a generated token in a full step {f['full_step_token_ms']:.1f} ms; "
-                  f"generation floor (the replies alone) {f['generation_floor_s']:.1f} s")
+                  f"generation floor (the replies alone) {f['generation_floor_s']:.1f} s; of its {f['decode_s']:.1f} s "
+                  f"in llama_decode: the floor, {f['prompt_marginal_s']:.1f} s the prompt tokens added, "
+                  f"{f['partial_steps_s']:.1f} s steps of fewer sequences")
     for pair, g in out["goals"].items():
         print(f"{pair}: " + ", ".join(f"{k} {v['ratio']:.2f} (goal {v['goal']}: {'met' if v['met'] else 'MISSED'})"
                                       for k, v in g.items())

@@ -60,19 +60,28 @@ def breakdown(steps: list[Step], parallel: int, wall_s: float) -> dict[str, Any]
     fed = sum(s.tokens - s.prompt_tokens for s in steps)
     per_token = sum(s.seconds for s in full) / (parallel * len(full)) if full else math.nan
     decode_s = sum(s.seconds for s in steps)
+    generation_only_s = sum(s.seconds for s in generating)
+    fed_in_generation_only = sum(s.tokens for s in generating)
     return {
         "steps": len(steps),
         "decode_s": decode_s,
         "decode_share": decode_s / wall_s if wall_s > 0 else math.nan,
         "generation_only_steps": len(generating),
-        "generation_only_s": sum(s.seconds for s in generating),
+        "generation_only_s": generation_only_s,
         "full_steps": len(full),
         "full_step_token_s": per_token,
         "prompt_steps": len(steps) - len(generating),
         "prompt_steps_s": decode_s - sum(s.seconds for s in generating),
+        # Steps of prompts alone (nothing generating beside them: a cold round's start).
+        "prompt_only_s": sum(s.seconds for s in steps if s.prompt_sequences == s.sequences),
         "prompt_tokens_evaluated": sum(s.prompt_tokens for s in steps),
         "generated_fed": fed,
         "generation_floor_s": fed * per_token,
+        # decode_s = generation_floor_s + prompt_marginal_s + partial_steps_s, exactly: what the
+        # prompt tokens added to the steps that carried them (beyond their generated tokens at the
+        # full-step cost), and what generating in steps of fewer sequences cost beyond that.
+        "prompt_marginal_s": (decode_s - generation_only_s) - (fed - fed_in_generation_only) * per_token,
+        "partial_steps_s": generation_only_s - fed_in_generation_only * per_token,
     }
 
 
