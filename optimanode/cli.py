@@ -158,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     except (JournalError, ConfigError) as exc:
         print(f"optimanode: {exc}", file=sys.stderr)
         return 3
+    except OSError as exc:
+        # A path the node cannot use at start (a key file it may not create under a read-only
+        # /etc, a node.lock another user owns, a models_dir under a file): one line, like the rest.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"optimanode: cannot start: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -51,10 +51,19 @@ from optimanode.constraints import (
 from optimanode.errors import ConfigError
 
 ENV_PREFIX = "OPTIMANODE_"
-# Not settings: the workers' diagnostic switches (read by optimanode/worker/log.py), which a node
-# started with them passes on to every worker it starts. Only these names: a misspelt one is
-# still refused like any unknown setting.
-WORKER_DIAGNOSTICS = frozenset({"OPTIMANODE_WORKER_TRACE", "OPTIMANODE_WORKER_STEP_LOG"})
+# Not settings: the workers' diagnostic switches (read by optimanode/worker/log.py and engine.py),
+# which a node started with them passes on to every worker it starts, and the variables of the
+# build and setup tools (tools/build-llama-cpp, tools/setup, tools/fetch-models, ...), which
+# docs/operations.md has operators export before running them and then the node. Only these names:
+# a misspelt one is still refused like any unknown setting.
+WORKER_DIAGNOSTICS = frozenset({"OPTIMANODE_WORKER_TRACE", "OPTIMANODE_WORKER_STEP_LOG",
+                                "OPTIMANODE_WORKER_THREADPOOL"})
+TOOL_VARIABLES = frozenset({
+    "OPTIMANODE_LLAMA_AMX", "OPTIMANODE_LLAMA_CMAKE_ARGS", "OPTIMANODE_LLAMA_BUILD_DIR",
+    "OPTIMANODE_WHEEL_CACHE", "OPTIMANODE_MODEL_CACHE", "OPTIMANODE_FETCH_ALL",
+    "OPTIMANODE_CUDA_BUILD_VENV",
+})
+NOT_SETTINGS = WORKER_DIAGNOSTICS | TOOL_VARIABLES
 
 
 class Listen(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -347,7 +356,7 @@ def load_settings(
     env = os.environ if environ is None else environ
     env_layer: dict[str, Any] = {}
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG" or name in WORKER_DIAGNOSTICS:
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG" or name in NOT_SETTINGS:
             continue
         key = _env_to_key(name)
         if key is None:

@@ -10,7 +10,8 @@ except a temporary file created and removed in the state directory (the only hon
 * key: the access key file exists, is not empty, and is not readable by group or others (0600).
 * certificate: the TLS certificate (``listen.cert_file``, else ``<state_dir>/tls/cert.pem``) parses,
   its validity dates, and its SHA-256 fingerprint as ``sha256:AB:CD:...`` (what the Gateway pins).
-* port: ``listen.host:listen.port`` can be bound (it is in use while the node itself runs).
+* port: ``listen.host:listen.port`` can be bound, or is held by the node running on this state
+  directory (its ``node.lock``: doctor beside a running node reports its port ok).
 * cpu: the CPU's model name and the ISA extensions llama.cpp uses that it has (``/proc/cpuinfo``:
   AVX2, AVX-512, VNNI, AMX...; elsewhere only ``platform.processor()``). A CPU without AVX2 is a
   warning: llama.cpp runs, much more slowly.
@@ -53,6 +54,7 @@ from optimanode.executors.effective import effective
 from optimanode.executors.memory import estimate
 from optimanode.executors.registry import Registry
 from optimanode.metrics import GpuProbe
+from optimanode.node import running_node
 from optimanode.protocol import ModelSettings
 
 Status = Literal["ok", "warn", "fail"]
@@ -256,7 +258,8 @@ def check_certificate(settings: Settings, now: datetime | None = None) -> Check:
 
 
 def check_port(settings: Settings) -> Check:
-    return _check_bindable("port", settings.listen.host, settings.listen.port, "listen.host", "listen.port")
+    return _check_bindable("port", settings.listen.host, settings.listen.port, "listen.host", "listen.port",
+                           running_node(settings.state_path))
 
 
 def check_metrics_port(settings: Settings) -> Check:
@@ -264,10 +267,13 @@ def check_metrics_port(settings: Settings) -> Check:
     address = metrics_address(settings.metrics_http.listen)
     if address is None:
         return Check("metrics port", "ok", "metrics_http.listen is off")
-    return _check_bindable("metrics port", address[0], address[1], "metrics_http.listen", "metrics_http.listen")
+    return _check_bindable("metrics port", address[0], address[1], "metrics_http.listen", "metrics_http.listen",
+                           running_node(settings.state_path))
 
 
-def _check_bindable(name: str, host: str, port: int, host_setting: str, port_setting: str) -> Check:
+def _check_bindable(name: str, host: str, port: int, host_setting: str, port_setting: str,
+                    node_pid: str | None = None) -> Check:
+    """``node_pid``: the node running on this state directory, if any; it holds the port itself."""
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -280,6 +286,10 @@ def _check_bindable(name: str, host: str, port: int, host_setting: str, port_set
         try:
             s.bind(addr)
         except OSError as exc:
+            if exc.errno == errno.EADDRINUSE and node_pid is not None:
+                # The upgrade steps run doctor beside the running node: its own port is no failure.
+                return Check(name, "ok", f"{host}:{port} is in use by the node running on this state "
+                                         f"directory (pid {node_pid})")
             if exc.errno == errno.EADDRINUSE:
                 return Check(name, "fail", f"{host}:{port} is in use (expected if the node is running)",
                              f"stop what holds it (ss -ltnp 'sport = :{port}') or set {port_setting}")

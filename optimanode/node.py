@@ -124,6 +124,30 @@ class _StateLock:
             self._fd = None
 
 
+def running_node(state_dir: Path) -> str | None:
+    """The pid (as written) of the node running on ``state_dir``, or None when none holds its lock.
+
+    Reads only: the lock file is not created, and a shared lock taken to look is let go at once.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(state_dir / _StateLock.NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # also lets go of the shared lock, if it was taken
+    return None
+
+
 class Node:
     """The node. ``async with Node(settings) as node:`` starts it and stops it cleanly."""
 
@@ -190,6 +214,10 @@ class Node:
         if self._lock is None:
             self._lock = _StateLock.acquire(self.settings.state_path)
         try:
+            if not self.settings.models_path.exists():
+                # Created (a first start, a quickstart), but said: a misspelt models_dir would
+                # otherwise run an empty node without a word.
+                log.warning("models directory %s does not exist: creating it, empty", self.settings.models_path)
             self.settings.models_path.mkdir(parents=True, exist_ok=True)
             if self._journal is None:
                 self._journal = await Journal.open(self.settings.journal_path)

@@ -10,7 +10,9 @@ that could not be read this time removes nothing. The loop (``run``) rescans eve
 ``scan.interval_s``, sooner while a file is still being copied; ``hash_loop`` computes each
 model's content identity (SHA-256 of its parts) once, in a thread, and journals it (``Hashed``);
 a file it cannot read (removed, no permission, a directory now) is logged once and skipped until
-a rescan sees it changed, and the others are hashed all the same.
+a rescan sees it changed, and the others are hashed all the same. What a scan could not use (an
+unreadable directory, a file it cannot stat, a name that is not UTF-8, two files with one id) is
+logged at WARNING when it first appears and at INFO when it is gone, not at every interval.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class Scanner:
         self._wake = asyncio.Event()
         # Executor id -> (path, size, mtime) of a file hash_loop could not read; retried once it changes.
         self._unhashable: dict[str, tuple[str, int, int]] = {}
+        # The scan errors already logged (path -> message), so each is said once, not every interval.
+        self._errors_said: dict[str, str] = {}
 
     def wake(self) -> None:
         """Start the next interval now (a reload may have changed it)."""
@@ -49,8 +53,17 @@ class Scanner:
         async with self._lock:
             known = {eid: ex.info for eid, ex in self.runtime.executors.items()}
             result = await asyncio.to_thread(self.registry.scan, known)
+            self._say_errors(result.errors)
             await self._apply(result)
         return result
+
+    def _say_errors(self, errors: dict[str, str]) -> None:
+        for path, message in errors.items():
+            if self._errors_said.get(path) != message:
+                log.warning("models directory: %s: %s", path, message)
+        for path in set(self._errors_said) - set(errors):
+            log.info("models directory: %s: no longer an error", path)
+        self._errors_said = dict(errors)
 
     async def _apply(self, result: ScanResult) -> None:
         pending = set(result.pending)

@@ -34,6 +34,29 @@ def test_port_free_ok_and_in_use_fails(tmp_path):
     assert c.status == "fail"  # TEST-NET-1: not an address of this machine
 
 
+def test_the_port_of_the_node_running_on_this_state_directory_is_ok(tmp_path):
+    """operations.md's upgrade steps run doctor beside the running node: its own port (the node
+    holds state_dir/node.lock) is reported ok with its pid, not as a failure (exit 1)."""
+    from optimanode.node import _StateLock, running_node
+
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        settings = settings_for(tmp_path, **{"listen.host": "127.0.0.1", "listen.port": str(port)})
+        assert running_node(settings.state_path) is None and not (settings.state_path / "node.lock").exists()
+        lock = _StateLock.acquire(settings.state_path)
+        try:
+            c = check_port(settings)
+            assert c.status == "ok" and f"pid {os.getpid()}" in c.detail, c
+        finally:
+            lock.release()
+        assert running_node(settings.state_path) is None
+        c = check_port(settings)  # the lock let go: whoever holds the port now is someone else
+        assert c.status == "fail" and "in use" in c.detail
+
+
 def test_llama_cpp_check_holds_the_build_against_the_cpu(tmp_path):
     (tmp_path / "llama_cpp.py").write_text(
         "__version__ = '0.3.99'\n"

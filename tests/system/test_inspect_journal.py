@@ -497,3 +497,20 @@ def test_the_tool_does_not_import_llama_cpp(journal_path: Path) -> None:
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().endswith("clean")
+
+
+def test_run_by_a_python3_without_the_packages_it_runs_again_under_the_checkouts_venv(journal_path: Path) -> None:
+    """README runs `tools/inspect-journal` as it is: its shebang's python3 lacks msgspec, so the tool
+    runs itself again under the checkout's .venv instead of failing with ModuleNotFoundError."""
+    import shutil
+
+    plain = shutil.which("python3", path="/usr/bin:/bin")
+    venv = ROOT / ".venv"
+    if plain is None or not (venv / "bin" / "python").exists():
+        pytest.skip("needs a system python3 and the checkout's .venv")
+    if subprocess.run([plain, "-c", "import msgspec"], capture_output=True).returncode == 0:
+        pytest.skip("this system python3 has msgspec: nothing to run again")
+    p = subprocess.run([plain, str(TOOL), "--journal", str(journal_path), "--json", "state"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert {r["executor"] for r in json.loads(p.stdout)["executors"]} >= {A, B}

@@ -530,3 +530,28 @@ async def test_the_journal_is_open_before_the_node_is_built_on_it(tmp_path, mode
     unstarted = Node(settings)
     with pytest.raises(RuntimeError, match="not started"):
         unstarted.status(eid)
+
+
+async def test_a_missing_models_dir_and_what_a_scan_cannot_use_are_said_once_at_warning(tmp_path, caplog):
+    """A misspelt models_dir ran an empty node without a word, and scan errors (a name that is
+    not UTF-8, an unreadable directory) reached no log: now a WARNING each, said when they appear
+    and not again at every rescan, and an INFO when one is gone."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    settings = make_settings(tmp_path, models_dir=str(tmp_path / "no-such-models"))
+    async with Node(settings) as node:
+        assert any(r.levelno == logging.WARNING and "does not exist: creating it" in r.getMessage()
+                   for r in caplog.records)
+        bad = os.fsencode(str(tmp_path / "no-such-models")) + b"/caf\xe9.gguf"
+        with open(bad, "wb") as f:
+            f.write(b"GGUF")
+        caplog.clear()
+        await node.rescan()
+        await node.rescan()
+        said = [r for r in caplog.records if r.levelno == logging.WARNING and "not valid UTF-8" in r.getMessage()]
+        assert len(said) == 1, [r.getMessage() for r in caplog.records]
+        os.unlink(bad)
+        caplog.clear()
+        await node.rescan()
+        assert any(r.levelno == logging.INFO and "no longer an error" in r.getMessage() for r in caplog.records)

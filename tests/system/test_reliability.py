@@ -471,6 +471,22 @@ def refused_start(tmp_path: Path, state: Path) -> str:
     return out.stderr.strip().splitlines()[-1]
 
 
+def test_a_path_the_node_cannot_use_at_start_is_one_line_and_exit_code_3(tmp_path):
+    """An OSError at start (here a models_dir under a regular file; under systemd a key file the
+    node may not create in a read-only /etc, a node.lock another user owns) was a traceback and
+    exit 1: now one line naming the path, exit 3."""
+    (tmp_path / "a-file").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPTIMANODE_")}
+    out = subprocess.run([sys.executable, "-m", "optimanode", "run", "--config", os.devnull, "--models-dir",
+                          str(tmp_path / "a-file" / "models"), "--state-dir", str(tmp_path / "state"),
+                          "--port", str(free_port()), "--set", "listen.host=127.0.0.1"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == f"optimanode: cannot start: {tmp_path / 'a-file' / 'models'}: Not a directory", last
+
+
 def test_a_port_in_use_stops_the_node_with_one_line_and_exit_code_3(tmp_path):
     """Another program holds the Gateway port: one line naming the setting and the address, exit 3
     (not a traceback and exit 1), and the journal the node had opened is left consistent."""

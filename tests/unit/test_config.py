@@ -33,12 +33,40 @@ def test_the_workers_diagnostic_variables_pass_but_a_misspelt_one_is_refused():
     from optimanode.config import WORKER_DIAGNOSTICS
     from optimanode.worker.log import STEP_LOG_VARIABLE, TRACE_VARIABLE
 
-    # The names the worker reads are the ones the node lets through (and no others).
-    assert WORKER_DIAGNOSTICS == {TRACE_VARIABLE, STEP_LOG_VARIABLE}
+    assert {TRACE_VARIABLE, STEP_LOG_VARIABLE} <= WORKER_DIAGNOSTICS
     s = load_settings(environ={"OPTIMANODE_WORKER_TRACE": "1", "OPTIMANODE_WORKER_STEP_LOG": "/tmp/steps"})
     assert s == Settings()
     with pytest.raises(ConfigError, match="OPTIMANODE_WORKER_STEPLOG"):
         load_settings(environ={"OPTIMANODE_WORKER_STEPLOG": "/tmp/steps"})
+
+
+# Read by a worker alone, never set for a node: a test's fault switch, the fd the supervisor hands over.
+WORKER_ONLY = {"OPTIMANODE_TEST_FAULT", "OPTIMANODE_WORKER_BLACKBOX_FD"}
+
+
+def test_every_optimanode_variable_the_tools_and_docs_name_is_a_setting_or_passes():
+    """operations.md has operators export OPTIMANODE_LLAMA_AMX (and others) for the build tools and
+    then run the node or doctor in the same shell: those must not make the node refuse to start."""
+    import re
+    from pathlib import Path
+
+    from optimanode.config import NOT_SETTINGS, _env_to_key
+
+    root = Path(__file__).resolve().parents[2]
+    files = [root / "README.md", *(root / "docs").glob("*.md"), *(p for p in (root / "tools").iterdir() if p.is_file()),
+             *(root / "optimanode").rglob("*.py")]
+    named = {m for f in files for m in re.findall(r"(?<![A-Z0-9_])OPTIMANODE_[A-Z0-9_]*[A-Z0-9]", f.read_text(errors="replace"))}
+    assert "OPTIMANODE_LLAMA_AMX" in named and "OPTIMANODE_WORKER_TRACE" in named  # the scan sees them
+    refused = []
+    for name in sorted(named - WORKER_ONLY - {"OPTIMANODE_CONFIG"}):
+        try:
+            load_settings(environ={name: "1"})
+        except ConfigError as exc:
+            if "a known setting" in str(exc):
+                refused.append(name)
+    assert refused == [], "named in the tools or docs, refused by the node"
+    # And none of them shadows a setting of the same spelling.
+    assert all(_env_to_key(name) is None for name in NOT_SETTINGS)
 
 
 def test_a_wrong_type_in_the_file_names_the_file_the_key_and_the_expectation(tmp_path):
