@@ -276,8 +276,11 @@ class Tokens:
 
     A file emptied of tokens, or removed, revokes them all (every request gets 401 until it holds
     one again): an operator who deletes the last token means no one. A file that is broken (a short
-    token, loose permissions) keeps the previous tokens, since that is a mistake on the way to new
-    ones.
+    token, loose permissions) keeps those of the previous tokens that it still holds, since that is
+    a mistake on the way to new ones, but never one it no longer holds: a rotation that writes the
+    new file with loose permissions and renames it over the old must not leave the old token valid.
+    The file counts as changed when its mtime, size, ctime, inode or mode does (a ``chmod 600``
+    after such a rotation, or a rename, changes the ctime or the inode, not the mtime).
     """
 
     def __init__(self, path: Path) -> None:
@@ -285,12 +288,20 @@ class Tokens:
         self._tokens = read_tokens(path)
         self._stamp = self._stat()
 
-    def _stat(self) -> tuple[int, int] | None:
+    def _stat(self) -> tuple[int, ...] | None:
         try:
             st = self.path.stat()
-            return st.st_mtime_ns, st.st_size
+            return st.st_mtime_ns, st.st_size, st.st_ctime_ns, st.st_ino, st.st_mode
         except OSError:
             return None
+
+    def _still_listed(self) -> list[bytes]:
+        """The previous tokens that the (broken) file still holds, read without its checks."""
+        try:
+            words = {w.encode() for w in self.path.read_text(encoding="utf-8", errors="replace").split()}
+        except OSError:
+            return []
+        return [t for t in self._tokens if t in words]
 
     def check(self, header: str | None) -> bool:
         stamp = self._stat()
@@ -299,7 +310,10 @@ class Tokens:
             try:
                 self._tokens = [] if stamp is None else read_tokens(self.path, allow_empty=True)
             except ConfigError as exc:
-                log.error("kept the previous bearer tokens: %s", exc)
+                kept = self._still_listed()
+                log.error("kept %d of the %d previous bearer tokens (those the file still holds): %s",
+                          len(kept), len(self._tokens), exc)
+                self._tokens = kept
             else:
                 if not self._tokens:
                     log.error("%s holds no bearer token (or is gone): every request is refused until it holds one",
@@ -662,12 +676,17 @@ def embed_request(body: EmbeddingBody) -> EmbedRequest:
     return _checked(EmbedRequest(input=inputs))
 
 
+NESTED_TOO_DEEPLY = "the body is nested too deeply (JSON of about 1,000 levels or more)"
+
+
 def _checked(req: Any) -> Any:
     """The request re-decoded as the link will decode it: a limit it breaks is a 400 here, naming the field."""
     try:
         return msgspec.json.decode(msgspec.json.encode(req), type=type(req))
     except msgspec.ValidationError as exc:
         raise ApiError(400, str(exc), param=_param_of(exc)) from None
+    except RecursionError:
+        raise ApiError(400, NESTED_TOO_DEEPLY) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -961,6 +980,9 @@ class Front:
             raise ApiError(400, str(exc), param=_param_of(exc)) from None
         except msgspec.DecodeError as exc:
             raise ApiError(400, f"the body is not JSON: {exc}") from None
+        except RecursionError:
+            # ~1,000 levels (a tool's parameters, a schema): a bad request, not a 500 the SDK retries.
+            raise ApiError(400, NESTED_TOO_DEEPLY) from None
 
     def _check_frame(self, model: str, req: InferenceRequest) -> None:
         """A node closes a connection that sends a frame over its limit, cutting every request on it:

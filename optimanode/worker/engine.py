@@ -773,8 +773,11 @@ class Engine:
                 run.chunk = min(run.chunk, len(run.prompt) - n)
 
     def _commit(self, plan: list[_Slot]) -> None:
-        """The plan's tokens are in the cells now: advance each run, sample where there is a row."""
-        for slot in plan:
+        """The plan's tokens are in the cells now: advance each run, sample where there is a row.
+
+        In the requests' arrival order (not the slots'), so a step's chunks go out oldest request first.
+        """
+        for slot in sorted(plan, key=lambda s: s.run.order):  # type: ignore[union-attr]
             run = slot.run
             assert run is not None
             if run.chunk:

@@ -80,15 +80,17 @@ def choose_slot(free: list[_Slot], running: list[int], tokens: list[int]) -> tup
     """The free slot for a prompt of ``tokens`` (not empty), and how many of its cached tokens it keeps.
 
     The free slot sharing the longest prefix (at least the last prompt token is evaluated: its
-    logits give the first token). Among equals, the one that leaves the fewest runs of consecutive
-    running sequence ids (``running``; a hole first, then a neighbour of the running block), so no
-    move is needed to keep them consecutive (see ``compaction_moves``); then the lowest id. Reuse
-    comes first: skipped prompt tokens are compute saved, a later move only a copy.
+    logits give the first token). Among equals, the one that drops the fewest cached tokens of
+    another conversation (an empty slot before one holding a conversation that may come back),
+    then the one that leaves the fewest runs of consecutive running sequence ids (``running``; a
+    hole first, then a neighbour of the running block), so no move is needed to keep them
+    consecutive (see ``compaction_moves``); then the lowest id. Reuse comes first: skipped prompt
+    tokens are compute saved, a later move only a copy.
     """
 
-    def key(s: _Slot) -> tuple[int, int, int]:
+    def key(s: _Slot) -> tuple[int, int, int, int]:
         n = min(_common_prefix(s.cached, tokens), len(tokens) - 1)
-        return n, -_runs([*running, s.seq]), -s.seq
+        return n, -(len(s.cached) - n), -_runs([*running, s.seq]), -s.seq
 
     slot = max(free, key=key)
     return slot, key(slot)[0]

@@ -307,12 +307,15 @@ class CallParser:
         """Close the open call if its end has arrived; True when it was closed (scan on)."""
         assert self._opener is not None
         buf, family = self._buf, self.family
+        # A JSON body's markers count only outside its strings: an argument may well say
+        # "wrap it in </tool_call> tags" (and a constrained call must still parse).
+        find = _outside_json_strings if buf.lstrip().startswith(("{", "[")) else str.find
         # A marker inside the body opens the next call: this one ends before it, whole or not.
-        nxt = [i for i in (buf.find(m) for m in family.starts) if i >= 0]
+        nxt = [i for i in (find(buf, m) for m in family.starts) if i >= 0]
         if nxt:
             buf, final = buf[:min(nxt)], True
         if family.end:
-            j = buf.find(family.end)
+            j = find(buf, family.end)
             if j >= 0:
                 end, calls = j + len(family.end), self._calls(buf[:j])
             elif final:  # never closed: a complete object still counts (models drop the end tag)
@@ -381,6 +384,28 @@ class CallParser:
             calls.append(p.ToolCall(id=given if ok else new_id(self.family), name=name,
                                     arguments=json.dumps(args, ensure_ascii=False, separators=(",", ":"))))
         return calls
+
+
+def _outside_json_strings(text: str, marker: str) -> int:
+    """The first index of ``marker`` in ``text`` that is not inside a JSON string, or -1.
+
+    ``text`` is a JSON body as it streams in (whole or not): a string starts at a ``"`` outside
+    one and ends at the next ``"`` not escaped by a backslash.
+    """
+    in_string = escaped = False
+    for i, c in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif text.startswith(marker, i):
+            return i
+    return -1
 
 
 def _partial(text: str, markers: tuple[str, ...]) -> int:

@@ -4,7 +4,9 @@ One worker with 4 slots serves most of the module (started as tests/model/test_w
 own); the KV-error case drives the engine in-process so llama_decode can be made to fail.
 
 Exactness: llama.cpp's CPU kernels compute each row of a batch on its own, so a greedy request
-gives the same tokens alone, batched with others, or after a reused prefix. The tests assert
+gives the same tokens alone, batched with others, or after a reused prefix, as long as its prompt
+is cut into the same micro-batches (docs/architecture.md, step e: a long prompt evaluated beside
+generating streams may be cut otherwise, and then need not give the same text). The tests assert
 equal text, not a common prefix; on SmolLM2 Q4_1 (CPU, per-sequence KV cells) no difference was
 found, with 1 thread here (kind to a shared 2-core machine) or 2. A sequence moved to another
 slot (to keep the running ids consecutive) carries a bitwise copy of its cells, so the same holds.

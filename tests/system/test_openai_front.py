@@ -390,6 +390,12 @@ async def test_errors_get_the_right_status_and_openais_error_body(front):
     assert status == 404 and body["error"]["message"].startswith("no route")
     status, body = await post(front, "/chat/completions", b"{not json")
     assert status == 400 and "not JSON" in body["error"]["message"]
+    # A body nested ~5,000 deep (a tool's parameters) was a text/plain 500 the SDK retried, with a
+    # traceback each time: a 400 in OpenAI's shape.
+    deep = (b'{"model":"%s","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":'
+            b'{"name":"f","parameters":{"a":%s}}}]}' % (front.eid.encode(), b"[" * 5000 + b"]" * 5000))
+    status, body = await post(front, "/chat/completions", deep)
+    assert status == 400 and "nested too deeply" in body["error"]["message"], (status, body)
     # Nothing above disturbed the nodes: the next request is served.
     ok = await c.completions.create(model=front.eid, prompt="Hi", **GREEDY)
     assert ok.usage.completion_tokens == 8

@@ -116,7 +116,7 @@ def test_bearer_tokens_are_checked_and_a_changed_file_is_reread(tmp_path):
     write(f, "v" * 30 + "\n")
     os.utime(f, ns=(1, 1))  # a different stamp even within the file system's time resolution
     assert tokens.check("Bearer " + "v" * 30) and not tokens.check(f"Bearer {TOKEN}")
-    write(f, "bad\n")  # a broken new file keeps the tokens in force
+    write(f, "bad\n" + "v" * 30 + "\n")  # a broken new file keeps the tokens in force that it still holds
     os.utime(f, ns=(2, 2))
     assert tokens.check("Bearer " + "v" * 30)
     write(f, "# revoked\n\n")  # a file emptied of tokens revokes them all
@@ -127,6 +127,24 @@ def test_bearer_tokens_are_checked_and_a_changed_file_is_reread(tmp_path):
     assert tokens.check("Bearer " + "w" * 30)
     f.unlink()  # and so does removing the file
     assert not tokens.check("Bearer " + "w" * 30)
+
+
+def test_a_rotation_written_with_loose_permissions_never_keeps_the_old_token(tmp_path):
+    """The usual rotation (write the new file, rename it over the old) done with umask 022 was
+    refused for its mode and kept the OLD token valid; the chmod 600 the log asked for changed
+    neither mtime nor size, so the fixed file was never read again: OLD stayed valid, NEW refused."""
+    old, new = "o" * 30, "n" * 30
+    f = write(tmp_path / "tokens", old + "\n")
+    tokens = Tokens(f)
+    assert tokens.check(f"Bearer {old}")
+    staged = tmp_path / "tokens.new"
+    staged.write_text(new + "\n")
+    staged.chmod(0o644)
+    os.utime(staged, ns=(5, 5))
+    staged.rename(f)
+    assert not tokens.check(f"Bearer {old}") and not tokens.check(f"Bearer {new}")
+    f.chmod(0o600)  # only the mode (and the ctime) changes
+    assert tokens.check(f"Bearer {new}") and not tokens.check(f"Bearer {old}")
 
 
 def chat(**body) -> ChatBody:

@@ -72,6 +72,16 @@ CASES = [
     (tc.MISTRAL, '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "x]}"}}, {"name": "b", "arguments": {}}]',
      "", [("get_weather", {"city": "x]}"}), ("b", {})]),
     (tc.MISTRAL, "Plain [TOOL answer", "Plain [TOOL answer", []),
+    # A family's markers inside an argument string are the argument's text, not the call's end or
+    # the next call (escaped quotes included): the whole call was content, and a constrained one too.
+    (tc.HERMES, '<tool_call>\n{"name": "w", "arguments": {"text": "wrap it in </tool_call> tags"}}\n</tool_call>',
+     "", [("w", {"text": "wrap it in </tool_call> tags"})]),
+    (tc.HERMES, '<tool_call>{"name": "w", "arguments": {"text": "say \\"<tool_call>\\" \\\\"}}</tool_call> ok',
+     "ok", [("w", {"text": 'say "<tool_call>" \\'})]),
+    (tc.MISTRAL, '[TOOL_CALLS][{"name": "w", "arguments": {"text": "x [TOOL_CALLS] y"}}]', "",
+     [("w", {"text": "x [TOOL_CALLS] y"})]),
+    (tc.LLAMA3, '<|python_tag|>{"name": "w", "parameters": {"text": "a <|python_tag|> b"}}', "",
+     [("w", {"text": "a <|python_tag|> b"})]),
 ]
 
 

@@ -263,6 +263,21 @@ def test_choose_slot_always_leaves_the_last_prompt_token_to_evaluate() -> None:
     assert (slot.seq, n) == (1, 3)
 
 
+def test_choose_slot_among_equals_drops_the_fewest_cached_tokens_of_another_conversation() -> None:
+    """An unrelated prompt took slot 0, the one holding a conversation, while 1-3 were empty: the
+    conversation's next turn then evaluated everything again (its 30 tokens, under the host
+    cache's 32, were not even saved)."""
+    slots = _slots(4, {0: list(range(100, 130)), 2: [7, 8, 9]})
+    assert choose_slot(slots, [], [1, 2, 3]) == (slots[1], 0)
+    # Nothing empty: the slot with the least to lose.
+    for s in slots:
+        s.cached = s.cached or [50, 51, 52, 53, 54]
+    assert choose_slot(slots, [], [1, 2, 3]) == (slots[2], 0)
+    # A shared prefix still comes first, and what a slot keeps does not count as lost.
+    slots[0].cached = [1, 2] + list(range(100, 130))
+    assert choose_slot(slots, [], [1, 2, 3]) == (slots[0], 2)
+
+
 def test_choose_slot_among_equals_keeps_the_running_ids_consecutive_then_takes_the_lowest() -> None:
     slots = _slots(6)
     free = [s for s in slots if s.seq not in (0, 2, 3)]
