@@ -91,7 +91,7 @@ from optimanode.protocol import (
 
 try:
     from starlette.applications import Starlette
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import Response
     from starlette.routing import Route
     from starlette.types import Receive, Scope, Send
@@ -348,6 +348,9 @@ class Fleet:
         self.pool = NodePool([])
         self._tasks: list[asyncio.Task[None]] = []
         self.state: dict[str, str] = {t.url: "connecting" for t in cfg.nodes}
+        # The model ids of each node's last metrics report before its link dropped: while it
+        # reconnects, its models are "not running" (503, retried), not unknown (404, final).
+        self.last_models: dict[str, set[str]] = {}
 
     async def start(self) -> None:
         """Start the keepers and wait (bounded) until each node connected or failed once."""
@@ -390,6 +393,8 @@ class Fleet:
                     delay = RECONNECT_FIRST_S  # a session that stayed up: start the backoff again
                 log.warning("node %s (%s): connection lost; reconnecting in %.1f s", t.url, c.node_id, delay)
             finally:
+                if c.latest_metrics is not None:
+                    self.last_models[t.url] = {e.id for e in c.latest_metrics.executors}
                 with contextlib.suppress(ValueError):
                     self.pool.clients.remove(c)
                 if not c.closed:
@@ -401,6 +406,11 @@ class Fleet:
 
     def connected(self) -> list[NodeClient]:
         return [c for c in self.pool.clients if not c.closed]
+
+    def on_a_lost_node(self, model: str) -> bool:
+        """Whether a node that is not connected now had ``model`` when its link dropped."""
+        return any(model in ids for url, ids in self.last_models.items()
+                   if not self.state.get(url, "").startswith("connected"))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -445,6 +455,10 @@ def api_error(exc: BaseException, fleet: Fleet | None = None, model: str = "") -
             for c in fleet.connected() if c.latest_metrics is not None)
         if known:
             return ApiError(503, f"model {model!r} is not running on any connected node", code="model_not_running",
+                            headers={"Retry-After": "1"})
+        if fleet is not None and fleet.on_a_lost_node(model):
+            # A node restart or upgrade: the SDK retries a 503, it gives up on a 404.
+            return ApiError(503, f"model {model!r} is on a node that is reconnecting", code="model_not_running",
                             headers={"Retry-After": "1"})
         return ApiError(404, f"no connected node has a model {model!r} (GET /v1/models lists them)",
                         code="unknown_model", param="model")
@@ -530,7 +544,8 @@ class _Common(msgspec.Struct, kw_only=True):
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     n: int | None = None
-    stream: bool = False
+    # null allowed, as OpenAI's spec does (clients generated from it send it): null is the default.
+    stream: bool | None = False
     stream_options: _StreamOptions | None = None
     response_format: _ResponseFormatIn | None = None
     # Not OpenAI's: llama-server's sampler extensions, passed through.
@@ -551,7 +566,7 @@ class ChatBody(_Common, kw_only=True):
 class CompletionBody(_Common, kw_only=True):
     prompt: str | list[str]
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
 
@@ -559,7 +574,7 @@ class CompletionBody(_Common, kw_only=True):
 class EmbeddingBody(msgspec.Struct, kw_only=True):
     model: str
     input: str | list[str]
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64"] | None = "float"
     dimensions: int | None = None
 
 
@@ -969,11 +984,15 @@ class Front:
     async def _body(self, request: Request, shape: type[Any]) -> Any:
         self._auth(request)
         parts, size = [], 0
-        async for part in request.stream():
-            size += len(part)
-            if size > MAX_BODY_BYTES:
-                raise ApiError(413, f"the body is over {MAX_BODY_BYTES} bytes", code="request_too_large")
-            parts.append(part)
+        try:
+            async for part in request.stream():
+                size += len(part)
+                if size > MAX_BODY_BYTES:
+                    raise ApiError(413, f"the body is over {MAX_BODY_BYTES} bytes", code="request_too_large")
+                parts.append(part)
+        except ClientDisconnect:
+            # Gone before its body arrived: nothing to serve or answer (not a traceback in the log).
+            raise ApiError(400, "the client disconnected before its body arrived", code="client_disconnected") from None
         try:
             return msgspec.json.decode(b"".join(parts), type=shape)
         except msgspec.ValidationError as exc:
@@ -1052,14 +1071,14 @@ class Front:
         req = chat_request(body)
         include = bool(body.stream_options and body.stream_options.include_usage)
         reply = _Reply("chat", body.model, include_usage=include, want_logprobs=bool(body.logprobs))
-        return await self._run(request, body.model, req, reply, body.stream, chat_events, chat_response)
+        return await self._run(request, body.model, req, reply, bool(body.stream), chat_events, chat_response)
 
     async def completions(self, request: Request) -> Response:
         body: CompletionBody = await self._body(request, CompletionBody)
         req = completion_request(body)
         include = bool(body.stream_options and body.stream_options.include_usage)
         reply = _Reply("completion", body.model, include_usage=include, want_logprobs=body.logprobs is not None)
-        return await self._run(request, body.model, req, reply, body.stream, completion_events, completion_response)
+        return await self._run(request, body.model, req, reply, bool(body.stream), completion_events, completion_response)
 
     async def embeddings(self, request: Request) -> Response:
         body: EmbeddingBody = await self._body(request, EmbeddingBody)
@@ -1068,7 +1087,7 @@ class Front:
             _, done = await until_disconnect(request.receive, self._collect(body.model, req))
         except ClientGone:
             return Response(status_code=499)
-        return _json(embeddings_response(body.model, done, body.encoding_format))
+        return _json(embeddings_response(body.model, done, body.encoding_format or "float"))
 
     async def _running(self) -> dict[str, dict[str, Any]]:
         """Models some connected node runs now: ListModels on each (a bounded wait each), less what the

@@ -396,6 +396,18 @@ async def test_errors_get_the_right_status_and_openais_error_body(front):
             b'{"name":"f","parameters":{"a":%s}}}]}' % (front.eid.encode(), b"[" * 5000 + b"]" * 5000))
     status, body = await post(front, "/chat/completions", deep)
     assert status == 400 and "nested too deeply" in body["error"]["message"], (status, body)
+    # A client that leaves while uploading its body: no traceback in the front's log (there was one each).
+    port = int(front.base_url.split(":")[2].split("/")[0])
+    before = front.stderr.read_text().count("Traceback")
+    for _ in range(2):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {front.token}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{{\"model\":".encode())
+        await w.drain()
+        await asyncio.sleep(0.3)
+        w.close()
+    await asyncio.sleep(0.5)
+    assert front.stderr.read_text().count("Traceback") == before, front.stderr.read_text()[-2000:]
     # Nothing above disturbed the nodes: the next request is served.
     ok = await c.completions.create(model=front.eid, prompt="Hi", **GREEDY)
     assert ok.usage.completion_tokens == 8

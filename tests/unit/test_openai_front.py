@@ -220,6 +220,35 @@ def test_every_node_error_code_has_a_deliberate_status():
                                     "code": "overloaded"}}
 
 
+def test_null_where_openais_spec_allows_it_is_the_default():
+    """Clients generated from OpenAI's spec send `"stream": null` (and echo, encoding_format): 400 before."""
+    body = chat(messages=[{"role": "user", "content": "x"}], stream=None, temperature=None, top_p=None)
+    assert not body.stream and chat_request(body).params == chat_request(chat(messages=[{"role": "user", "content": "x"}])).params
+    assert not msgspec.convert({"model": "m", "prompt": "x", "echo": None}, CompletionBody).echo
+    assert msgspec.convert({"model": "m", "input": "x", "encoding_format": None}, EmbeddingBody).encoding_format is None
+
+
+def test_a_model_whose_node_is_reconnecting_is_a_503_not_a_404(tmp_path):
+    """Two nodes, each with its own model; B's link dropped: its model was a 404 unknown_model
+    (final for the SDK and for LangChain's fallbacks) for as long as B reconnected."""
+    from types import SimpleNamespace
+
+    from optimanode.client import NoNodeAvailable
+
+    nodes = [NodeTarget(f"ws://{n}.test/", b"k" * 32, None, plaintext=True) for n in "ab"]
+    fleet = Fleet(FrontConfig(host="127.0.0.1", port=0, tokens_file=tmp_path / "tokens", nodes=nodes,
+                              gateway_id="gw"))
+    report = SimpleNamespace(executors=[SimpleNamespace(id="model-a")])
+    fleet.pool.clients.append(SimpleNamespace(closed=False, latest_metrics=report))  # node a, up
+    fleet.state = {"ws://a.test/": "connected (a)", "ws://b.test/": "reconnecting"}
+    fleet.last_models = {"ws://b.test/": {"model-b"}}
+    err = api_error(NoNodeAvailable("none"), fleet, "model-b")
+    assert (err.status, err.code, err.headers) == (503, "model_not_running", {"Retry-After": "1"})
+    assert api_error(NoNodeAvailable("none"), fleet, "no-such-model").status == 404
+    fleet.state["ws://b.test/"] = "connected (b)"  # back, and no longer has it: unknown again
+    assert api_error(NoNodeAvailable("none"), fleet, "model-b").status == 404
+
+
 def test_the_command_refuses_a_bad_file_with_one_line_and_status_2(conf, tmp_path, capsys):
     from optimanode import cli
 
