@@ -73,6 +73,7 @@ from optimanode.client import (
 )
 from optimanode.errors import ConfigError, RequestError
 from optimanode.protocol import (
+    EMBED_INPUTS_MAX,
     ChatMessage,
     ChatRequest,
     CompletionRequest,
@@ -684,11 +685,32 @@ def completion_request(body: CompletionBody) -> CompletionRequest:
     return _checked(CompletionRequest(prompt=prompt, params=_sampling(body, logprobs=body.logprobs)))
 
 
-def embed_request(body: EmbeddingBody) -> EmbedRequest:
+# OpenAI's own limit on one embeddings request; the link takes EMBED_INPUTS_MAX (256) a request,
+# so a longer list goes to the nodes as several requests (embed_requests).
+OPENAI_EMBED_INPUTS_MAX = 2048
+
+
+def embed_requests(body: EmbeddingBody, per_request: int = EMBED_INPUTS_MAX) -> list[EmbedRequest]:
+    """The node requests for ``body``'s inputs, in order, at most ``per_request`` inputs each."""
     if body.dimensions is not None:
         raise ApiError(400, "dimensions is not supported (the model's own size is returned)", param="dimensions")
     inputs = [body.input] if isinstance(body.input, str) else body.input
-    return _checked(EmbedRequest(input=inputs))
+    if len(inputs) > OPENAI_EMBED_INPUTS_MAX:
+        raise ApiError(400, f"input: at most {OPENAI_EMBED_INPUTS_MAX} inputs in one request", param="input")
+    if not inputs:
+        return [_checked(EmbedRequest(input=inputs))]  # refused with the link's own message
+    return [_checked(EmbedRequest(input=inputs[i:i + per_request])) for i in range(0, len(inputs), per_request)]
+
+
+def merge_embeddings(dones: list[InferDone]) -> InferDone:
+    """One reply for the node replies of one body's requests, in order: vectors joined, tokens summed."""
+    if len(dones) == 1:
+        return dones[0]
+    if any(d.embeddings is msgspec.UNSET for d in dones):
+        return next(d for d in dones if d.embeddings is msgspec.UNSET)  # embeddings_response says why
+    vectors = [v for d in dones for v in d.embeddings]  # type: ignore[union-attr]
+    usage = msgspec.structs.replace(dones[0].usage, prompt_tokens=sum(d.usage.prompt_tokens for d in dones))
+    return msgspec.structs.replace(dones[0], embeddings=vectors, usage=usage)
 
 
 NESTED_TOO_DEEPLY = "the body is nested too deeply (JSON of about 1,000 levels or more)"
@@ -1082,9 +1104,22 @@ class Front:
 
     async def embeddings(self, request: Request) -> Response:
         body: EmbeddingBody = await self._body(request, EmbeddingBody)
-        req = embed_request(body)
+        reqs = embed_requests(body)
+
+        async def all_of() -> tuple[None, InferDone]:
+            # Side by side (the pool may place them on different nodes); one failing ends the rest.
+            tasks = [asyncio.ensure_future(self._collect(body.model, r)) for r in reqs]
+            try:
+                replies = await asyncio.gather(*tasks)
+            except BaseException:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+            return None, merge_embeddings([done for _, done in replies])
+
         try:
-            _, done = await until_disconnect(request.receive, self._collect(body.model, req))
+            _, done = await until_disconnect(request.receive, all_of())
         except ClientGone:
             return Response(status_code=499)
         return _json(embeddings_response(body.model, done, body.encoding_format or "float"))

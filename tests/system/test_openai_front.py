@@ -540,6 +540,13 @@ async def test_embeddings_float_and_base64_are_the_nodes_own_vectors(front):
     with pytest.raises(openai.BadRequestError) as dims:
         await c.embeddings.create(model=front.eid, input="Hi", dimensions=8)
     assert dims.value.param == "dimensions"
+    # Past the link's 256 inputs a request (OpenAI takes 2,048): several node requests, one answer in order.
+    many = [texts[i % 2] for i in range(300)]
+    big = await c.embeddings.create(model=front.eid, input=many, encoding_format="float")
+    assert [d.index for d in big.data] == list(range(300))
+    for i, d in enumerate(big.data):
+        assert sum(x * y for x, y in zip(d.embedding, vecs[i % 2])) > 0.999
+    assert big.usage.prompt_tokens == 150 * usage.prompt_tokens
 
 
 WEATHER = [{"type": "function", "function": {

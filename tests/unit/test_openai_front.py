@@ -28,7 +28,8 @@ from optimanode.openai_front import (
     api_error,
     chat_request,
     completion_request,
-    embed_request,
+    embed_requests,
+    merge_embeddings,
     load_config,
 )
 from optimanode.protocol import ERROR_CODES, JsonSchemaFormat, NamedToolChoice
@@ -203,10 +204,29 @@ def test_completion_and_embedding_bodies():
     for bad in ({"echo": True}, {"suffix": "x"}, {"best_of": 2}, {"prompt": ["a", "b"]}):
         with pytest.raises(ApiError):
             completion_request(msgspec.convert({"model": "m", "prompt": "x", **bad}, CompletionBody))
-    assert embed_request(msgspec.convert({"model": "m", "input": "one"}, EmbeddingBody)).input == ["one"]
+    assert [r.input for r in embed_requests(msgspec.convert({"model": "m", "input": "one"}, EmbeddingBody))] == [["one"]]
     with pytest.raises(ApiError) as info:
-        embed_request(msgspec.convert({"model": "m", "input": []}, EmbeddingBody))
+        embed_requests(msgspec.convert({"model": "m", "input": []}, EmbeddingBody))
     assert info.value.param == "input"
+
+
+def test_an_embeddings_request_past_the_links_256_inputs_goes_as_several_and_comes_back_as_one():
+    """OpenAI takes 2,048 inputs, the link 256 a request: 300 inputs were a 400."""
+    from optimanode.protocol import InferDone, Timings, Usage
+
+    texts = [f"text {i}" for i in range(600)]
+    reqs = embed_requests(msgspec.convert({"model": "m", "input": texts}, EmbeddingBody))
+    assert [len(r.input) for r in reqs] == [256, 256, 88] and [t for r in reqs for t in r.input] == texts
+    with pytest.raises(ApiError, match="at most 2048") as info:
+        embed_requests(msgspec.convert({"model": "m", "input": ["x"] * 2049}, EmbeddingBody))
+    assert info.value.param == "input"
+    timings = Timings(ttft_s=0.0, tokens_per_s=0.0, total_s=0.0)
+    dones = [InferDone(id=f"r{k}", finish_reason="stop", timings=timings,
+                       usage=Usage(prompt_tokens=10 * len(r.input), completion_tokens=0),
+                       embeddings=[[float(i)] for i in range(k * 256, k * 256 + len(r.input))])
+             for k, r in enumerate(reqs)]
+    merged = merge_embeddings(dones)
+    assert merged.embeddings == [[float(i)] for i in range(600)] and merged.usage.prompt_tokens == 6000
 
 
 def test_every_node_error_code_has_a_deliberate_status():
@@ -223,7 +243,8 @@ def test_every_node_error_code_has_a_deliberate_status():
 def test_null_where_openais_spec_allows_it_is_the_default():
     """Clients generated from OpenAI's spec send `"stream": null` (and echo, encoding_format): 400 before."""
     body = chat(messages=[{"role": "user", "content": "x"}], stream=None, temperature=None, top_p=None)
-    assert not body.stream and chat_request(body).params == chat_request(chat(messages=[{"role": "user", "content": "x"}])).params
+    plain = chat(messages=[{"role": "user", "content": "x"}])
+    assert not body.stream and chat_request(body).params == chat_request(plain).params
     assert not msgspec.convert({"model": "m", "prompt": "x", "echo": None}, CompletionBody).echo
     assert msgspec.convert({"model": "m", "input": "x", "encoding_format": None}, EmbeddingBody).encoding_format is None
 
