@@ -155,6 +155,17 @@ def test_required_and_named_calls_always_parse_and_validate_greedy_and_sampled(s
     assert _check_streamed_call(*again).arguments == answers[0][1].tool_calls[0].arguments
 
 
+def test_a_constrained_call_whose_argument_holds_the_end_marker_still_parses(served: Served) -> None:
+    """An argument the grammar forces to say "wrap it in </tool_call> tags" came back as content,
+    no call, finish "stop": the parser took the marker inside the JSON string for the call's end."""
+    note = p.Tool(name="write_note", description="Save a note", parameters={
+        "type": "object", "properties": {"note": {"const": "wrap it in </tool_call> tags"}},
+        "required": ["note"], "additionalProperties": False})
+    (chunks, done), = served.run([_request(p.NamedToolChoice(name="write_note"), tools=[note], max_tokens=64)])
+    call = _check_streamed_call(chunks, done)
+    assert call.name == "write_note" and json.loads(call.arguments) == {"note": "wrap it in </tool_call> tags"}
+
+
 def test_a_tool_result_in_the_history_is_answered_in_text(served: Served) -> None:
     (chunks, done), (chunks_none, done_none) = served.run([
         _request("auto", ROUND_TRIP, max_tokens=32), _request("none", ROUND_TRIP, max_tokens=32)])
