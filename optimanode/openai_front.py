@@ -600,6 +600,11 @@ def _sampling(body: _Common, **extra: Any) -> SamplingParams:
         if value is not None:
             fields[name] = value
     fields.update({k: v for k, v in extra.items() if v is not None})
+    if fields.get("top_p") == 0:
+        # OpenAI allows top_p 0: only the likeliest token, which is greedy decoding (the link
+        # wants top_p > 0).
+        del fields["top_p"]
+        fields["temperature"] = 0.0
     if body.stop is not None:
         fields["stop"] = [body.stop] if isinstance(body.stop, str) else body.stop
     if body.logit_bias:

@@ -245,6 +245,9 @@ def test_null_where_openais_spec_allows_it_is_the_default():
     body = chat(messages=[{"role": "user", "content": "x"}], stream=None, temperature=None, top_p=None)
     plain = chat(messages=[{"role": "user", "content": "x"}])
     assert not body.stream and chat_request(body).params == chat_request(plain).params
+    # top_p 0 (OpenAI allows it; the link wants > 0): the likeliest token only, i.e. greedy.
+    greedy = chat_request(chat(messages=[{"role": "user", "content": "x"}], top_p=0, temperature=0.8)).params
+    assert greedy.temperature == 0.0 and greedy.top_p == chat_request(plain).params.top_p
     assert not msgspec.convert({"model": "m", "prompt": "x", "echo": None}, CompletionBody).echo
     assert msgspec.convert({"model": "m", "input": "x", "encoding_format": None}, EmbeddingBody).encoding_format is None
 
