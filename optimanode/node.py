@@ -107,7 +107,7 @@ class _StateLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            holder = cls.holder(fd)
             os.close(fd)
             raise ConfigError("state_dir", str(state_dir), "a state directory no other running node uses (a node, "
                               f"pid {holder}, holds {path}: stop it, or give this node a state_dir of its own)")
@@ -117,6 +117,11 @@ class _StateLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return cls(fd)
+
+    @staticmethod
+    def holder(fd: int) -> str:
+        """The pid the holding node wrote into the lock file ("?" if none yet)."""
+        return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
 
     def release(self) -> None:
         if self._fd is not None:
@@ -140,7 +145,7 @@ def running_node(state_dir: Path) -> str | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        return _StateLock.holder(fd)
     except OSError:
         return None
     finally:

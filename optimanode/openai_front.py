@@ -695,8 +695,8 @@ def completion_request(body: CompletionBody) -> CompletionRequest:
 OPENAI_EMBED_INPUTS_MAX = 2048
 
 
-def embed_requests(body: EmbeddingBody, per_request: int = EMBED_INPUTS_MAX) -> list[EmbedRequest]:
-    """The node requests for ``body``'s inputs, in order, at most ``per_request`` inputs each."""
+def embed_requests(body: EmbeddingBody) -> list[EmbedRequest]:
+    """The node requests for ``body``'s inputs, in order, at most EMBED_INPUTS_MAX inputs each."""
     if body.dimensions is not None:
         raise ApiError(400, "dimensions is not supported (the model's own size is returned)", param="dimensions")
     inputs = [body.input] if isinstance(body.input, str) else body.input
@@ -704,7 +704,8 @@ def embed_requests(body: EmbeddingBody, per_request: int = EMBED_INPUTS_MAX) -> 
         raise ApiError(400, f"input: at most {OPENAI_EMBED_INPUTS_MAX} inputs in one request", param="input")
     if not inputs:
         return [_checked(EmbedRequest(input=inputs))]  # refused with the link's own message
-    return [_checked(EmbedRequest(input=inputs[i:i + per_request])) for i in range(0, len(inputs), per_request)]
+    return [_checked(EmbedRequest(input=inputs[i:i + EMBED_INPUTS_MAX]))
+            for i in range(0, len(inputs), EMBED_INPUTS_MAX)]
 
 
 def merge_embeddings(dones: list[InferDone]) -> InferDone:

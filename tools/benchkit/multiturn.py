@@ -521,9 +521,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "model_defaults.n_threads": args.threads, "model_defaults.n_ctx": args.n_ctx,
             "model_defaults.parallel": args.parallel, "model_defaults.n_batch": args.n_batch,
             "model_defaults.prefill": prefill, "model_defaults.flash_attn": args.flash_attn,
-            "scan.hash_models": "false"},
-            env={"OPTIMANODE_WORKER_STEP_LOG": str(work / f"steps-{tag}")} if args.step_log else None)
-        n.step_log = work / f"steps-{tag}" if args.step_log else None
+            "scan.hash_models": "false"}, step_log=args.step_log)
         nodes.append(n)
         return n
 

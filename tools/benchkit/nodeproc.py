@@ -34,7 +34,7 @@ class NodeProc:
 
     def __init__(self, model: str | Sequence[str], work: Path, *, sets: dict[str, Any], enable_new: bool = True,
                  state: Path | None = None, tag: str = "node", root: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 step_log: bool = False) -> None:
         self.work = work
         self.models = work / f"models-{tag}"
         self.models.mkdir(parents=True, exist_ok=True)
@@ -54,15 +54,16 @@ class NodeProc:
             cmd += ["--set", f"{k}={v}"]
         self.cmd = cmd
         self.started_wall = time.time()
-        # ``env`` (e.g. OPTIMANODE_WORKER_STEP_LOG) is added after that filter.
-        child_env = {k: v for k, v in os.environ.items() if not k.startswith("OPTIMANODE_")} | (env or {})
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("OPTIMANODE_")}
+        # ``step_log``: its workers log every decode step under this prefix (benchkit/steps.py).
+        self.step_log = work / f"steps-{tag}" if step_log else None
+        if self.step_log is not None:
+            child_env["OPTIMANODE_WORKER_STEP_LOG"] = str(self.step_log)
         if root is not None:  # import optimanode from that checkout, not from this venv's editable install
             child_env["PYTHONPATH"] = str(root)
         self.proc = subprocess.Popen(cmd, cwd=root or ROOT, env=child_env, stdout=subprocess.DEVNULL, stderr=self.log_path.open("wb"),
                                      preexec_fn=die_with_parent)
         self.pid = self.proc.pid
-        # Where its workers' step logs go, when a bench asked for them (benchkit/steps.py).
-        self.step_log: Path | None = None
         self.client: Any = None
         self.eid = ""
 
